@@ -1,0 +1,41 @@
+//! Pieces shared by two or more Isthmus components.
+//!
+//! - [`identity`]: SPIFFE IDs, the cluster CA, workload key pairs and CSRs.
+//! - [`bundle`]: per-trust-domain trust bundles and SVID verification.
+//! - [`tls`]: rustls configs whose verifiers check SPIFFE identities.
+//! - [`token`]: the join token codec (sans-IO).
+//! - [`tunnel`]: the header that opens every tunneled stream (sans-IO).
+//! - [`grpc`]: tonic over our own rustls configs.
+//! - [`local`]: the files a local-mode cluster keeps in its directory.
+//! - [`naming`]: `clusterset.local` service names.
+
+pub mod bundle;
+pub mod grpc;
+pub mod identity;
+pub mod local;
+pub mod naming;
+pub mod tls;
+pub mod token;
+pub mod tunnel;
+
+/// Install ring as the process-wide rustls crypto provider. Call first thing
+/// in every binary and test; calling it twice is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

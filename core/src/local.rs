@@ -1,0 +1,201 @@
+//! The directory of a local-mode cluster.
+//!
+//! The controller owns it and writes, besides its private state:
+//! - `controller.json`: cluster name, trust domain and listening addresses;
+//! - `ca.pem`: the cluster's root(s), to authenticate the controller;
+//! - `local.token`: the secret local components and the CLI present (0600).
+//!
+//! Sidecars, the gateway and the CLI need only the directory's path.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::bundle::TrustBundles;
+use crate::identity::SpiffeId;
+use crate::tls;
+
+pub const CONTROLLER_FILE: &str = "controller.json";
+pub const CA_FILE: &str = "ca.pem";
+pub const LOCAL_TOKEN_FILE: &str = "local.token";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("{path}: no controller has started in this cluster directory (start one with `isthmus controller --dir {dir}` or `isthmus up`)")]
+    NoController { path: String, dir: String },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: corrupt ({reason})")]
+    Corrupt { path: String, reason: String },
+    #[error("cannot reach the controller of cluster {cluster} at {addr}: {reason} (is it running? `isthmus up` or `isthmus controller`)")]
+    Unreachable { cluster: String, addr: String, reason: String },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// What the controller publishes about itself in `controller.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ControllerInfo {
+    pub cluster: String,
+    pub trust_domain: String,
+    pub control_addr: String,
+    pub peering_addr: String,
+    pub pid: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterDir {
+    path: PathBuf,
+}
+
+impl ClusterDir {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    fn read(&self, name: &str) -> Result<String, LocalError> {
+        let p = self.file(name);
+        std::fs::read_to_string(&p).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                LocalError::NoController { path: p.display().to_string(), dir: self.path.display().to_string() }
+            } else {
+                LocalError::Io { path: p.display().to_string(), source: e }
+            }
+        })
+    }
+
+    pub fn controller_info(&self) -> Result<ControllerInfo, LocalError> {
+        let s = self.read(CONTROLLER_FILE)?;
+        serde_json::from_str(&s).map_err(|e| LocalError::Corrupt {
+            path: self.file(CONTROLLER_FILE).display().to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn local_token(&self) -> Result<String, LocalError> {
+        Ok(self.read(LOCAL_TOKEN_FILE)?.trim().to_string())
+    }
+
+    pub fn roots_pem(&self) -> Result<String, LocalError> {
+        self.read(CA_FILE)
+    }
+
+    /// Write `contents` to `name` crash-safely: temp file, fsync, rename, fsync dir.
+    pub fn write_atomic(&self, name: &str, contents: &[u8], private: bool) -> Result<(), LocalError> {
+        write_atomic(&self.file(name), contents, private)
+            .map_err(|e| LocalError::Io { path: self.file(name).display().to_string(), source: e })
+    }
+
+    /// Connect to this cluster's controller, authenticated both ways: the
+    /// controller by its SVID under the cluster root, we by the local token.
+    pub async fn connect(&self) -> Result<LocalClient, LocalError> {
+        let info = self.controller_info()?;
+        let token = self.local_token()?;
+        let mut bundles = TrustBundles::new();
+        bundles.set_pem(&info.trust_domain, &self.roots_pem()?).map_err(|e| LocalError::Corrupt {
+            path: self.file(CA_FILE).display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let config = tls::client_config(
+            None,
+            Arc::new(ArcSwap::from_pointee(bundles)),
+            tls::Expect::Id(SpiffeId::controller(&info.trust_domain)),
+            &[tls::ALPN_H2],
+        )?;
+        let channel = crate::grpc::connect(&info.control_addr, config).await.map_err(|e| {
+            LocalError::Unreachable {
+                cluster: info.cluster.clone(),
+                addr: info.control_addr.clone(),
+                reason: error_chain(&e),
+            }
+        })?;
+        Ok(LocalClient { info, channel, token })
+    }
+}
+
+/// A connection to the local controller.
+#[derive(Clone)]
+pub struct LocalClient {
+    pub info: ControllerInfo,
+    channel: Channel,
+    token: String,
+}
+
+/// Adds the local token to every request.
+#[derive(Clone)]
+pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type AuthChannel = InterceptedService<Channel, Bearer>;
+
+impl LocalClient {
+    fn bearer(&self) -> Bearer {
+        Bearer(format!("Bearer {}", self.token).parse().expect("token is ASCII"))
+    }
+
+    pub fn control(&self) -> isthmus_proto::control_client::ControlClient<AuthChannel> {
+        isthmus_proto::control_client::ControlClient::with_interceptor(self.channel.clone(), self.bearer())
+    }
+
+    pub fn admin(&self) -> isthmus_proto::admin_client::AdminClient<AuthChannel> {
+        isthmus_proto::admin_client::AdminClient::with_interceptor(self.channel.clone(), self.bearer())
+    }
+}
+
+/// An error and all its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(if private { 0o600 } else { 0o644 });
+        }
+        let mut f = opts.open(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
