@@ -1,1 +1,331 @@
+//! The Isthmus federation controller.
+//!
+//! One per cluster. It owns the cluster's root CA and signs its workloads'
+//! SVIDs, keeps the registry of local services, streams config to the
+//! cluster's sidecars and gateway, issues join tokens, and keeps one
+//! peering stream with each linked cluster to exchange trust bundles and
+//! service exports.
 
+mod peering;
+mod service;
+pub mod snapshot;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use isthmus_core::bundle::TrustBundles;
+use isthmus_core::identity::{Ca, SpiffeId};
+use isthmus_core::local::{ClusterDir, ControllerInfo};
+use isthmus_core::tls::{self, ClientAuth, SharedBundles, SvidResolver};
+use isthmus_proto::{ConfigSnapshot, GatewayRegistration, Peer, SidecarRegistration, TrustBundle};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use state::{State, StateError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Identity(#[from] isthmus_core::identity::IdentityError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Local(#[from] isthmus_core::local::LocalError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// How to run a controller.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub dir: PathBuf,
+    pub cluster: String,
+    pub trust_domain: String,
+    /// Local control plane (sidecars, gateway, CLI).
+    pub control_addr: SocketAddr,
+    /// Peering with other clusters' controllers.
+    pub peering_addr: SocketAddr,
+    /// Peering address written into join tokens (defaults to the bound one);
+    /// may be a DNS name.
+    pub advertise_peering: Option<String>,
+    pub svid_ttl: Duration,
+    /// Interval between peering heartbeats.
+    pub heartbeat: Duration,
+    /// A peer silent for this long has its imports withdrawn.
+    pub import_lease: Duration,
+}
+
+impl Config {
+    pub fn new(dir: impl Into<PathBuf>, cluster: &str, trust_domain: &str) -> Self {
+        Self {
+            dir: dir.into(),
+            cluster: cluster.to_string(),
+            trust_domain: trust_domain.to_string(),
+            control_addr: "127.0.0.1:0".parse().expect("valid"),
+            peering_addr: "127.0.0.1:0".parse().expect("valid"),
+            advertise_peering: None,
+            svid_ttl: Duration::from_secs(3600),
+            heartbeat: Duration::from_secs(1),
+            import_lease: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running controller.
+pub struct Running {
+    pub control_addr: SocketAddr,
+    pub peering_addr: SocketAddr,
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+/// Link health as peers and operators see it.
+#[derive(Clone, Debug)]
+struct PeerRuntime {
+    connected: bool,
+    ever_connected: bool,
+    last_heartbeat: Option<Instant>,
+    imports: snapshot::PeerImports,
+}
+
+impl PeerRuntime {
+    fn new() -> Self {
+        Self { connected: false, ever_connected: false, last_heartbeat: None, imports: Default::default() }
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    sidecars: BTreeMap<u64, SidecarRegistration>,
+    gateway: Option<(u64, GatewayRegistration)>,
+}
+
+/// What every task of the controller shares.
+pub(crate) struct Shared {
+    cfg: Config,
+    dir: ClusterDir,
+    ca: Ca,
+    local_token: String,
+    peering_advertised: String,
+    state: Mutex<State>,
+    registry: Mutex<Registry>,
+    peers: Mutex<BTreeMap<String, PeerRuntime>>,
+    /// Own root plus every linked peer's: what the peering port trusts.
+    bundles: SharedBundles,
+    svid: Arc<SvidResolver>,
+    version: watch::Sender<u64>,
+    shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// Something sidecars, gateways or peers see has changed.
+    fn changed(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    fn save(&self, state: &State) -> Result<(), tonic::Status> {
+        state.save(self.dir.path()).map_err(|e| {
+            tracing::error!(error = %e, "saving state failed");
+            tonic::Status::internal(format!("could not save state: {e}"))
+        })
+    }
+
+    fn rebuild_bundles(&self) {
+        let state = self.state.lock().expect("state lock");
+        let mut b = TrustBundles::new();
+        b.set(&self.cfg.trust_domain, vec![self.ca.cert_der().clone()]);
+        for link in state.links.values() {
+            if let Err(e) = b.set_pem(&link.trust_domain, &link.roots_pem) {
+                tracing::warn!(peer = %link.cluster, error = %e, "peer bundle unusable");
+            }
+        }
+        self.bundles.store(Arc::new(b));
+    }
+
+    fn gateway_addrs(&self) -> (String, String) {
+        let reg = self.registry.lock().expect("registry lock");
+        reg.gateway
+            .as_ref()
+            .map(|(_, g)| (g.tunnel_addr.clone(), g.quic_addr.clone()))
+            .unwrap_or_default()
+    }
+
+    /// The config a sidecar or gateway of this cluster receives.
+    fn snapshot(&self) -> ConfigSnapshot {
+        let state = self.state.lock().expect("state lock").clone();
+        let imports: BTreeMap<String, snapshot::PeerImports> = self
+            .peers
+            .lock()
+            .expect("peers lock")
+            .iter()
+            .filter(|(c, _)| state.links.contains_key(*c))
+            .map(|(c, p)| (c.clone(), p.imports.clone()))
+            .collect();
+        let reg = self.registry.lock().expect("registry lock");
+        let services = snapshot::services(&state, reg.sidecars.values(), &imports);
+        let mut bundles = vec![TrustBundle {
+            trust_domain: self.cfg.trust_domain.clone(),
+            roots_pem: self.ca.cert_pem().to_string(),
+        }];
+        let mut peers = Vec::new();
+        for link in state.links.values() {
+            bundles.push(TrustBundle { trust_domain: link.trust_domain.clone(), roots_pem: link.roots_pem.clone() });
+            peers.push(Peer {
+                cluster: link.cluster.clone(),
+                trust_domain: link.trust_domain.clone(),
+                gateway_addr: link.gateway_addr.clone(),
+            });
+        }
+        ConfigSnapshot {
+            version: *self.version.borrow(),
+            cluster: self.cfg.cluster.clone(),
+            trust_domain: self.cfg.trust_domain.clone(),
+            bundles,
+            services,
+            gateway_tunnel_addr: reg.gateway.as_ref().map(|(_, g)| g.tunnel_addr.clone()).unwrap_or_default(),
+            peers,
+        }
+    }
+}
+
+/// Load or create the cluster's state and CA in `cfg.dir`.
+fn open(cfg: &Config) -> Result<(State, Ca), ControllerError> {
+    isthmus_core::identity::validate_name(&cfg.cluster)
+        .map_err(|e| ControllerError::Config(format!("cluster name: {e}")))?;
+    isthmus_core::identity::validate_trust_domain(&cfg.trust_domain)?;
+    std::fs::create_dir_all(&cfg.dir)
+        .map_err(|e| ControllerError::Io { path: cfg.dir.display().to_string(), source: e })?;
+    let dir = ClusterDir::new(&cfg.dir);
+    let key_path = dir.file("ca.key");
+    let state = State::load(&cfg.dir, &cfg.cluster, &cfg.trust_domain)?;
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p).map_err(|e| ControllerError::Io { path: p.display().to_string(), source: e })
+    };
+    match state {
+        Some(state) => {
+            let ca = Ca::load(&cfg.trust_domain, &read(dir.file(isthmus_core::local::CA_FILE))?, &read(key_path)?)?;
+            Ok((state, ca))
+        }
+        None => {
+            if key_path.exists() {
+                return Err(ControllerError::Config(format!(
+                    "{} exists but {} does not: refusing to start over with a new CA; restore the state file or use an empty --dir",
+                    key_path.display(),
+                    State::path(&cfg.dir).display()
+                )));
+            }
+            let ca = Ca::generate(&cfg.trust_domain)?;
+            dir.write_atomic("ca.key", ca.key_pem().as_bytes(), true)?;
+            dir.write_atomic(isthmus_core::local::CA_FILE, ca.cert_pem().as_bytes(), false)?;
+            let state = State::new(&cfg.cluster, &cfg.trust_domain);
+            state.save(&cfg.dir)?;
+            Ok((state, ca))
+        }
+    }
+}
+
+/// Start the controller: bind its ports, publish `controller.json`, serve
+/// until `shutdown` is cancelled.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, ControllerError> {
+    let (state, ca) = open(&cfg)?;
+    let dir = ClusterDir::new(&cfg.dir);
+    let local_token = match dir.local_token() {
+        Ok(t) if !t.is_empty() => t,
+        _ => {
+            let (t, _) = isthmus_core::token::new_secret();
+            dir.write_atomic(isthmus_core::local::LOCAL_TOKEN_FILE, t.as_bytes(), true)?;
+            t
+        }
+    };
+
+    let control = TcpListener::bind(cfg.control_addr)
+        .await
+        .map_err(|e| ControllerError::Bind { addr: cfg.control_addr, source: e })?;
+    let peering = TcpListener::bind(cfg.peering_addr)
+        .await
+        .map_err(|e| ControllerError::Bind { addr: cfg.peering_addr, source: e })?;
+    let control_addr = control.local_addr().map_err(|e| ControllerError::Bind { addr: cfg.control_addr, source: e })?;
+    let peering_addr = peering.local_addr().map_err(|e| ControllerError::Bind { addr: cfg.peering_addr, source: e })?;
+
+    let svid = ca.issue_local(&SpiffeId::controller(&cfg.trust_domain), cfg.svid_ttl)?;
+    let shared = Arc::new(Shared {
+        peering_advertised: cfg.advertise_peering.clone().unwrap_or_else(|| peering_addr.to_string()),
+        dir: dir.clone(),
+        local_token,
+        state: Mutex::new(state),
+        registry: Mutex::new(Registry::default()),
+        peers: Mutex::new(BTreeMap::new()),
+        bundles: Arc::new(ArcSwap::from_pointee(TrustBundles::new())),
+        svid: SvidResolver::new(&svid)?,
+        version: watch::channel(1).0,
+        shutdown: shutdown.clone(),
+        ca,
+        cfg,
+    });
+    shared.rebuild_bundles();
+
+    let control_tls = tls::server_config(shared.svid.clone(), shared.bundles.clone(), ClientAuth::Optional, &[tls::ALPN_H2])?;
+    let peering_tls = tls::server_config(shared.svid.clone(), shared.bundles.clone(), ClientAuth::Optional, &[tls::ALPN_H2])?;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(service::serve_control(shared.clone(), control, control_tls));
+    tasks.spawn(service::serve_peering(shared.clone(), peering, peering_tls));
+    tasks.spawn(peering::lease_keeper(shared.clone()));
+    tasks.spawn(renew_own_svid(shared.clone()));
+    for link in shared.state.lock().expect("state lock").links.values() {
+        if link.dial.is_some() {
+            tasks.spawn(peering::dial_loop(shared.clone(), link.cluster.clone()));
+        }
+    }
+
+    let info = ControllerInfo {
+        cluster: shared.cfg.cluster.clone(),
+        trust_domain: shared.cfg.trust_domain.clone(),
+        control_addr: control_addr.to_string(),
+        peering_addr: shared.peering_advertised.clone(),
+        pid: std::process::id(),
+    };
+    dir.write_atomic(
+        isthmus_core::local::CONTROLLER_FILE,
+        &serde_json::to_vec_pretty(&info).expect("serializes"),
+        false,
+    )?;
+    tracing::info!(cluster = %info.cluster, trust_domain = %info.trust_domain, %control_addr, %peering_addr,
+        root = %shared.ca.fingerprint(), "controller ready");
+
+    let done = tokio::spawn(async move {
+        shutdown.cancelled().await;
+        tasks.shutdown().await;
+    });
+    Ok(Running { control_addr, peering_addr, done })
+}
+
+/// Renew the controller's own SVID at half its life.
+async fn renew_own_svid(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(shared.cfg.svid_ttl / 2) => {}
+        }
+        match shared.ca.issue_local(&SpiffeId::controller(&shared.cfg.trust_domain), shared.cfg.svid_ttl) {
+            Ok(svid) => {
+                if let Err(e) = shared.svid.update(&svid) {
+                    tracing::error!(error = %e, "renewing controller SVID failed");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "renewing controller SVID failed"),
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Links with other clusters: spending a join token, and the long-lived
+//! peering stream that carries heartbeats, exports and bundle updates.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use isthmus_core::identity::{self, SpiffeId};
+use isthmus_core::local::error_chain;
+use isthmus_core::tls::{self, Expect};
+use isthmus_core::token::JoinToken;
+use isthmus_core::unix_now_ms;
+use isthmus_proto::peer_message::Msg;
+use isthmus_proto::peering_client::PeeringClient;
+use isthmus_proto::{BundleUpdate, ExportList, Heartbeat, JoinRequest, LinkResponse, PeerMessage};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use crate::state::LinkRecord;
+use crate::{PeerRuntime, Shared, snapshot};
+
+/// The state of a link, as `isthmus status` shows it.
+pub(crate) fn link_state(rt: Option<&PeerRuntime>, lease: Duration) -> &'static str {
+    match rt {
+        None => "pending",
+        Some(p) if p.connected && p.last_heartbeat.is_some_and(|t| t.elapsed() < lease) => "active",
+        Some(p) if p.connected => "establishing",
+        Some(p) if p.ever_connected => "failing",
+        Some(_) => "establishing",
+    }
+}
+
+/// Spend `tok` at its issuer and record the link.
+pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkResponse, Status> {
+    if tok.trust_domain == shared.cfg.trust_domain || tok.cluster == shared.cfg.cluster {
+        return Err(Status::failed_precondition(format!(
+            "this token was issued by cluster {} itself: run `isthmus link` on another cluster",
+            shared.cfg.cluster
+        )));
+    }
+    if let Some(l) = shared
+        .state
+        .lock()
+        .expect("state lock")
+        .links
+        .values()
+        .find(|l| l.cluster == tok.cluster || l.trust_domain == tok.trust_domain)
+    {
+        return Err(Status::already_exists(format!("cluster {} is already linked ({})", l.cluster, l.trust_domain)));
+    }
+    let addr = &tok.peering[0];
+    let cfg = tls::pinned_client_config(&tok.root_fingerprint, SpiffeId::controller(&tok.trust_domain), &[tls::ALPN_H2])
+        .map_err(|e| Status::internal(e.to_string()))?;
+    let channel = isthmus_core::grpc::connect(addr, cfg).await.map_err(|e| {
+        let chain = error_chain(&e);
+        if chain.contains("fingerprint mismatch") || chain.contains("not the expected") {
+            Status::failed_precondition(format!(
+                "fingerprint mismatch: the server at {addr} is not the controller of cluster {} named by the token (its root CA does not match the token's pin)",
+                tok.cluster
+            ))
+        } else {
+            Status::unavailable(format!("cannot reach the issuer, cluster {}, at {addr}: {chain}", tok.cluster))
+        }
+    })?;
+    let secret = tok.secret_bytes().map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let (_, quic) = shared.gateway_addrs();
+    let resp = PeeringClient::new(channel)
+        .join(JoinRequest {
+            token_id: tok.id.clone(),
+            secret,
+            cluster: shared.cfg.cluster.clone(),
+            trust_domain: shared.cfg.trust_domain.clone(),
+            roots_pem: shared.ca.cert_pem().to_string(),
+            gateway_addr: quic,
+        })
+        .await
+        .map_err(|s| Status::new(s.code(), format!("cluster {} refused the link: {}", tok.cluster, s.message())))?
+        .into_inner();
+    let pinned = identity::certs_from_pem(&resp.roots_pem)
+        .map(|roots| roots.iter().any(|r| identity::fingerprint(r) == tok.root_fingerprint))
+        .unwrap_or(false);
+    if !pinned || resp.trust_domain != tok.trust_domain {
+        return Err(Status::failed_precondition("fingerprint mismatch: the issuer returned a bundle the token does not pin"));
+    }
+    {
+        let mut state = shared.state.lock().expect("state lock");
+        state.links.insert(
+            resp.cluster.clone(),
+            LinkRecord {
+                cluster: resp.cluster.clone(),
+                trust_domain: resp.trust_domain.clone(),
+                roots_pem: resp.roots_pem,
+                gateway_addr: if resp.gateway_addr.is_empty() {
+                    tok.gateway.first().cloned().unwrap_or_default()
+                } else {
+                    resp.gateway_addr
+                },
+                dial: Some(addr.clone()),
+                created_unix: isthmus_core::unix_now(),
+            },
+        );
+        shared.save(&state)?;
+    }
+    shared.rebuild_bundles();
+    shared.changed();
+    tracing::info!(peer = %resp.cluster, trust_domain = %resp.trust_domain, "linked (token spent)");
+    tokio::spawn(dial_loop(shared.clone(), resp.cluster.clone()));
+    Ok(LinkResponse { peer_cluster: resp.cluster, peer_trust_domain: resp.trust_domain })
+}
+
+/// Keep the peering stream to `peer` up, reconnecting with backoff.
+pub(crate) async fn dial_loop(shared: Arc<Shared>, peer: String) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(link) = shared.state.lock().expect("state lock").links.get(&peer).cloned() else {
+            return;
+        };
+        let Some(addr) = link.dial.clone() else { return };
+        let started = Instant::now();
+        match dial_once(&shared, &link, &addr).await {
+            Ok(()) => tracing::info!(%peer, "peering stream ended"),
+            Err(e) => tracing::warn!(%peer, %addr, error = %e, "peering stream failed"),
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn dial_once(shared: &Arc<Shared>, link: &LinkRecord, addr: &str) -> Result<(), String> {
+    mark(shared, &link.cluster, |p| p.connected = false);
+    let cfg = tls::client_config(
+        Some(shared.svid.clone()),
+        shared.bundles.clone(),
+        Expect::Id(SpiffeId::controller(&link.trust_domain)),
+        &[tls::ALPN_H2],
+    )
+    .map_err(|e| e.to_string())?;
+    let channel = isthmus_core::grpc::connect(addr, cfg).await.map_err(|e| error_chain(&e))?;
+    let (tx, rx) = mpsc::channel(16);
+    let inbound = PeeringClient::new(channel)
+        .sync(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    run_session(shared.clone(), link.cluster.clone(), inbound, tx).await;
+    Ok(())
+}
+
+/// The accepting side of a peering stream.
+pub(crate) async fn session(
+    shared: Arc<Shared>,
+    peer: String,
+    inbound: Streaming<PeerMessage>,
+    out: mpsc::Sender<Result<PeerMessage, Status>>,
+) {
+    let (tx, rx) = mpsc::channel::<PeerMessage>(16);
+    let forward = tokio::spawn(async move {
+        let mut rx = ReceiverStream::new(rx).map(Ok);
+        while let Some(m) = rx.next().await {
+            if out.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    run_session(shared, peer, inbound, tx).await;
+    forward.abort();
+}
+
+fn mark(shared: &Shared, peer: &str, f: impl FnOnce(&mut PeerRuntime)) {
+    let mut peers = shared.peers.lock().expect("peers lock");
+    f(peers.entry(peer.to_string()).or_insert_with(PeerRuntime::new));
+}
+
+/// Both sides of a peering stream run this: announce our bundle and exports,
+/// heartbeat, and apply what the peer sends.
+async fn run_session(shared: Arc<Shared>, peer: String, mut inbound: Streaming<PeerMessage>, tx: mpsc::Sender<PeerMessage>) {
+    tracing::info!(%peer, "peering stream up");
+    mark(&shared, &peer, |p| {
+        p.connected = true;
+        p.ever_connected = true;
+    });
+    let mut version = shared.version.subscribe();
+    let mut heartbeat = tokio::time::interval(shared.cfg.heartbeat);
+    let mut last_exports = None;
+    let mut last_gateway = None;
+    loop {
+        // Announce what changed since the last round.
+        let (_, quic) = shared.gateway_addrs();
+        if last_gateway.as_ref() != Some(&quic) {
+            let m = Msg::Bundle(BundleUpdate {
+                trust_domain: shared.cfg.trust_domain.clone(),
+                roots_pem: shared.ca.cert_pem().to_string(),
+                gateway_addr: quic.clone(),
+            });
+            if tx.send(PeerMessage { msg: Some(m) }).await.is_err() {
+                break;
+            }
+            last_gateway = Some(quic);
+        }
+        let exports = {
+            let state = shared.state.lock().expect("state lock");
+            let reg = shared.registry.lock().expect("registry lock");
+            snapshot::exports(&state, reg.sidecars.values())
+        };
+        if last_exports.as_ref() != Some(&exports) {
+            let m = Msg::Exports(ExportList { services: exports.clone() });
+            if tx.send(PeerMessage { msg: Some(m) }).await.is_err() {
+                break;
+            }
+            last_exports = Some(exports);
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            _ = heartbeat.tick() => {
+                let m = Msg::Heartbeat(Heartbeat { sent_unix_ms: unix_now_ms() });
+                if tx.send(PeerMessage { msg: Some(m) }).await.is_err() { break; }
+            }
+            r = version.changed() => if r.is_err() { break },
+            m = inbound.message() => match m {
+                Ok(Some(m)) => apply(&shared, &peer, m),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "peering stream error");
+                    break;
+                }
+            },
+        }
+        if !shared.state.lock().expect("state lock").links.contains_key(&peer) {
+            break;
+        }
+    }
+    mark(&shared, &peer, |p| p.connected = false);
+    tracing::info!(%peer, "peering stream down");
+}
+
+fn apply(shared: &Shared, peer: &str, m: PeerMessage) {
+    let mut changed = false;
+    match m.msg {
+        Some(Msg::Heartbeat(_)) => mark(shared, peer, |p| {
+            p.last_heartbeat = Some(Instant::now());
+            if !p.imports.live {
+                p.imports.live = true;
+                changed = true;
+            }
+        }),
+        Some(Msg::Exports(list)) => {
+            mark(shared, peer, |p| {
+                p.last_heartbeat = Some(Instant::now());
+                p.imports.services = list.services;
+                p.imports.live = true;
+            });
+            changed = true;
+        }
+        Some(Msg::Bundle(b)) => {
+            let mut state = shared.state.lock().expect("state lock");
+            let Some(link) = state.links.get_mut(peer) else { return };
+            if b.trust_domain != link.trust_domain || identity::certs_from_pem(&b.roots_pem).is_err() {
+                tracing::warn!(%peer, "ignoring malformed bundle update");
+                return;
+            }
+            if link.roots_pem != b.roots_pem || (!b.gateway_addr.is_empty() && link.gateway_addr != b.gateway_addr) {
+                link.roots_pem = b.roots_pem;
+                if !b.gateway_addr.is_empty() {
+                    link.gateway_addr = b.gateway_addr;
+                }
+                if let Err(e) = shared.save(&state) {
+                    tracing::error!(%peer, error = %e, "saving bundle update failed");
+                }
+                drop(state);
+                shared.rebuild_bundles();
+                changed = true;
+            }
+        }
+        None => {}
+    }
+    if changed {
+        shared.changed();
+    }
+}
+
+/// Withdraw the imports of peers whose heartbeats stopped for a lease.
+pub(crate) async fn lease_keeper(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut expired = Vec::new();
+        for (name, p) in shared.peers.lock().expect("peers lock").iter_mut() {
+            let stale = p.last_heartbeat.is_none_or(|t| t.elapsed() > shared.cfg.import_lease);
+            if p.imports.live && stale {
+                p.imports.live = false;
+                expired.push(name.clone());
+            }
+        }
+        for peer in &expired {
+            tracing::warn!(%peer, "no heartbeat for the import lease: imports withdrawn");
+        }
+        if !expired.is_empty() {
+            shared.changed();
+        }
+    }
+}

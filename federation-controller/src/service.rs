@@ -1,0 +1,359 @@
+//! The controller's gRPC services: Control and Admin on the control port,
+//! Peering on the peering port.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use isthmus_core::identity::{self, SpiffeId};
+use isthmus_core::token::{self, JoinToken};
+use isthmus_core::{naming, unix_now};
+use isthmus_proto::admin_server::{Admin, AdminServer};
+use isthmus_proto::control_server::{Control, ControlServer};
+use isthmus_proto::peering_server::{Peering, PeeringServer};
+use isthmus_proto::{
+    watch_request, CertificateRequest, CertificateResponse, ConfigSnapshot, CreateTokenRequest,
+    CreateTokenResponse, ExportRequest, ExportResponse, JoinRequest, JoinResponse, LinkRequest,
+    LinkResponse, LinkStatus, PeerMessage, StatusRequest, StatusResponse, WatchRequest,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::state::{ExportRecord, LinkRecord, TokenRecord};
+use crate::{peering, Shared};
+
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+pub(crate) async fn serve_control(shared: Arc<Shared>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    let svc = Svc(shared.clone());
+    let incoming = isthmus_core::grpc::tls_incoming(listener, tls);
+    let res = tonic::transport::Server::builder()
+        .add_service(ControlServer::new(svc.clone()))
+        .add_service(AdminServer::new(svc))
+        .serve_with_incoming_shutdown(incoming, shared.shutdown.clone().cancelled_owned())
+        .await;
+    if let Err(e) = res {
+        tracing::error!(error = %e, "control server stopped");
+    }
+}
+
+pub(crate) async fn serve_peering(shared: Arc<Shared>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    let svc = Svc(shared.clone());
+    let incoming = isthmus_core::grpc::tls_incoming(listener, tls);
+    let res = tonic::transport::Server::builder()
+        .add_service(PeeringServer::new(svc))
+        .serve_with_incoming_shutdown(incoming, shared.shutdown.clone().cancelled_owned())
+        .await;
+    if let Err(e) = res {
+        tracing::error!(error = %e, "peering server stopped");
+    }
+}
+
+#[derive(Clone)]
+struct Svc(Arc<Shared>);
+
+impl Svc {
+    /// Local callers present the cluster's local token.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let presented = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("missing local token"))?;
+        let want = &self.0.local_token;
+        let same = presented.len() == want.len()
+            && presented.bytes().zip(want.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+        if same { Ok(()) } else { Err(Status::unauthenticated("wrong local token")) }
+    }
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<ConfigSnapshot, Status>> + Send>>;
+type PeerStream = Pin<Box<dyn Stream<Item = Result<PeerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for Svc {
+    async fn issue_certificate(
+        &self,
+        req: Request<CertificateRequest>,
+    ) -> Result<Response<CertificateResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let id = SpiffeId::new(&self.0.cfg.trust_domain, &r.namespace, &r.service_account)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let leaf = self
+            .0
+            .ca
+            .sign_csr(&r.csr_pem, &id, self.0.cfg.svid_ttl)
+            .map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
+        let not_after = identity::not_after_of(&leaf).unwrap_or_default();
+        tracing::info!(%id, "issued SVID");
+        Ok(Response::new(CertificateResponse {
+            cert_chain_pem: format!("{}{}", identity::cert_to_pem(&leaf), self.0.ca.cert_pem()),
+            spiffe_id: id.to_string(),
+            not_after_unix: not_after,
+        }))
+    }
+
+    type WatchConfigStream = SnapshotStream;
+
+    async fn watch_config(&self, req: Request<WatchRequest>) -> Result<Response<SnapshotStream>, Status> {
+        self.authorize(&req)?;
+        let node = req.into_inner().node.ok_or_else(|| Status::invalid_argument("registration missing"))?;
+        let shared = self.0.clone();
+        let id = {
+            let mut reg = shared.registry.lock().expect("registry lock");
+            reg.next_id += 1;
+            let id = reg.next_id;
+            match node {
+                watch_request::Node::Sidecar(s) => {
+                    naming::parse_ns_name(&format!("{}/{}", s.namespace, s.service)).map_err(Status::invalid_argument)?;
+                    tracing::info!(service = %format!("{}/{}", s.namespace, s.service), addr = %s.inbound_addr, "sidecar registered");
+                    reg.sidecars.insert(id, s);
+                }
+                watch_request::Node::Gateway(g) => {
+                    tracing::info!(tunnel = %g.tunnel_addr, quic = %g.quic_addr, "gateway registered");
+                    reg.gateway = Some((id, g));
+                }
+            }
+            id
+        };
+        shared.changed();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut version = shared.version.subscribe();
+            loop {
+                version.borrow_and_update();
+                if tx.send(Ok(shared.snapshot())).await.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    r = version.changed() => if r.is_err() { break },
+                    _ = tx.closed() => break,
+                    _ = shared.shutdown.cancelled() => break,
+                }
+            }
+            // The registration lives as long as the stream.
+            let mut reg = shared.registry.lock().expect("registry lock");
+            reg.sidecars.remove(&id);
+            if reg.gateway.as_ref().is_some_and(|(g, _)| *g == id) {
+                reg.gateway = None;
+            }
+            drop(reg);
+            shared.changed();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for Svc {
+    async fn create_token(
+        &self,
+        req: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let ttl = Duration::from_secs(if r.ttl_seconds == 0 { 900 } else { r.ttl_seconds });
+        if ttl > MAX_TOKEN_TTL {
+            return Err(Status::invalid_argument("--ttl may be at most 7 days"));
+        }
+        let uses = if r.uses == 0 { 1 } else { r.uses };
+        let (secret, hash) = token::new_secret();
+        let id = format!("{:016x}", rand::random::<u64>());
+        let now = unix_now();
+        let (_, quic) = self.0.gateway_addrs();
+        let tok = JoinToken {
+            cluster: self.0.cfg.cluster.clone(),
+            trust_domain: self.0.cfg.trust_domain.clone(),
+            peering: vec![self.0.peering_advertised.clone()],
+            gateway: if quic.is_empty() { vec![] } else { vec![quic] },
+            root_fingerprint: self.0.ca.fingerprint(),
+            id: id.clone(),
+            secret,
+            priority: None,
+        };
+        let expires = now + ttl.as_secs() as i64;
+        {
+            let mut state = self.0.state.lock().expect("state lock");
+            // Drop tokens that can never be used again, so the file stays small.
+            state.tokens.retain(|_, t| t.expires_unix > now - 24 * 3600);
+            state.tokens.insert(
+                id.clone(),
+                TokenRecord { id: id.clone(), secret_hash: hash, created_unix: now, expires_unix: expires, uses_left: uses, used_by: vec![] },
+            );
+            self.0.save(&state)?;
+        }
+        tracing::info!(token_id = %id, ttl_s = ttl.as_secs(), uses, "join token created");
+        Ok(Response::new(CreateTokenResponse { token: tok.encode(), id, expires_unix: expires }))
+    }
+
+    async fn link(&self, req: Request<LinkRequest>) -> Result<Response<LinkResponse>, Status> {
+        self.authorize(&req)?;
+        let tok = JoinToken::decode(&req.into_inner().token).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let r = peering::join(self.0.clone(), &tok).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn export(&self, req: Request<ExportRequest>) -> Result<Response<ExportResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let key = format!("{}/{}", r.namespace, r.name);
+        naming::parse_ns_name(&key).map_err(Status::invalid_argument)?;
+        {
+            let reg = self.0.registry.lock().expect("registry lock");
+            if !reg.sidecars.values().any(|s| s.namespace == r.namespace && s.service == r.name) {
+                let mut known: Vec<String> = reg.sidecars.values().map(|s| format!("{}/{}", s.namespace, s.service)).collect();
+                known.sort();
+                known.dedup();
+                return Err(Status::not_found(format!(
+                    "service {key} does not exist in cluster {}: no workload has registered it (services here: {})",
+                    self.0.cfg.cluster,
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                )));
+            }
+        }
+        {
+            let mut state = self.0.state.lock().expect("state lock");
+            if !state.exports.contains_key(&key) {
+                state.exports.insert(key.clone(), ExportRecord { namespace: r.namespace, name: r.name, created_unix: unix_now() });
+                self.0.save(&state)?;
+            }
+        }
+        tracing::info!(service = %key, "exported");
+        self.0.changed();
+        Ok(Response::new(ExportResponse {}))
+    }
+
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        self.authorize(&req)?;
+        let snap = self.0.snapshot();
+        let state = self.0.state.lock().expect("state lock").clone();
+        let peers = self.0.peers.lock().expect("peers lock").clone();
+        let links = state
+            .links
+            .values()
+            .map(|l| {
+                let rt = peers.get(&l.cluster);
+                let age = rt.and_then(|p| p.last_heartbeat).map(|t| t.elapsed().as_millis() as i64).unwrap_or(-1);
+                let fp = identity::certs_from_pem(&l.roots_pem)
+                    .ok()
+                    .and_then(|c| c.first().map(identity::fingerprint))
+                    .unwrap_or_default();
+                LinkStatus {
+                    cluster: l.cluster.clone(),
+                    trust_domain: l.trust_domain.clone(),
+                    state: peering::link_state(rt, self.0.cfg.import_lease).to_string(),
+                    heartbeat_age_ms: age,
+                    gateway_addr: l.gateway_addr.clone(),
+                    bundle_fingerprint: fp,
+                }
+            })
+            .collect();
+        let (tunnel, quic) = self.0.gateway_addrs();
+        Ok(Response::new(StatusResponse {
+            cluster: self.0.cfg.cluster.clone(),
+            trust_domain: self.0.cfg.trust_domain.clone(),
+            root_fingerprint: self.0.ca.fingerprint(),
+            links,
+            services: snap.services,
+            gateway_tunnel_addr: tunnel,
+            gateway_quic_addr: quic,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Peering for Svc {
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let r = req.into_inner();
+        let shared = &self.0;
+        if r.trust_domain == shared.cfg.trust_domain || r.cluster == shared.cfg.cluster {
+            return Err(Status::failed_precondition(format!(
+                "cannot link cluster {} to itself (trust domain {})",
+                shared.cfg.cluster, shared.cfg.trust_domain
+            )));
+        }
+        identity::validate_name(&r.cluster).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        identity::validate_trust_domain(&r.trust_domain).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        identity::certs_from_pem(&r.roots_pem).map_err(|e| Status::invalid_argument(format!("joiner's roots: {e}")))?;
+        let now = unix_now();
+        {
+            let mut state = shared.state.lock().expect("state lock");
+            let Some(rec) = state.tokens.get(&r.token_id).cloned() else {
+                return Err(Status::not_found("unknown join token: it was never issued by this cluster, or was revoked"));
+            };
+            if !token::secret_matches(&r.secret, &rec.secret_hash) {
+                tracing::warn!(token_id = %r.token_id, "join refused: wrong secret");
+                return Err(Status::permission_denied("join token secret does not match: the token was altered"));
+            }
+            // Expiry is judged by the issuer's clock alone, so skew cannot matter.
+            if now >= rec.expires_unix {
+                return Err(Status::failed_precondition(format!(
+                    "join token expired {}s ago (by the issuer's clock); create a new one",
+                    now - rec.expires_unix
+                )));
+            }
+            if rec.uses_left == 0 {
+                return Err(Status::failed_precondition(format!(
+                    "join token already used (by {}); create a new one",
+                    rec.used_by.join(", ")
+                )));
+            }
+            if let Some(l) = state.links.values().find(|l| l.cluster == r.cluster || l.trust_domain == r.trust_domain) {
+                return Err(Status::already_exists(format!(
+                    "cluster {} ({}) is already linked with {}",
+                    l.cluster, l.trust_domain, shared.cfg.cluster
+                )));
+            }
+            let t = state.tokens.get_mut(&r.token_id).expect("present");
+            t.uses_left -= 1;
+            t.used_by.push(r.cluster.clone());
+            state.links.insert(
+                r.cluster.clone(),
+                LinkRecord {
+                    cluster: r.cluster.clone(),
+                    trust_domain: r.trust_domain.clone(),
+                    roots_pem: r.roots_pem.clone(),
+                    gateway_addr: r.gateway_addr.clone(),
+                    dial: None,
+                    created_unix: now,
+                },
+            );
+            shared.save(&state)?;
+        }
+        shared.rebuild_bundles();
+        shared.changed();
+        tracing::info!(peer = %r.cluster, trust_domain = %r.trust_domain, "linked (join accepted)");
+        let (_, quic) = shared.gateway_addrs();
+        Ok(Response::new(JoinResponse {
+            cluster: shared.cfg.cluster.clone(),
+            trust_domain: shared.cfg.trust_domain.clone(),
+            roots_pem: shared.ca.cert_pem().to_string(),
+            gateway_addr: quic,
+        }))
+    }
+
+    type SyncStream = PeerStream;
+
+    async fn sync(&self, req: Request<Streaming<PeerMessage>>) -> Result<Response<PeerStream>, Status> {
+        let id = isthmus_core::tls::peer_id(req.peer_certs().as_deref().map(|v| v.as_slice()))
+            .ok_or_else(|| Status::unauthenticated("the peering stream needs a client certificate"))?;
+        let peer = {
+            let state = self.0.state.lock().expect("state lock");
+            state
+                .links
+                .values()
+                .find(|l| l.trust_domain == id.trust_domain)
+                .map(|l| l.cluster.clone())
+        };
+        let Some(peer) = peer.filter(|_| id == SpiffeId::controller(&id.trust_domain)) else {
+            return Err(Status::permission_denied(format!("{id} is not the controller of a linked cluster")));
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(peering::session(self.0.clone(), peer, req.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

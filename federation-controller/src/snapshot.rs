@@ -1,0 +1,189 @@
+//! Builds what sidecars, gateways and peers are told (pure functions).
+
+use std::collections::BTreeMap;
+
+use isthmus_proto::{Backend, ExportedService, Service, SidecarRegistration};
+
+use crate::state::State;
+
+/// Imports received from one peer.
+#[derive(Clone, Debug, Default)]
+pub struct PeerImports {
+    pub services: Vec<ExportedService>,
+    /// False once the lease has run out without a heartbeat.
+    pub live: bool,
+}
+
+/// Services of this cluster from its sidecars' registrations.
+fn local_services<'a>(
+    regs: impl Iterator<Item = &'a SidecarRegistration>,
+) -> BTreeMap<String, (u32, Vec<&'a SidecarRegistration>)> {
+    let mut out: BTreeMap<String, (u32, Vec<&SidecarRegistration>)> = BTreeMap::new();
+    for r in regs {
+        let e = out.entry(format!("{}/{}", r.namespace, r.service)).or_insert((r.port, Vec::new()));
+        e.1.push(r);
+    }
+    out
+}
+
+/// Every service a sidecar of this cluster can call: local ones and those
+/// imported from live peers. Same namespace and name across clusters is one
+/// service (KEP-1645); when exporters disagree on the port, the oldest export
+/// wins and the others are left out of the service.
+pub fn services<'a>(
+    state: &State,
+    regs: impl Iterator<Item = &'a SidecarRegistration>,
+    imports: &BTreeMap<String, PeerImports>,
+) -> Vec<Service> {
+    let mut out: BTreeMap<String, (Service, i64)> = BTreeMap::new();
+    for (key, (port, eps)) in local_services(regs) {
+        let mut addresses: Vec<String> = eps.iter().map(|r| r.inbound_addr.clone()).collect();
+        addresses.sort();
+        let mut identities: Vec<String> = eps.iter().map(|r| r.identity.clone()).collect();
+        identities.sort();
+        identities.dedup();
+        let exported = state.exports.get(&key);
+        let svc = Service {
+            namespace: eps[0].namespace.clone(),
+            name: eps[0].service.clone(),
+            port,
+            exported: exported.is_some(),
+            backends: vec![Backend {
+                cluster: state.cluster.clone(),
+                healthy_endpoints: addresses.len() as u32,
+                addresses,
+                identities,
+            }],
+        };
+        let since = exported.map(|e| e.created_unix).unwrap_or(i64::MAX);
+        out.insert(key, (svc, since));
+    }
+    for (peer, imp) in imports {
+        if !imp.live {
+            continue;
+        }
+        for e in &imp.services {
+            let key = format!("{}/{}", e.namespace, e.name);
+            let backend = Backend {
+                cluster: peer.clone(),
+                addresses: Vec::new(),
+                identities: e.identities.clone(),
+                healthy_endpoints: e.healthy_endpoints,
+            };
+            match out.get_mut(&key) {
+                None => {
+                    let svc = Service {
+                        namespace: e.namespace.clone(),
+                        name: e.name.clone(),
+                        port: e.port,
+                        exported: false,
+                        backends: vec![backend],
+                    };
+                    out.insert(key, (svc, e.exported_unix));
+                }
+                Some((svc, since)) => {
+                    if svc.port == e.port {
+                        svc.backends.push(backend);
+                    } else if e.exported_unix < *since {
+                        // An older export defines the port.
+                        svc.port = e.port;
+                        svc.backends.clear();
+                        svc.backends.push(backend);
+                        *since = e.exported_unix;
+                    }
+                }
+            }
+        }
+    }
+    out.into_values().map(|(s, _)| s).collect()
+}
+
+/// What this cluster tells its peers it exports.
+pub fn exports<'a>(state: &State, regs: impl Iterator<Item = &'a SidecarRegistration>) -> Vec<ExportedService> {
+    let local = local_services(regs);
+    state
+        .exports
+        .iter()
+        .map(|(key, rec)| {
+            let (port, eps) = local.get(key).cloned().unwrap_or((0, Vec::new()));
+            let mut identities: Vec<String> = eps.iter().map(|r| r.identity.clone()).collect();
+            identities.sort();
+            identities.dedup();
+            ExportedService {
+                namespace: rec.namespace.clone(),
+                name: rec.name.clone(),
+                port,
+                identities,
+                healthy_endpoints: eps.len() as u32,
+                exported_unix: rec.created_unix,
+            }
+        })
+        // An export whose workloads are all gone is announced with no port
+        // until one registers again; peers keep nothing routable for it.
+        .filter(|e| e.port != 0)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::ExportRecord;
+
+    fn reg(ns: &str, svc: &str, port: u32, addr: &str) -> SidecarRegistration {
+        SidecarRegistration {
+            namespace: ns.into(),
+            service: svc.into(),
+            port,
+            inbound_addr: addr.into(),
+            instance: addr.into(),
+            identity: format!("spiffe://east.mesh/ns/{ns}/sa/{svc}"),
+        }
+    }
+
+    fn imported(name: &str, port: u32, since: i64) -> ExportedService {
+        ExportedService {
+            namespace: "demo".into(),
+            name: name.into(),
+            port,
+            identities: vec![format!("spiffe://west.mesh/ns/demo/sa/{name}")],
+            healthy_endpoints: 1,
+            exported_unix: since,
+        }
+    }
+
+    #[test]
+    fn merges_local_and_imported_backends() {
+        let mut state = State::new("east", "east.mesh");
+        state.exports.insert("demo/echo".into(), ExportRecord { namespace: "demo".into(), name: "echo".into(), created_unix: 10 });
+        let regs = [reg("demo", "echo", 8080, "127.0.1.10:1"), reg("demo", "echo", 8080, "127.0.1.11:1")];
+        let mut imports = BTreeMap::new();
+        imports.insert("west".to_string(), PeerImports { services: vec![imported("echo", 8080, 5), imported("db", 5432, 5)], live: true });
+        imports.insert("north".to_string(), PeerImports { services: vec![imported("cache", 6379, 5)], live: false });
+
+        let svcs = services(&state, regs.iter(), &imports);
+        let names: Vec<&str> = svcs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["db", "echo"], "north's lease ran out, so cache is withdrawn");
+        let echo = &svcs[1];
+        assert!(echo.exported);
+        assert_eq!(echo.backends.len(), 2);
+        assert_eq!(echo.backends[0].addresses, ["127.0.1.10:1", "127.0.1.11:1"]);
+        assert_eq!(echo.backends[1].cluster, "west");
+
+        let ex = exports(&state, regs.iter());
+        assert_eq!(ex.len(), 1);
+        assert_eq!((ex[0].port, ex[0].healthy_endpoints), (8080, 2));
+    }
+
+    #[test]
+    fn port_conflict_oldest_export_wins() {
+        let mut state = State::new("east", "east.mesh");
+        state.exports.insert("demo/echo".into(), ExportRecord { namespace: "demo".into(), name: "echo".into(), created_unix: 100 });
+        let regs = [reg("demo", "echo", 8080, "127.0.1.10:1")];
+        let mut imports = BTreeMap::new();
+        imports.insert("west".to_string(), PeerImports { services: vec![imported("echo", 9090, 50)], live: true });
+        let svcs = services(&state, regs.iter(), &imports);
+        assert_eq!(svcs[0].port, 9090);
+        assert_eq!(svcs[0].backends.len(), 1);
+        assert_eq!(svcs[0].backends[0].cluster, "west");
+    }
+}

@@ -1,0 +1,149 @@
+//! The controller's durable state: links, exports and join tokens.
+//!
+//! One JSON file, rewritten whole and crash-safely (temp file, fsync,
+//! rename). A file that does not parse is an error that names it; it is never
+//! silently replaced, because it holds the links to other clusters.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const STATE_FILE: &str = "state.json";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state file {path} is corrupt ({reason}); it was left untouched. Restore it from a backup, or move it away to start this cluster afresh (which forgets its links)")]
+    Corrupt { path: String, reason: String },
+    #[error("state file {path} was written by format version {found}, this controller reads version {FORMAT_VERSION}")]
+    Version { path: String, found: u32 },
+    #[error("state file {path} belongs to cluster {found:?} (trust domain {found_td:?}), not {want:?} ({want_td:?}); use another --dir")]
+    WrongCluster { path: String, found: String, found_td: String, want: String, want_td: String },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    pub format: u32,
+    pub cluster: String,
+    pub trust_domain: String,
+    #[serde(default)]
+    pub links: BTreeMap<String, LinkRecord>,
+    #[serde(default)]
+    pub exports: BTreeMap<String, ExportRecord>,
+    #[serde(default)]
+    pub tokens: BTreeMap<String, TokenRecord>,
+}
+
+/// A link to a peer cluster.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LinkRecord {
+    pub cluster: String,
+    pub trust_domain: String,
+    pub roots_pem: String,
+    pub gateway_addr: String,
+    /// Set on the joining side, which dials the peering stream.
+    pub dial: Option<String>,
+    pub created_unix: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ExportRecord {
+    pub namespace: String,
+    pub name: String,
+    pub created_unix: i64,
+}
+
+/// A join token, as the issuer keeps it: the secret only as a hash.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TokenRecord {
+    pub id: String,
+    pub secret_hash: String,
+    pub created_unix: i64,
+    pub expires_unix: i64,
+    pub uses_left: u32,
+    #[serde(default)]
+    pub used_by: Vec<String>,
+}
+
+impl State {
+    pub fn new(cluster: &str, trust_domain: &str) -> Self {
+        Self {
+            format: FORMAT_VERSION,
+            cluster: cluster.to_string(),
+            trust_domain: trust_domain.to_string(),
+            links: BTreeMap::new(),
+            exports: BTreeMap::new(),
+            tokens: BTreeMap::new(),
+        }
+    }
+
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(STATE_FILE)
+    }
+
+    /// Load the state of `dir`, or `None` if this directory is new.
+    pub fn load(dir: &Path, cluster: &str, trust_domain: &str) -> Result<Option<Self>, StateError> {
+        let path = Self::path(dir);
+        let p = path.display().to_string();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StateError::Io { path: p, source: e }),
+        };
+        let state: State = serde_json::from_slice(&bytes)
+            .map_err(|e| StateError::Corrupt { path: p.clone(), reason: e.to_string() })?;
+        if state.format != FORMAT_VERSION {
+            return Err(StateError::Version { path: p, found: state.format });
+        }
+        if state.cluster != cluster || state.trust_domain != trust_domain {
+            return Err(StateError::WrongCluster {
+                path: p,
+                found: state.cluster,
+                found_td: state.trust_domain,
+                want: cluster.to_string(),
+                want_td: trust_domain.to_string(),
+            });
+        }
+        Ok(Some(state))
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<(), StateError> {
+        let path = Self::path(dir);
+        let bytes = serde_json::to_vec_pretty(self).expect("state serializes");
+        isthmus_core::local::write_atomic(&path, &bytes, true)
+            .map_err(|e| StateError::Io { path: path.display().to_string(), source: e })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(State::load(dir.path(), "east", "east.mesh").unwrap().is_none());
+        let mut s = State::new("east", "east.mesh");
+        s.exports.insert(
+            "demo/echo".into(),
+            ExportRecord { namespace: "demo".into(), name: "echo".into(), created_unix: 1 },
+        );
+        s.save(dir.path()).unwrap();
+        assert_eq!(State::load(dir.path(), "east", "east.mesh").unwrap().unwrap(), s);
+
+        assert!(matches!(
+            State::load(dir.path(), "west", "west.mesh"),
+            Err(StateError::WrongCluster { .. })
+        ));
+
+        // A torn or garbled file is reported and left as it is.
+        let garbage = b"{\"format\":1,\"cluster\":\"ea";
+        std::fs::write(State::path(dir.path()), garbage).unwrap();
+        let err = State::load(dir.path(), "east", "east.mesh").unwrap_err();
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        assert_eq!(std::fs::read(State::path(dir.path())).unwrap(), garbage);
+    }
+}
