@@ -1,1 +1,124 @@
-fn main() {}
+//! `isthmus`: run the components of a cluster, link clusters, export
+//! services, and run the demo.
+
+mod admin;
+mod components;
+mod demo;
+mod echo;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit codes, documented in docs/cli.md.
+pub mod exit {
+    /// Something failed that has no more specific code.
+    pub const FAILURE: u8 = 1;
+    /// Bad input: a malformed token, an invalid name or flag.
+    pub const BAD_INPUT: u8 = 2;
+    /// The thing named does not exist (an unknown service or token).
+    pub const NOT_FOUND: u8 = 3;
+    /// Refused: token expired, already used, revoked or tampered; linking
+    /// a cluster to itself or twice; fingerprint mismatch.
+    pub const REFUSED: u8 = 4;
+    /// A controller or peer could not be reached.
+    pub const UNREACHABLE: u8 = 5;
+}
+
+#[derive(Parser)]
+#[command(name = "isthmus", version, about = "Isthmus: link clusters into one service mesh", long_about = None)]
+struct Cli {
+    /// Log filter (RUST_LOG syntax), for the component subcommands.
+    #[arg(long, global = true, env = "ISTHMUS_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// The cluster a command talks to: its directory, as `isthmus up` or
+/// `isthmus controller` created it.
+#[derive(clap::Args, Clone)]
+struct DirArg {
+    /// Cluster directory (the controller's state; `isthmus up --dir`).
+    #[arg(long, env = "ISTHMUS_DIR")]
+    dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run two clusters on this machine, link them and call across: the
+    /// whole flow, step by step.
+    Demo(demo::Args),
+    /// Start a local-mode cluster (controller, gateway, workloads with
+    /// sidecars) as child processes, and keep it running until Ctrl-C.
+    Up(up::Args),
+    /// Join tokens: create one on the cluster others will link to.
+    #[command(subcommand)]
+    Token(admin::TokenCmd),
+    /// Link this cluster to the cluster that issued <TOKEN>.
+    Link {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The token printed by `isthmus token create` on the other cluster.
+        token: String,
+    },
+    /// Export a service (<namespace>/<name>) to every linked cluster.
+    Export {
+        #[command(flatten)]
+        dir: DirArg,
+        /// For example demo/echo.
+        service: String,
+    },
+    /// Show a cluster's links, trust and services.
+    Status {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the federation controller of a cluster.
+    Controller(components::ControllerArgs),
+    /// Run a cluster's east-west gateway.
+    Gateway(components::GatewayArgs),
+    /// Run a sidecar beside a workload.
+    Sidecar(components::SidecarArgs),
+    /// Run the demo workload: an HTTP server that says who served the
+    /// request and who called it.
+    Echo(echo::Args),
+}
+
+fn main() -> ExitCode {
+    isthmus_core::install_crypto_provider();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let res: Result<(), admin::CliError> = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Demo(a) => demo::run(a).await,
+            Cmd::Up(a) => up::run(a, &cli.log).await,
+            Cmd::Token(t) => admin::token(t).await,
+            Cmd::Link { dir, token } => admin::link(&dir.dir, &token).await,
+            Cmd::Export { dir, service } => admin::export(&dir.dir, &service).await,
+            Cmd::Status { dir, json } => admin::status(&dir.dir, json).await,
+            Cmd::Controller(a) => components::controller(a, &cli.log).await,
+            Cmd::Gateway(a) => components::gateway(a, &cli.log).await,
+            Cmd::Sidecar(a) => components::sidecar(a, &cli.log).await,
+            Cmd::Echo(a) => echo::run(a).await,
+        }
+    });
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}

@@ -9,6 +9,7 @@
 //! - [`local`]: the files a local-mode cluster keeps in its directory.
 //! - [`naming`]: `clusterset.local` service names.
 
+pub mod agent;
 pub mod bundle;
 pub mod grpc;
 pub mod identity;

@@ -109,7 +109,10 @@ impl Control for Svc {
             let id = reg.next_id;
             match node {
                 watch_request::Node::Sidecar(s) => {
-                    naming::parse_ns_name(&format!("{}/{}", s.namespace, s.service)).map_err(Status::invalid_argument)?;
+                    identity::validate_name(&s.namespace).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                    if !s.service.is_empty() {
+                        identity::validate_name(&s.service).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                    }
                     tracing::info!(service = %format!("{}/{}", s.namespace, s.service), addr = %s.inbound_addr, "sidecar registered");
                     reg.sidecars.insert(id, s);
                 }

@@ -19,7 +19,7 @@ fn local_services<'a>(
     regs: impl Iterator<Item = &'a SidecarRegistration>,
 ) -> BTreeMap<String, (u32, Vec<&'a SidecarRegistration>)> {
     let mut out: BTreeMap<String, (u32, Vec<&SidecarRegistration>)> = BTreeMap::new();
-    for r in regs {
+    for r in regs.filter(|r| !r.service.is_empty()) {
         let e = out.entry(format!("{}/{}", r.namespace, r.service)).or_insert((r.port, Vec::new()));
         e.1.push(r);
     }

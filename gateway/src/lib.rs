@@ -1,1 +1,500 @@
+//! The Isthmus east-west gateway.
+//!
+//! Local sidecars open tunnels to it over mTLS (their SVIDs, this cluster's
+//! trust domain). It carries each tunnel as one bidirectional stream of a
+//! QUIC connection to the destination cluster's gateway, authenticated with
+//! gateway SVIDs verified against that peer's trust bundle. The receiving
+//! gateway authorizes the stream (linked peer, exported service, declared
+//! port) and relays it to a local sidecar. Gateways never see plaintext: the
+//! bytes they relay are the two sidecars' own end-to-end mTLS session.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use isthmus_core::agent::{Agent, AgentError};
+use isthmus_core::bundle::TrustBundles;
+use isthmus_core::identity::{SpiffeId, SYSTEM_NAMESPACE};
+use isthmus_core::local::ClusterDir;
+use isthmus_core::tls::{self, ClientAuth, Expect, SharedBundles};
+use isthmus_core::tunnel::{RefuseCode, TunnelRequest, TunnelResponse};
+use isthmus_proto::{watch_request, ConfigSnapshot, GatewayRegistration};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long a peer has to send a stream's header or answer ours.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("QUIC configuration: {0}")]
+    Quic(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub dir: std::path::PathBuf,
+    /// TCP address for local sidecars' tunnels.
+    pub tunnel_addr: SocketAddr,
+    /// UDP address for peer gateways.
+    pub quic_addr: SocketAddr,
+    /// QUIC address told to peers (may be a DNS name); defaults to the bound one.
+    pub advertise: Option<String>,
+    /// How long open streams may finish after shutdown begins.
+    pub drain: Duration,
+}
+
+pub struct Running {
+    pub tunnel_addr: SocketAddr,
+    pub quic_addr: SocketAddr,
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+struct Gateway {
+    cluster: String,
+    trust_domain: String,
+    agent: Agent,
+    endpoint: quinn::Endpoint,
+    /// Only linked peers' roots: what QUIC clients are verified against.
+    peer_bundles: SharedBundles,
+    /// Only this cluster's roots: what local sidecars are verified against.
+    local_bundles: SharedBundles,
+    conns: Mutex<HashMap<String, quinn::Connection>>,
+    tracker: TaskTracker,
+}
+
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, GatewayError> {
+    let tcp = TcpListener::bind(cfg.tunnel_addr)
+        .await
+        .map_err(|e| GatewayError::Bind { addr: cfg.tunnel_addr, source: e })?;
+    let udp = std::net::UdpSocket::bind(cfg.quic_addr).map_err(|e| GatewayError::Bind { addr: cfg.quic_addr, source: e })?;
+    let tunnel_addr = tcp.local_addr().map_err(|e| GatewayError::Bind { addr: cfg.tunnel_addr, source: e })?;
+    let quic_addr = udp.local_addr().map_err(|e| GatewayError::Bind { addr: cfg.quic_addr, source: e })?;
+
+    let node = watch_request::Node::Gateway(GatewayRegistration {
+        tunnel_addr: tunnel_addr.to_string(),
+        quic_addr: cfg.advertise.clone().unwrap_or_else(|| quic_addr.to_string()),
+    });
+    let dir = ClusterDir::new(&cfg.dir);
+    let agent = Agent::start(&dir, SYSTEM_NAMESPACE, "gateway", node, Duration::from_secs(30), shutdown.clone()).await?;
+
+    let peer_bundles: SharedBundles = Arc::new(ArcSwap::from_pointee(TrustBundles::new()));
+    let local_bundles: SharedBundles = Arc::new(ArcSwap::from_pointee(TrustBundles::new()));
+    split_bundles(&agent, &peer_bundles, &local_bundles);
+
+    let server_tls = tls::server_config(agent.svid.clone(), peer_bundles.clone(), ClientAuth::Required, &[tls::ALPN_TUNNEL])?;
+    let quic_server = QuicServerConfig::try_from(server_tls).map_err(|e| GatewayError::Quic(e.to_string()))?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
+    server_config.transport_config(transport());
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        udp,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| GatewayError::Quic(e.to_string()))?;
+
+    let gw = Arc::new(Gateway {
+        cluster: agent.cluster.clone(),
+        trust_domain: agent.trust_domain.clone(),
+        agent,
+        endpoint,
+        peer_bundles,
+        local_bundles,
+        conns: Mutex::new(HashMap::new()),
+        tracker: TaskTracker::new(),
+    });
+    let tunnel_tls = tls::server_config(gw.agent.svid.clone(), gw.local_bundles.clone(), ClientAuth::Required, &[])?;
+    tracing::info!(cluster = %gw.cluster, %tunnel_addr, %quic_addr, "gateway ready");
+
+    let tasks = CancellationToken::new();
+    tokio::spawn(follow_config(gw.clone(), tasks.clone()));
+    tokio::spawn(accept_tunnels(gw.clone(), tcp, tunnel_tls, tasks.clone()));
+    tokio::spawn(accept_quic(gw.clone(), tasks.clone()));
+    let drain = cfg.drain;
+    let done = tokio::spawn(async move {
+        shutdown.cancelled().await;
+        // Stop taking new work, let open streams finish, then close.
+        tasks.cancel();
+        gw.tracker.close();
+        tracing::info!(open = gw.tracker.len(), "draining");
+        if tokio::time::timeout(drain, gw.tracker.wait()).await.is_err() {
+            tracing::warn!(open = gw.tracker.len(), "drain timeout; closing open streams");
+        }
+        gw.endpoint.close(0u32.into(), b"gateway shutting down");
+    });
+    Ok(Running { tunnel_addr, quic_addr, done })
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(4096u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("valid")));
+    // Windows sized for a WAN path (about 100 ms at 100 Mbit/s per stream).
+    t.stream_receive_window((2u32 * 1024 * 1024).into());
+    t.receive_window((16u32 * 1024 * 1024).into());
+    t.send_window(16 * 1024 * 1024);
+    Arc::new(t)
+}
+
+fn split_bundles(agent: &Agent, peers: &SharedBundles, local: &SharedBundles) {
+    let all = agent.bundles.load();
+    let mut p = TrustBundles::new();
+    let mut l = TrustBundles::new();
+    for td in all.trust_domains() {
+        let roots = all.roots(td).unwrap_or_default().to_vec();
+        if td == agent.trust_domain {
+            l.set(td, roots);
+        } else {
+            p.set(td, roots);
+        }
+    }
+    peers.store(Arc::new(p));
+    local.store(Arc::new(l));
+}
+
+/// Apply config changes: bundles, and drop connections to unlinked peers.
+async fn follow_config(gw: Arc<Gateway>, stop: CancellationToken) {
+    let mut rx = gw.agent.config.clone();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+        split_bundles(&gw.agent, &gw.peer_bundles, &gw.local_bundles);
+        let snap = rx.borrow_and_update().clone();
+        let mut conns = gw.conns.lock().expect("conns lock");
+        conns.retain(|peer, c| {
+            let keep = snap.peers.iter().any(|p| &p.cluster == peer);
+            if !keep {
+                c.close(1u32.into(), b"unlinked");
+            }
+            keep
+        });
+    }
+}
+
+async fn accept_tunnels(gw: Arc<Gateway>, listener: TcpListener, tls: Arc<rustls::ServerConfig>, stop: CancellationToken) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, from) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let gw2 = gw.clone();
+        let acceptor = acceptor.clone();
+        gw.tracker.spawn(async move {
+            if let Err(e) = outbound_tunnel(gw2, acceptor, tcp).await {
+                tracing::debug!(%from, error = %e, "tunnel ended with error");
+            }
+        });
+    }
+}
+
+/// A local sidecar's tunnel: authenticate it, forward the header to the
+/// destination cluster's gateway, relay.
+async fn outbound_tunnel(gw: Arc<Gateway>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream) -> Result<(), String> {
+    let mut tls = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let client = tls::peer_id(tls.get_ref().1.peer_certificates()).ok_or("no client identity")?;
+    if client.trust_domain != gw.trust_domain {
+        return Err(format!("{client} is not of this cluster"));
+    }
+    let req = tokio::time::timeout(HEADER_TIMEOUT, TunnelRequest::read(&mut tls))
+        .await
+        .map_err(|_| "header timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut quic = match open_stream(&gw, &req).await {
+        Ok(s) => s,
+        Err(refusal) => {
+            let _ = refusal.write(&mut tls).await;
+            let _ = tls.shutdown().await;
+            return Ok(());
+        }
+    };
+    TunnelResponse::Ok.write(&mut tls).await.map_err(|e| e.to_string())?;
+    tracing::debug!(%client, to = %req.cluster, service = %format!("{}/{}", req.namespace, req.service), "tunnel open");
+    let _ = tokio::io::copy_bidirectional(&mut tls, &mut quic).await;
+    Ok(())
+}
+
+type QuicStream = tokio::io::Join<quinn::RecvStream, quinn::SendStream>;
+
+async fn open_stream(gw: &Gateway, req: &TunnelRequest) -> Result<QuicStream, TunnelResponse> {
+    let refuse = TunnelResponse::refused;
+    let conn = peer_connection(gw, &req.cluster).await?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| refuse(RefuseCode::PeerUnreachable, format!("gateway of cluster {} unreachable: {e}", req.cluster)))?;
+    req.write(&mut send)
+        .await
+        .map_err(|e| refuse(RefuseCode::PeerUnreachable, format!("gateway of cluster {}: {e}", req.cluster)))?;
+    let resp = tokio::time::timeout(HEADER_TIMEOUT, TunnelResponse::read(&mut recv))
+        .await
+        .map_err(|_| refuse(RefuseCode::PeerUnreachable, format!("gateway of cluster {} did not answer", req.cluster)))?
+        .map_err(|e| refuse(RefuseCode::PeerUnreachable, format!("gateway of cluster {}: {e}", req.cluster)))?;
+    match resp {
+        TunnelResponse::Ok => Ok(tokio::io::join(recv, send)),
+        refused => Err(refused),
+    }
+}
+
+/// The QUIC connection to `cluster`'s gateway, dialed on first use and
+/// again after it is lost. The peer's address is resolved at each dial, so a
+/// DNS name that moves is followed.
+async fn peer_connection(gw: &Gateway, cluster: &str) -> Result<quinn::Connection, TunnelResponse> {
+    let refuse = TunnelResponse::refused;
+    if let Some(c) = gw.conns.lock().expect("conns lock").get(cluster) {
+        if c.close_reason().is_none() {
+            return Ok(c.clone());
+        }
+    }
+    let snap: Arc<ConfigSnapshot> = gw.agent.config.borrow().clone();
+    let peer = snap.peers.iter().find(|p| p.cluster == cluster).ok_or_else(|| {
+        refuse(RefuseCode::UnknownPeer, format!("cluster {cluster} is not linked with cluster {}", gw.cluster))
+    })?;
+    if peer.gateway_addr.is_empty() {
+        return Err(refuse(RefuseCode::PeerUnreachable, format!("cluster {cluster} has not announced a gateway address")));
+    }
+    let addr = tokio::net::lookup_host(&peer.gateway_addr)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| refuse(RefuseCode::PeerUnreachable, format!("cannot resolve gateway address {} of cluster {cluster}", peer.gateway_addr)))?;
+    let client_tls = tls::client_config(
+        Some(gw.agent.svid.clone()),
+        gw.peer_bundles.clone(),
+        Expect::Id(SpiffeId::gateway(&peer.trust_domain)),
+        &[tls::ALPN_TUNNEL],
+    )
+    .map_err(|e| refuse(RefuseCode::PeerUnreachable, e.to_string()))?;
+    let quic_tls = QuicClientConfig::try_from(client_tls).map_err(|e| refuse(RefuseCode::PeerUnreachable, e.to_string()))?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(quic_tls));
+    client_config.transport_config(transport());
+    let connecting = gw
+        .endpoint
+        .connect_with(client_config, addr, "isthmus.mesh.invalid")
+        .map_err(|e| refuse(RefuseCode::PeerUnreachable, e.to_string()))?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| refuse(RefuseCode::PeerUnreachable, format!("gateway of cluster {cluster} at {addr}: QUIC handshake timed out")))?
+        .map_err(|e| refuse(RefuseCode::PeerUnreachable, format!("gateway of cluster {cluster} at {addr}: {e}")))?;
+    tracing::info!(peer = %cluster, %addr, "QUIC connection to peer gateway up");
+    gw.conns.lock().expect("conns lock").insert(cluster.to_string(), conn.clone());
+    Ok(conn)
+}
+
+async fn accept_quic(gw: Arc<Gateway>, stop: CancellationToken) {
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.cancelled() => return,
+            i = gw.endpoint.accept() => match i { Some(i) => i, None => return },
+        };
+        let gw2 = gw.clone();
+        let stop2 = stop.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => serve_peer(gw2, conn, stop2).await,
+                Err(e) => tracing::debug!(error = %e, "QUIC handshake failed"),
+            }
+        });
+    }
+}
+
+/// Streams from one peer gateway.
+async fn serve_peer(gw: Arc<Gateway>, conn: quinn::Connection, stop: CancellationToken) {
+    let id = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|certs| tls::peer_id(Some(&certs)));
+    let peer = id.as_ref().and_then(|id| {
+        let snap = gw.agent.config.borrow();
+        snap.peers
+            .iter()
+            .find(|p| p.trust_domain == id.trust_domain && *id == SpiffeId::gateway(&p.trust_domain))
+            .map(|p| p.cluster.clone())
+    });
+    let Some(peer) = peer else {
+        tracing::warn!(id = ?id.map(|i| i.to_string()), remote = %conn.remote_address(), "refusing QUIC connection: not a linked peer's gateway");
+        conn.close(2u32.into(), b"not a linked peer gateway");
+        return;
+    };
+    tracing::info!(%peer, remote = %conn.remote_address(), "QUIC connection from peer gateway");
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = stop.cancelled() => return,
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(%peer, reason = %e, "QUIC connection from peer closed");
+                    return;
+                }
+            },
+        };
+        let gw2 = gw.clone();
+        let peer2 = peer.clone();
+        gw.tracker.spawn(async move {
+            if let Err(e) = inbound_stream(gw2, &peer2, send, recv).await {
+                tracing::debug!(peer = %peer2, error = %e, "stream ended with error");
+            }
+        });
+    }
+}
+
+/// Authorize a peer's stream and relay it to a local sidecar.
+async fn inbound_stream(gw: Arc<Gateway>, peer: &str, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
+    let req = tokio::time::timeout(HEADER_TIMEOUT, TunnelRequest::read(&mut recv))
+        .await
+        .map_err(|_| "header timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let decision = authorize(&gw.agent.config.borrow(), &gw.cluster, peer, &req);
+    let target = match decision {
+        Ok(addrs) => {
+            let mut last = None;
+            let start = rand::random_range(0..addrs.len());
+            let mut found = None;
+            for i in 0..addrs.len() {
+                let a = &addrs[(start + i) % addrs.len()];
+                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(a)).await {
+                    Ok(Ok(s)) => {
+                        found = Some(s);
+                        break;
+                    }
+                    Ok(Err(e)) => last = Some(format!("{a}: {e}")),
+                    Err(_) => last = Some(format!("{a}: connect timed out")),
+                }
+            }
+            found.ok_or_else(|| {
+                TunnelResponse::refused(RefuseCode::UpstreamConnect, format!("no endpoint of {}/{} in cluster {} accepted: {}", req.namespace, req.service, gw.cluster, last.unwrap_or_default()))
+            })
+        }
+        Err(r) => Err(r),
+    };
+    let mut upstream = match target {
+        Ok(s) => s,
+        Err(refusal) => {
+            tracing::info!(%peer, service = %format!("{}/{}", req.namespace, req.service), ?refusal, "stream refused");
+            let _ = refusal.write(&mut send).await;
+            let _ = send.finish();
+            return Ok(());
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    TunnelResponse::Ok.write(&mut send).await.map_err(|e| e.to_string())?;
+    let mut stream = tokio::io::join(recv, send);
+    let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+    Ok(())
+}
+
+/// Whether a peer may open a stream to `req`'s target; if so, the local
+/// sidecar addresses that serve it. Pure, so every rule is unit-tested.
+pub fn authorize(snap: &ConfigSnapshot, cluster: &str, peer: &str, req: &TunnelRequest) -> Result<Vec<String>, TunnelResponse> {
+    let refuse = TunnelResponse::refused;
+    if !snap.peers.iter().any(|p| p.cluster == peer) {
+        return Err(refuse(RefuseCode::UnknownPeer, format!("cluster {peer} is not linked with cluster {cluster}")));
+    }
+    if req.cluster != cluster {
+        return Err(refuse(RefuseCode::BadRequest, format!("this is the gateway of cluster {cluster}, not {}", req.cluster)));
+    }
+    let key = format!("{}/{}", req.namespace, req.service);
+    let svc = snap
+        .services
+        .iter()
+        .find(|s| s.namespace == req.namespace && s.name == req.service && s.exported)
+        .ok_or_else(|| refuse(RefuseCode::NotExported, format!("service {key} is not exported by cluster {cluster}")))?;
+    if svc.port != u32::from(req.port) {
+        return Err(refuse(RefuseCode::PortMismatch, format!("service {key} in cluster {cluster} serves port {}, not {}", svc.port, req.port)));
+    }
+    let addrs: Vec<String> = svc
+        .backends
+        .iter()
+        .filter(|b| b.cluster == cluster)
+        .flat_map(|b| b.addresses.iter().cloned())
+        .collect();
+    if addrs.is_empty() {
+        return Err(refuse(RefuseCode::NoEndpoints, format!("service {key} has no endpoints in cluster {cluster}")));
+    }
+    Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_proto::{Backend, Peer, Service};
+
+    fn snap() -> ConfigSnapshot {
+        ConfigSnapshot {
+            cluster: "east".into(),
+            peers: vec![Peer { cluster: "west".into(), trust_domain: "west.mesh".into(), gateway_addr: "x:1".into() }],
+            services: vec![
+                Service {
+                    namespace: "demo".into(),
+                    name: "echo".into(),
+                    port: 8080,
+                    exported: true,
+                    backends: vec![Backend { cluster: "east".into(), addresses: vec!["127.0.1.10:1".into()], identities: vec![], healthy_endpoints: 1 }],
+                },
+                Service {
+                    namespace: "demo".into(),
+                    name: "secret".into(),
+                    port: 8080,
+                    exported: false,
+                    backends: vec![Backend { cluster: "east".into(), addresses: vec!["127.0.1.11:1".into()], identities: vec![], healthy_endpoints: 1 }],
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn req(service: &str, port: u16) -> TunnelRequest {
+        TunnelRequest { cluster: "east".into(), namespace: "demo".into(), service: service.into(), port, source_cluster: "west".into(), traceparent: None }
+    }
+
+    fn code(r: Result<Vec<String>, TunnelResponse>) -> RefuseCode {
+        match r {
+            Err(TunnelResponse::Refused { code, .. }) => code,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn authorizes_only_exported_services_on_their_port_for_linked_peers() {
+        let s = snap();
+        assert_eq!(authorize(&s, "east", "west", &req("echo", 8080)).unwrap(), ["127.0.1.10:1"]);
+        assert_eq!(code(authorize(&s, "east", "west", &req("secret", 8080))), RefuseCode::NotExported);
+        assert_eq!(code(authorize(&s, "east", "west", &req("nope", 8080))), RefuseCode::NotExported);
+        assert_eq!(code(authorize(&s, "east", "west", &req("echo", 9999))), RefuseCode::PortMismatch);
+        assert_eq!(code(authorize(&s, "east", "north", &req("echo", 8080))), RefuseCode::UnknownPeer);
+        let mut other = req("echo", 8080);
+        other.cluster = "north".into();
+        assert_eq!(code(authorize(&s, "east", "west", &other)), RefuseCode::BadRequest);
+        let mut empty = snap();
+        empty.services[0].backends[0].addresses.clear();
+        assert_eq!(code(authorize(&empty, "east", "west", &req("echo", 8080))), RefuseCode::NoEndpoints);
+    }
+}

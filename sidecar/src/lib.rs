@@ -1,1 +1,434 @@
+//! The Isthmus sidecar: the proxy beside each workload.
+//!
+//! - Outbound (plain HTTP from the local app, on loopback): requests for
+//!   `name.ns.svc.clusterset.local` are routed to the local cluster's
+//!   sidecars directly, or through the local gateway to another cluster.
+//!   Either way the request rides HTTP/2 inside an mTLS session that ends at
+//!   the serving sidecar, pooled per destination.
+//! - Inbound (mTLS only): verifies the client's SVID against the bundle of
+//!   its own trust domain, and hands the request to the app with the
+//!   client's SPIFFE ID in `x-isthmus-client-id`.
 
+pub mod route;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use isthmus_core::agent::{Agent, AgentError};
+use isthmus_core::identity::{SpiffeId, validate_name};
+use isthmus_core::local::ClusterDir;
+use isthmus_core::naming::ServiceName;
+use isthmus_core::tls::{self, ClientAuth, Expect};
+use isthmus_core::tunnel::{TunnelRequest, TunnelResponse};
+use isthmus_proto::{watch_request, SidecarRegistration};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::route::{RouteError, Target};
+
+/// The verified SPIFFE ID of the calling workload, set by the inbound side.
+pub const CLIENT_ID_HEADER: &str = "x-isthmus-client-id";
+/// The cluster whose sidecar served a request, set on responses.
+pub const SERVED_BY_HEADER: &str = "x-isthmus-cluster";
+/// A machine-readable reason on responses the sidecar itself produced.
+pub const ERROR_HEADER: &str = "x-isthmus-error";
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("{0}")]
+    Config(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub dir: std::path::PathBuf,
+    pub namespace: String,
+    pub service_account: String,
+    /// The service this workload serves, with the port clients call and
+    /// where the workload itself listens (plain HTTP on loopback). `None`
+    /// for a client-only workload.
+    pub serve: Option<Serve>,
+    pub inbound_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    pub instance: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Serve {
+    pub service: String,
+    pub port: u16,
+    pub app: SocketAddr,
+}
+
+pub struct Running {
+    pub inbound_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    pub id: SpiffeId,
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+type H2Sender = hyper::client::conn::http2::SendRequest<Incoming>;
+
+struct Sidecar {
+    cfg: Config,
+    agent: Agent,
+    app_client: hyper_util::client::legacy::Client<HttpConnector, Incoming>,
+    /// One HTTP/2 session per destination, shared by concurrent requests.
+    pool: Mutex<HashMap<String, H2Sender>>,
+}
+
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, SidecarError> {
+    let mut names = vec![&cfg.namespace, &cfg.service_account];
+    names.extend(cfg.serve.as_ref().map(|s| &s.service));
+    for n in names {
+        validate_name(n).map_err(|e| SidecarError::Config(e.to_string()))?;
+    }
+    let inbound = TcpListener::bind(cfg.inbound_addr)
+        .await
+        .map_err(|e| SidecarError::Bind { addr: cfg.inbound_addr, source: e })?;
+    let outbound = TcpListener::bind(cfg.outbound_addr)
+        .await
+        .map_err(|e| SidecarError::Bind { addr: cfg.outbound_addr, source: e })?;
+    let inbound_addr = inbound.local_addr().map_err(|e| SidecarError::Bind { addr: cfg.inbound_addr, source: e })?;
+    let outbound_addr = outbound.local_addr().map_err(|e| SidecarError::Bind { addr: cfg.outbound_addr, source: e })?;
+
+    let dir = ClusterDir::new(&cfg.dir);
+    let identity_hint = {
+        // The controller assigns the trust domain; we name it for discovery.
+        let info = dir.controller_info().ok();
+        info.map(|i| format!("spiffe://{}/ns/{}/sa/{}", i.trust_domain, cfg.namespace, cfg.service_account))
+            .unwrap_or_default()
+    };
+    let node = watch_request::Node::Sidecar(SidecarRegistration {
+        namespace: cfg.namespace.clone(),
+        service: cfg.serve.as_ref().map(|s| s.service.clone()).unwrap_or_default(),
+        port: cfg.serve.as_ref().map(|s| u32::from(s.port)).unwrap_or_default(),
+        inbound_addr: inbound_addr.to_string(),
+        instance: cfg.instance.clone(),
+        identity: identity_hint,
+    });
+    let agent = Agent::start(&dir, &cfg.namespace, &cfg.service_account, node, Duration::from_secs(30), shutdown.clone()).await?;
+    let id = agent.id();
+    let inbound_tls = tls::server_config(agent.svid.clone(), agent.bundles.clone(), ClientAuth::Required, &[tls::ALPN_H2])?;
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    let sc = Arc::new(Sidecar {
+        app_client: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(http),
+        pool: Mutex::new(HashMap::new()),
+        agent,
+        cfg,
+    });
+    tracing::info!(%id, %inbound_addr, %outbound_addr, app = ?sc.cfg.serve.as_ref().map(|s| s.app), "sidecar ready");
+
+    let t1 = tokio::spawn(serve_inbound(sc.clone(), inbound, inbound_tls, shutdown.clone()));
+    let t2 = tokio::spawn(serve_outbound(sc.clone(), outbound, shutdown.clone()));
+    let done = tokio::spawn(async move {
+        let _ = tokio::join!(t1, t2);
+    });
+    Ok(Running { inbound_addr, outbound_addr, id, done })
+}
+
+async fn serve_outbound(sc: Arc<Sidecar>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+        };
+        let _ = tcp.set_nodelay(true);
+        let sc = sc.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let sc = sc.clone();
+                async move { Ok::<_, std::convert::Infallible>(outbound(sc, req).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+async fn serve_inbound(sc: Arc<Sidecar>, listener: TcpListener, tls: Arc<rustls::ServerConfig>, stop: CancellationToken) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, from) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+        };
+        let _ = tcp.set_nodelay(true);
+        let sc = sc.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::info!(%from, error = %e, "inbound mTLS refused");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let Some(client) = tls::peer_id(stream.get_ref().1.peer_certificates()) else { return };
+            let client = HeaderValue::from_str(&client.to_string()).expect("SPIFFE IDs are ASCII");
+            let svc = hyper::service::service_fn(move |req| {
+                let sc = sc.clone();
+                let client = client.clone();
+                async move { Ok::<_, std::convert::Infallible>(inbound(sc, client, req).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Hand a verified request to the local app.
+async fn inbound(sc: Arc<Sidecar>, client: HeaderValue, req: Request<Incoming>) -> Response<Body> {
+    let Some(app) = sc.cfg.serve.as_ref().map(|s| s.app) else {
+        return error(StatusCode::NOT_FOUND, "no-service", "this workload serves no service".into());
+    };
+    let (mut parts, body) = req.into_parts();
+    let authority = parts.uri.authority().map(|a| a.to_string());
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    parts.uri = match format!("http://{app}{path}").parse() {
+        Ok(u) => u,
+        Err(_) => return error(StatusCode::BAD_REQUEST, "bad-request", "unparseable path".into()),
+    };
+    if let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+        parts.headers.insert(http::header::HOST, a);
+    }
+    // Only the sidecar may say who the caller is.
+    parts.headers.insert(CLIENT_ID_HEADER, client);
+    // The app speaks HTTP/1.1 on loopback whatever the mesh hop used.
+    parts.version = http::Version::HTTP_11;
+    let cluster = HeaderValue::from_str(&sc.agent.cluster).expect("cluster names are ASCII");
+    match sc.app_client.request(Request::from_parts(parts, body)).await {
+        Ok(resp) => {
+            let mut resp = resp.map(|b| b.boxed());
+            resp.headers_mut().insert(SERVED_BY_HEADER, cluster);
+            resp
+        }
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            "app-unavailable",
+            format!("the workload at {app} did not answer: {}", isthmus_core::local::error_chain(&e)),
+        ),
+    }
+}
+
+fn error(status: StatusCode, kind: &'static str, msg: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("isthmus: {msg}\n"))).map_err(|n| match n {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static(kind));
+    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// Why an outbound request could not be delivered.
+#[derive(Debug, thiserror::Error)]
+enum ProxyError {
+    #[error("request has no host: send it through this sidecar as an HTTP proxy or with a Host header")]
+    NoHost,
+    #[error("{0} is not a mesh service name (expected <name>.<namespace>.svc.clusterset.local)")]
+    NotMeshName(String),
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error("cluster {0} has no gateway running, so other clusters are unreachable")]
+    NoGateway(String),
+    #[error("{0}")]
+    Connect(String),
+    #[error("{cluster} refused the tunnel ({code}): {reason}")]
+    Refused { cluster: String, code: String, reason: String },
+    #[error("upstream: {0}")]
+    Upstream(String),
+}
+
+impl ProxyError {
+    fn response(&self) -> Response<Body> {
+        let (status, kind) = match self {
+            ProxyError::NoHost | ProxyError::NotMeshName(_) => (StatusCode::BAD_REQUEST, "bad-request"),
+            ProxyError::Route(RouteError::UnknownService { .. }) => (StatusCode::SERVICE_UNAVAILABLE, "unknown-service"),
+            ProxyError::Route(RouteError::PortMismatch { .. }) => (StatusCode::SERVICE_UNAVAILABLE, "port-mismatch"),
+            ProxyError::Route(_) => (StatusCode::SERVICE_UNAVAILABLE, "no-endpoints"),
+            ProxyError::NoGateway(_) => (StatusCode::SERVICE_UNAVAILABLE, "no-gateway"),
+            ProxyError::Connect(_) => (StatusCode::BAD_GATEWAY, "connect-failed"),
+            ProxyError::Refused { .. } => (StatusCode::BAD_GATEWAY, "tunnel-refused"),
+            ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream-failed"),
+        };
+        error(status, kind, self.to_string())
+    }
+}
+
+async fn outbound(sc: Arc<Sidecar>, req: Request<Incoming>) -> Response<Body> {
+    match forward(&sc, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(error = %e, "outbound request failed");
+            e.response()
+        }
+    }
+}
+
+/// The target host and port of a request: absolute-form URI (HTTP proxy
+/// style), else the Host header.
+fn authority(req: &Request<Incoming>) -> Option<(String, Option<u16>)> {
+    let auth = req
+        .uri()
+        .authority()
+        .cloned()
+        .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok()?.parse().ok())?;
+    Some((auth.host().to_string(), auth.port_u16()))
+}
+
+async fn forward(sc: &Arc<Sidecar>, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    let (host, port) = authority(&req).ok_or(ProxyError::NoHost)?;
+    let name = ServiceName::parse(&host).ok_or_else(|| ProxyError::NotMeshName(host.clone()))?;
+    let target = {
+        let snap = sc.agent.config.borrow();
+        route::route(&snap, &name, port, rand::random_range(0..1024))?
+    };
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let authority = match port {
+        Some(p) => format!("{host}:{p}"),
+        None => host.clone(),
+    };
+    parts.uri = format!("http://{authority}{path}")
+        .parse()
+        .map_err(|_| ProxyError::NotMeshName(host.clone()))?;
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(http::header::HOST);
+    parts.headers.remove(CLIENT_ID_HEADER);
+    parts.version = http::Version::HTTP_2;
+
+    let key = pool_key(&target);
+    let pooled = sc.pool.lock().expect("pool lock").get(&key).filter(|s| !s.is_closed()).cloned();
+    let mut sender = match pooled {
+        Some(s) => s,
+        None => {
+            let s = connect(sc, &target).await?;
+            sc.pool.lock().expect("pool lock").insert(key.clone(), s.clone());
+            s
+        }
+    };
+    if sender.ready().await.is_err() {
+        sc.pool.lock().expect("pool lock").remove(&key);
+        sender = connect(sc, &target).await?;
+        sc.pool.lock().expect("pool lock").insert(key.clone(), sender.clone());
+    }
+    let resp = sender
+        .send_request(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| ProxyError::Upstream(isthmus_core::local::error_chain(&e)))?;
+    let (mut parts, body) = resp.into_parts();
+    parts.version = http::Version::HTTP_11;
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+fn pool_key(t: &Target) -> String {
+    format!("{}/{}/{}/{}", t.cluster, t.namespace, t.service, t.port)
+}
+
+fn strip_hop_by_hop(h: &mut http::HeaderMap) {
+    for name in ["connection", "proxy-connection", "keep-alive", "te", "transfer-encoding", "upgrade", "proxy-authorization"] {
+        h.remove(name);
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// Open an end-to-end mTLS session with a sidecar serving `target`, directly
+/// or through the gateway, and start HTTP/2 on it.
+async fn connect(sc: &Sidecar, target: &Target) -> Result<H2Sender, ProxyError> {
+    let io: Box<dyn Io> = if target.is_local() {
+        let addr = &target.addresses[rand::random_range(0..target.addresses.len())];
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ProxyError::Connect(format!("connect to {addr} timed out")))?
+            .map_err(|e| ProxyError::Connect(format!("connect to {addr}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        Box::new(tcp)
+    } else {
+        Box::new(tunnel(sc, target).await?)
+    };
+    let identities: Vec<SpiffeId> = target.identities.iter().filter_map(|i| SpiffeId::parse(i).ok()).collect();
+    let cfg = tls::client_config(Some(sc.agent.svid.clone()), sc.agent.bundles.clone(), Expect::AnyOf(identities), &[tls::ALPN_H2])
+        .map_err(|e| ProxyError::Connect(e.to_string()))?;
+    let inner = tokio::time::timeout(CONNECT_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(tls::sni(), io))
+        .await
+        .map_err(|_| ProxyError::Connect(format!("mTLS handshake with {} in cluster {} timed out", target.service, target.cluster)))?
+        .map_err(|e| ProxyError::Connect(format!("mTLS handshake with {}/{} in cluster {}: {e}", target.namespace, target.service, target.cluster)))?;
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(inner))
+        .await
+        .map_err(|e| ProxyError::Connect(format!("HTTP/2 with {}: {e}", target.service)))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 session ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// A tunnel through this cluster's gateway to `target.cluster`.
+async fn tunnel(sc: &Sidecar, target: &Target) -> Result<impl Io + use<>, ProxyError> {
+    let gw = sc.agent.config.borrow().gateway_tunnel_addr.clone();
+    if gw.is_empty() {
+        return Err(ProxyError::NoGateway(sc.agent.cluster.clone()));
+    }
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&gw))
+        .await
+        .map_err(|_| ProxyError::Connect(format!("connect to gateway {gw} timed out")))?
+        .map_err(|e| ProxyError::Connect(format!("connect to gateway {gw}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let cfg = tls::client_config(
+        Some(sc.agent.svid.clone()),
+        sc.agent.bundles.clone(),
+        Expect::Id(SpiffeId::gateway(&sc.agent.trust_domain)),
+        &[],
+    )
+    .map_err(|e| ProxyError::Connect(e.to_string()))?;
+    let mut outer = tokio_rustls::TlsConnector::from(cfg)
+        .connect(tls::sni(), tcp)
+        .await
+        .map_err(|e| ProxyError::Connect(format!("mTLS with gateway {gw}: {e}")))?;
+    let req = TunnelRequest {
+        cluster: target.cluster.clone(),
+        namespace: target.namespace.clone(),
+        service: target.service.clone(),
+        port: target.port,
+        source_cluster: sc.agent.cluster.clone(),
+        traceparent: None,
+    };
+    req.write(&mut outer).await.map_err(|e| ProxyError::Connect(format!("gateway {gw}: {e}")))?;
+    let resp = tokio::time::timeout(Duration::from_secs(15), TunnelResponse::read(&mut outer))
+        .await
+        .map_err(|_| ProxyError::Connect(format!("gateway {gw} did not answer")))?
+        .map_err(|e| ProxyError::Connect(format!("gateway {gw}: {e}")))?;
+    match resp {
+        TunnelResponse::Ok => Ok(outer),
+        TunnelResponse::Refused { code, reason } => Err(ProxyError::Refused {
+            cluster: format!("gateway of cluster {}", sc.agent.cluster),
+            code: serde_json::to_value(code).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            reason,
+        }),
+    }
+}

@@ -1,0 +1,230 @@
+//! `isthmus controller|gateway|sidecar`: run one component in the foreground.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::CliError;
+use crate::exit;
+
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Options every component shares.
+#[derive(clap::Args, Clone)]
+pub struct Common {
+    /// Write the bound addresses as JSON to this file once ready.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+    /// Exit when the parent process goes away (set by `isthmus up`).
+    #[arg(long, hide = true)]
+    pub exit_with_parent: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ControllerArgs {
+    /// Cluster directory: state, CA and the files local components read.
+    #[arg(long, env = "ISTHMUS_DIR")]
+    pub dir: PathBuf,
+    /// Cluster name (lowercase letters, digits, '-').
+    #[arg(long)]
+    pub cluster: String,
+    /// SPIFFE trust domain [default: <cluster>.mesh].
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Local control plane address (sidecars, gateway, CLI).
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    pub control_addr: SocketAddr,
+    /// Peering address other clusters' controllers dial.
+    #[arg(long, default_value = "127.0.0.1:15011")]
+    pub peering_addr: SocketAddr,
+    /// Peering address to put in join tokens, if not the bound one (host:port; host may be a DNS name).
+    #[arg(long)]
+    pub advertise_peering: Option<String>,
+    /// Lifetime of the SVIDs this controller issues.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub svid_ttl: Duration,
+    /// A linked peer silent this long has its imports withdrawn.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub import_lease: Duration,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(clap::Args)]
+pub struct GatewayArgs {
+    /// Cluster directory of this cluster's controller.
+    #[arg(long, env = "ISTHMUS_DIR")]
+    pub dir: PathBuf,
+    /// TCP address where local sidecars open tunnels (mTLS).
+    #[arg(long, default_value = "127.0.0.1:15008")]
+    pub tunnel_addr: SocketAddr,
+    /// UDP address where peer gateways connect (QUIC).
+    #[arg(long, default_value = "127.0.0.1:15443")]
+    pub quic_addr: SocketAddr,
+    /// QUIC address to announce to peers, if not the bound one (host:port; host may be a DNS name).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// How long open streams may finish at shutdown.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain: Duration,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(clap::Args)]
+pub struct SidecarArgs {
+    /// Cluster directory of this cluster's controller.
+    #[arg(long, env = "ISTHMUS_DIR")]
+    pub dir: PathBuf,
+    /// Namespace of the workload.
+    #[arg(long)]
+    pub namespace: String,
+    /// Service the workload serves (omit for a client-only workload).
+    #[arg(long, requires_all = ["port", "app"])]
+    pub service: Option<String>,
+    /// Service port clients call.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Where the workload listens (plain HTTP, loopback).
+    #[arg(long)]
+    pub app: Option<SocketAddr>,
+    /// Service account of the workload [default: the service name, or "default"].
+    #[arg(long)]
+    pub service_account: Option<String>,
+    /// Inbound mTLS address (other sidecars and the gateway connect here).
+    #[arg(long, default_value = "127.0.0.1:15006")]
+    pub inbound_addr: SocketAddr,
+    /// Outbound address the workload sends requests to (HTTP proxy).
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    pub outbound_addr: SocketAddr,
+    /// Instance name reported in logs [default: the inbound address].
+    #[arg(long)]
+    pub instance: Option<String>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// A token cancelled by Ctrl-C, SIGTERM, or (if asked) the parent exiting.
+pub fn shutdown_token(exit_with_parent: bool) -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+        }
+        t.cancel();
+    });
+    if exit_with_parent {
+        let t = token.clone();
+        let parent = std::os::unix::process::parent_id();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if std::os::unix::process::parent_id() != parent {
+                    t.cancel();
+                    return;
+                }
+            }
+        });
+    }
+    token
+}
+
+fn write_ready(path: Option<&Path>, v: serde_json::Value) -> Result<(), CliError> {
+    if let Some(p) = path {
+        isthmus_core::local::write_atomic(p, v.to_string().as_bytes(), false)
+            .map_err(|e| CliError::new(exit::FAILURE, format!("{}: {e}", p.display())))?;
+    }
+    Ok(())
+}
+
+async fn finish(shutdown: CancellationToken, done: tokio::task::JoinHandle<()>) -> Result<(), CliError> {
+    shutdown.cancelled().await;
+    let _ = tokio::time::timeout(Duration::from_secs(15), done).await;
+    Ok(())
+}
+
+pub async fn controller(a: ControllerArgs, log: &str) -> Result<(), CliError> {
+    init_logging(log);
+    let shutdown = shutdown_token(a.common.exit_with_parent);
+    let td = a.trust_domain.clone().unwrap_or_else(|| format!("{}.mesh", a.cluster));
+    let mut cfg = isthmus_controller::Config::new(&a.dir, &a.cluster, &td);
+    cfg.control_addr = a.control_addr;
+    cfg.peering_addr = a.peering_addr;
+    cfg.advertise_peering = a.advertise_peering;
+    cfg.svid_ttl = a.svid_ttl;
+    cfg.import_lease = a.import_lease;
+    let running = isthmus_controller::run(cfg, shutdown.clone()).await.map_err(|e| {
+        let code = match e {
+            isthmus_controller::ControllerError::Config(_) | isthmus_controller::ControllerError::Identity(_) => exit::BAD_INPUT,
+            _ => exit::FAILURE,
+        };
+        CliError::new(code, e.to_string())
+    })?;
+    write_ready(
+        a.common.ready_file.as_deref(),
+        serde_json::json!({"control": running.control_addr.to_string(), "peering": running.peering_addr.to_string()}),
+    )?;
+    finish(shutdown, running.done).await
+}
+
+pub async fn gateway(a: GatewayArgs, log: &str) -> Result<(), CliError> {
+    init_logging(log);
+    let shutdown = shutdown_token(a.common.exit_with_parent);
+    let cfg = isthmus_gateway::Config {
+        dir: a.dir,
+        tunnel_addr: a.tunnel_addr,
+        quic_addr: a.quic_addr,
+        advertise: a.advertise,
+        drain: a.drain,
+    };
+    let running = isthmus_gateway::run(cfg, shutdown.clone()).await.map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
+    write_ready(
+        a.common.ready_file.as_deref(),
+        serde_json::json!({"tunnel": running.tunnel_addr.to_string(), "quic": running.quic_addr.to_string()}),
+    )?;
+    finish(shutdown, running.done).await
+}
+
+pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
+    init_logging(log);
+    let shutdown = shutdown_token(a.common.exit_with_parent);
+    let serve = match (a.service.clone(), a.port, a.app) {
+        (Some(service), Some(port), Some(app)) => Some(isthmus_sidecar::Serve { service, port, app }),
+        _ => None,
+    };
+    let sa = a
+        .service_account
+        .clone()
+        .or_else(|| a.service.clone())
+        .unwrap_or_else(|| "default".to_string());
+    let cfg = isthmus_sidecar::Config {
+        dir: a.dir,
+        namespace: a.namespace,
+        service_account: sa,
+        serve,
+        inbound_addr: a.inbound_addr,
+        outbound_addr: a.outbound_addr,
+        instance: a.instance.unwrap_or_else(|| a.inbound_addr.to_string()),
+    };
+    let running = isthmus_sidecar::run(cfg, shutdown.clone()).await.map_err(|e| {
+        let code = if matches!(e, isthmus_sidecar::SidecarError::Config(_)) { exit::BAD_INPUT } else { exit::FAILURE };
+        CliError::new(code, e.to_string())
+    })?;
+    write_ready(
+        a.common.ready_file.as_deref(),
+        serde_json::json!({
+            "inbound": running.inbound_addr.to_string(),
+            "outbound": running.outbound_addr.to_string(),
+            "id": running.id.to_string(),
+        }),
+    )?;
+    finish(shutdown, running.done).await
+}

@@ -1,0 +1,326 @@
+//! `isthmus up`: a local-mode cluster as real processes on one host.
+//!
+//! A cluster gets its own loopback range (`--net 127.0.1` is 127.0.1.0/24):
+//! the controller on .1, the gateway on .2, the echo workload and its sidecar
+//! on .20, a client-only workload's sidecar on .30. Ports are the defaults
+//! of docs/architecture.md, or all ephemeral with `--ephemeral-ports`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::process::{Child, Command};
+
+use crate::admin::CliError;
+use crate::exit;
+
+#[derive(clap::Args, Clone)]
+pub struct Args {
+    /// Cluster name.
+    #[arg(long)]
+    pub cluster: String,
+    /// The cluster's loopback range, as its first three octets (127.0.N).
+    #[arg(long)]
+    pub net: String,
+    /// Cluster directory (created if missing; reused across restarts).
+    #[arg(long, env = "ISTHMUS_DIR")]
+    pub dir: PathBuf,
+    /// SPIFFE trust domain [default: <cluster>.mesh].
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Also run the demo workload: service demo/echo on port 8080, with its sidecar.
+    #[arg(long)]
+    pub echo: bool,
+    /// Also run a client-only workload (demo/client) with its sidecar.
+    #[arg(long)]
+    pub client: bool,
+    /// Bind every port to 0 instead of the defaults (for tests).
+    #[arg(long)]
+    pub ephemeral_ports: bool,
+}
+
+/// The addresses of a running local cluster, also written to `<dir>/up.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UpInfo {
+    pub cluster: String,
+    pub control: String,
+    pub peering: String,
+    pub gateway_tunnel: String,
+    pub gateway_quic: String,
+    pub echo: Option<Workload>,
+    pub client: Option<Workload>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Workload {
+    pub app: Option<String>,
+    pub inbound: String,
+    pub outbound: String,
+    pub id: String,
+}
+
+pub struct LocalCluster {
+    pub info: UpInfo,
+    pub dir: PathBuf,
+    children: Vec<(String, Child)>,
+}
+
+fn octets(net: &str) -> Result<String, CliError> {
+    let parts: Vec<&str> = net.split('.').collect();
+    let ok = parts.len() == 3 && parts[0] == "127" && parts.iter().all(|p| p.parse::<u8>().is_ok());
+    if ok {
+        Ok(net.to_string())
+    } else {
+        Err(CliError::new(exit::BAD_INPUT, format!("--net {net:?}: give the first three octets of a loopback /24, for example 127.0.1")))
+    }
+}
+
+impl LocalCluster {
+    pub async fn start(a: &Args, log: &str) -> Result<Self, CliError> {
+        let net = octets(&a.net)?;
+        let port = |p: u16| if a.ephemeral_ports { 0 } else { p };
+        let io = |e: std::io::Error| CliError::new(exit::FAILURE, format!("{}: {e}", a.dir.display()));
+        std::fs::create_dir_all(a.dir.join("logs")).map_err(io)?;
+        std::fs::create_dir_all(a.dir.join("run")).map_err(io)?;
+        let mut c = LocalCluster {
+            info: UpInfo {
+                cluster: a.cluster.clone(),
+                control: String::new(),
+                peering: String::new(),
+                gateway_tunnel: String::new(),
+                gateway_quic: String::new(),
+                echo: None,
+                client: None,
+            },
+            dir: a.dir.clone(),
+            children: Vec::new(),
+        };
+        let dir = a.dir.display().to_string();
+        let mut ctl = vec![
+            "controller".to_string(),
+            "--dir".into(),
+            dir.clone(),
+            "--cluster".into(),
+            a.cluster.clone(),
+            "--control-addr".into(),
+            format!("{net}.1:{}", port(15010)),
+            "--peering-addr".into(),
+            format!("{net}.1:{}", port(15011)),
+        ];
+        if let Some(td) = &a.trust_domain {
+            ctl.extend(["--trust-domain".into(), td.clone()]);
+        }
+        let r = c.spawn("controller", ctl, log).await?;
+        c.info.control = str_of(&r, "control");
+        c.info.peering = str_of(&r, "peering");
+
+        let r = c
+            .spawn(
+                "gateway",
+                vec![
+                    "gateway".into(),
+                    "--dir".into(),
+                    dir.clone(),
+                    "--tunnel-addr".into(),
+                    format!("{net}.2:{}", port(15008)),
+                    "--quic-addr".into(),
+                    format!("{net}.2:{}", port(15443)),
+                ],
+                log,
+            )
+            .await?;
+        c.info.gateway_tunnel = str_of(&r, "tunnel");
+        c.info.gateway_quic = str_of(&r, "quic");
+
+        if a.echo {
+            let r = c
+                .spawn(
+                    "echo",
+                    vec![
+                        "echo".into(),
+                        "--listen".into(),
+                        format!("{net}.20:{}", port(8080)),
+                        "--cluster".into(),
+                        a.cluster.clone(),
+                        "--instance".into(),
+                        format!("echo-{}-1", a.cluster),
+                    ],
+                    log,
+                )
+                .await?;
+            let app = str_of(&r, "listen");
+            let r = c
+                .spawn(
+                    "echo-sidecar",
+                    vec![
+                        "sidecar".into(),
+                        "--dir".into(),
+                        dir.clone(),
+                        "--namespace".into(),
+                        "demo".into(),
+                        "--service".into(),
+                        "echo".into(),
+                        "--port".into(),
+                        "8080".into(),
+                        "--app".into(),
+                        app.clone(),
+                        "--inbound-addr".into(),
+                        format!("{net}.20:{}", port(15006)),
+                        "--outbound-addr".into(),
+                        format!("{net}.20:{}", port(15001)),
+                        "--instance".into(),
+                        format!("echo-{}-1", a.cluster),
+                    ],
+                    log,
+                )
+                .await?;
+            c.info.echo = Some(workload(Some(app), &r));
+        }
+        if a.client {
+            let r = c
+                .spawn(
+                    "client-sidecar",
+                    vec![
+                        "sidecar".into(),
+                        "--dir".into(),
+                        dir.clone(),
+                        "--namespace".into(),
+                        "demo".into(),
+                        "--service-account".into(),
+                        "client".into(),
+                        "--inbound-addr".into(),
+                        format!("{net}.30:{}", port(15006)),
+                        "--outbound-addr".into(),
+                        format!("{net}.30:{}", port(15001)),
+                    ],
+                    log,
+                )
+                .await?;
+            c.info.client = Some(workload(None, &r));
+        }
+        isthmus_core::local::write_atomic(
+            &a.dir.join("up.json"),
+            serde_json::to_string_pretty(&c.info).expect("serializes").as_bytes(),
+            false,
+        )
+        .map_err(io)?;
+        Ok(c)
+    }
+
+    /// Start `isthmus <args>` and wait for its ready file.
+    async fn spawn(&mut self, name: &str, mut args: Vec<String>, log: &str) -> Result<serde_json::Value, CliError> {
+        let ready = self.dir.join("run").join(format!("{name}.json"));
+        let _ = std::fs::remove_file(&ready);
+        let log_path = self.dir.join("logs").join(format!("{name}.log"));
+        let fail = |m: String| CliError::new(exit::FAILURE, m);
+        let log_file = std::fs::File::create(&log_path).map_err(|e| fail(format!("{}: {e}", log_path.display())))?;
+        args.extend(["--ready-file".into(), ready.display().to_string(), "--exit-with-parent".into()]);
+        let exe = std::env::current_exe().map_err(|e| fail(format!("cannot find the isthmus binary: {e}")))?;
+        let mut child = Command::new(exe)
+            .args(&args)
+            .env("ISTHMUS_LOG", log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| fail(format!("cannot start {name}: {e}")))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&ready) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&s) {
+                    self.children.push((name.to_string(), child));
+                    return Ok(v);
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(fail(format!(
+                    "{name} of cluster {} exited ({status}) before it was ready:\n{}",
+                    self.info.cluster,
+                    tail(&log_path, 8)
+                )));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(fail(format!("{name} of cluster {} was not ready within 60s; see {}", self.info.cluster, log_path.display())));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The first child that has exited, if any.
+    pub fn exited(&mut self) -> Option<String> {
+        for (name, child) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(format!("{name} exited ({status}); see {}", self.dir.join("logs").join(format!("{name}.log")).display()));
+            }
+        }
+        None
+    }
+
+    /// Stop every component: SIGTERM so gateways drain, then kill.
+    pub async fn stop(&mut self) {
+        for (_, child) in self.children.iter().rev() {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            }
+        }
+        for (_, child) in self.children.iter_mut().rev() {
+            if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+                let _ = child.kill().await;
+            }
+        }
+        self.children.clear();
+    }
+
+    /// Kill one component (the demo uses it to show failures).
+    #[allow(dead_code)]
+    pub async fn kill(&mut self, name: &str) {
+        if let Some(i) = self.children.iter().position(|(n, _)| n == name) {
+            let (_, mut child) = self.children.remove(i);
+            let _ = child.kill().await;
+        }
+    }
+}
+
+fn str_of(v: &serde_json::Value, k: &str) -> String {
+    v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string()
+}
+
+fn workload(app: Option<String>, r: &serde_json::Value) -> Workload {
+    Workload { app, inbound: str_of(r, "inbound"), outbound: str_of(r, "outbound"), id: str_of(r, "id") }
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+pub async fn run(a: Args, log: &str) -> Result<(), CliError> {
+    let mut c = LocalCluster::start(&a, log).await?;
+    let i = &c.info;
+    println!("cluster {} is up (directory {})", i.cluster, a.dir.display());
+    println!("  controller  control {}  peering {}", i.control, i.peering);
+    println!("  gateway     tunnel {}  quic {}", i.gateway_tunnel, i.gateway_quic);
+    if let Some(w) = &i.echo {
+        println!("  echo        app {}  sidecar inbound {}  ({})", w.app.as_deref().unwrap_or("-"), w.inbound, w.id);
+    }
+    if let Some(w) = &i.client {
+        println!("  client      sidecar outbound {}  ({})", w.outbound, w.id);
+        println!("              try: curl -x http://{} http://echo.demo.svc.clusterset.local:8080/", w.outbound);
+    }
+    println!("  logs in {}; Ctrl-C stops the cluster", a.dir.join("logs").display());
+    let shutdown = crate::components::shutdown_token(false);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let res = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            _ = tick.tick() => if let Some(m) = c.exited() {
+                break Err(CliError::new(exit::FAILURE, m));
+            }
+        }
+    };
+    c.stop().await;
+    res
+}

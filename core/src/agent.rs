@@ -1,0 +1,205 @@
+//! What a sidecar or gateway needs from its controller: an SVID (by CSR, the
+//! key never leaves this process), renewed at half its life, and a config
+//! stream that keeps the last snapshot if the controller goes away.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use isthmus_proto::{watch_request, CertificateRequest, ConfigSnapshot, WatchRequest};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::bundle::TrustBundles;
+use crate::identity::{self, IdentityError, SpiffeId, Svid, WorkloadKey};
+use crate::local::{error_chain, ClusterDir, LocalClient, LocalError};
+use crate::tls::{SharedBundles, SvidResolver, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Local(#[from] LocalError),
+    #[error("the controller refused the certificate request: {0}")]
+    Certificate(String),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("no config from the controller: {0}")]
+    Config(String),
+    #[error("stopped before the controller answered")]
+    Cancelled,
+}
+
+/// A data-plane component's link to its controller.
+pub struct Agent {
+    pub svid: Arc<SvidResolver>,
+    /// Own trust domain and every linked peer's.
+    pub bundles: SharedBundles,
+    pub config: watch::Receiver<Arc<ConfigSnapshot>>,
+    pub cluster: String,
+    pub trust_domain: String,
+}
+
+impl Agent {
+    /// Connect (waiting up to `wait` for the controller to come up), get an
+    /// SVID for `namespace/service_account`, register and receive a first
+    /// config snapshot.
+    pub async fn start(
+        dir: &ClusterDir,
+        namespace: &str,
+        service_account: &str,
+        node: watch_request::Node,
+        wait: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<Self, AgentError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let client = loop {
+            match dir.connect().await {
+                Ok(c) => break c,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "controller not ready yet");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(AgentError::Cancelled),
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let (svid, not_after) = request_svid(&client, namespace, service_account).await?;
+        let resolver = SvidResolver::new(&svid)?;
+        tracing::info!(id = %svid.id, "SVID issued");
+
+        let bundles: SharedBundles = Arc::new(ArcSwap::from_pointee(TrustBundles::new()));
+        let req = WatchRequest { node: Some(node) };
+        let mut stream = client
+            .control()
+            .watch_config(req.clone())
+            .await
+            .map_err(|s| AgentError::Config(s.message().to_string()))?
+            .into_inner();
+        let first = stream
+            .message()
+            .await
+            .map_err(|s| AgentError::Config(s.message().to_string()))?
+            .ok_or_else(|| AgentError::Config("stream closed".into()))?;
+        apply_bundles(&bundles, &first);
+        let cluster = first.cluster.clone();
+        let trust_domain = first.trust_domain.clone();
+        let (tx, rx) = watch::channel(Arc::new(first));
+
+        tokio::spawn(watch_loop(client.clone(), req, Some(stream), tx, bundles.clone(), shutdown.clone()));
+        tokio::spawn(renew_loop(
+            client,
+            namespace.to_string(),
+            service_account.to_string(),
+            resolver.clone(),
+            not_after,
+            shutdown,
+        ));
+        Ok(Self { svid: resolver, bundles, config: rx, cluster, trust_domain })
+    }
+
+    pub fn id(&self) -> SpiffeId {
+        self.svid.id()
+    }
+}
+
+async fn request_svid(client: &LocalClient, ns: &str, sa: &str) -> Result<(Svid, i64), AgentError> {
+    let key = WorkloadKey::generate()?;
+    let resp = client
+        .control()
+        .issue_certificate(CertificateRequest {
+            csr_pem: key.csr_pem()?,
+            namespace: ns.to_string(),
+            service_account: sa.to_string(),
+        })
+        .await
+        .map_err(|s| AgentError::Certificate(s.message().to_string()))?
+        .into_inner();
+    let chain = identity::certs_from_pem(&resp.cert_chain_pem)?;
+    let id = SpiffeId::parse(&resp.spiffe_id)?;
+    Ok((Svid { id, chain, key: key.private_key_der() }, resp.not_after_unix))
+}
+
+fn apply_bundles(bundles: &SharedBundles, snap: &ConfigSnapshot) {
+    let mut b = TrustBundles::new();
+    for tb in &snap.bundles {
+        if let Err(e) = b.set_pem(&tb.trust_domain, &tb.roots_pem) {
+            tracing::warn!(trust_domain = %tb.trust_domain, error = %e, "unusable trust bundle");
+        }
+    }
+    bundles.store(Arc::new(b));
+}
+
+async fn watch_loop(
+    client: LocalClient,
+    req: WatchRequest,
+    mut stream: Option<tonic::Streaming<ConfigSnapshot>>,
+    tx: watch::Sender<Arc<ConfigSnapshot>>,
+    bundles: SharedBundles,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if let Some(s) = stream.as_mut() {
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = s.message() => m,
+                };
+                match msg {
+                    Ok(Some(snap)) => {
+                        backoff = Duration::from_millis(100);
+                        apply_bundles(&bundles, &snap);
+                        tx.send_replace(Arc::new(snap));
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e.message(), "config stream lost; serving from the last config");
+                        break;
+                    }
+                }
+            }
+        }
+        stream = None;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        match client.control().watch_config(req.clone()).await {
+            Ok(s) => stream = Some(s.into_inner()),
+            Err(e) => tracing::debug!(error = %error_chain(&e), "controller unreachable"),
+        }
+    }
+}
+
+async fn renew_loop(
+    client: LocalClient,
+    ns: String,
+    sa: String,
+    resolver: Arc<SvidResolver>,
+    mut not_after: i64,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let left = (not_after - crate::unix_now()).max(2) as u64;
+        let wait = Duration::from_secs(left / 2);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match request_svid(&client, &ns, &sa).await {
+            Ok((svid, na)) => match resolver.update(&svid) {
+                Ok(()) => {
+                    not_after = na;
+                    tracing::info!(id = %svid.id, "SVID renewed");
+                }
+                Err(e) => tracing::error!(error = %e, "renewed SVID unusable"),
+            },
+            Err(e) => tracing::warn!(error = %e, "SVID renewal failed; retrying"),
+        }
+    }
+}
