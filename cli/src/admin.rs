@@ -19,7 +19,10 @@ pub struct CliError {
 
 impl CliError {
     pub fn new(code: u8, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -93,7 +96,10 @@ pub async fn create_token(dir: &Path, ttl: Duration, uses: u32) -> Result<String
     let c = connect(dir).await?;
     let r = c
         .admin()
-        .create_token(CreateTokenRequest { ttl_seconds: ttl.as_secs(), uses })
+        .create_token(CreateTokenRequest {
+            ttl_seconds: ttl.as_secs(),
+            uses,
+        })
         .await?
         .into_inner();
     Ok(r.token)
@@ -103,7 +109,13 @@ pub async fn link(dir: &Path, token: &str) -> Result<(), CliError> {
     // Catch a garbled token before bothering the controller.
     isthmus_core::token::JoinToken::decode(token).map_err(|e| CliError::new(exit::BAD_INPUT, e.to_string()))?;
     let c = connect(dir).await?;
-    let r = c.admin().link(LinkRequest { token: token.trim().to_string() }).await?.into_inner();
+    let r = c
+        .admin()
+        .link(LinkRequest {
+            token: token.trim().to_string(),
+        })
+        .await?
+        .into_inner();
     println!(
         "linked cluster {} with cluster {} (trust domain {})",
         c.info.cluster, r.peer_cluster, r.peer_trust_domain
@@ -114,7 +126,12 @@ pub async fn link(dir: &Path, token: &str) -> Result<(), CliError> {
 pub async fn export(dir: &Path, service: &str) -> Result<(), CliError> {
     let (namespace, name) = naming::parse_ns_name(service).map_err(|e| CliError::new(exit::BAD_INPUT, e))?;
     let c = connect(dir).await?;
-    c.admin().export(ExportRequest { namespace: namespace.clone(), name: name.clone() }).await?;
+    c.admin()
+        .export(ExportRequest {
+            namespace: namespace.clone(),
+            name: name.clone(),
+        })
+        .await?;
     println!(
         "exported {namespace}/{name} from cluster {}: linked clusters can call {name}.{namespace}.svc.clusterset.local",
         c.info.cluster
@@ -133,7 +150,12 @@ pub async fn status(dir: &Path, json: bool) -> Result<(), CliError> {
         println!("{}", status_json(&s));
         return Ok(());
     }
-    println!("cluster {}  trust domain {}  root sha256 {}", s.cluster, s.trust_domain, &s.root_fingerprint[..16]);
+    println!(
+        "cluster {}  trust domain {}  root sha256 {}",
+        s.cluster,
+        s.trust_domain,
+        &s.root_fingerprint[..16]
+    );
     println!(
         "gateway  tunnel {}  quic {}",
         or_none(&s.gateway_tunnel_addr),
@@ -144,10 +166,19 @@ pub async fn status(dir: &Path, json: bool) -> Result<(), CliError> {
         println!("  (none: `isthmus token create` here, `isthmus link <token>` on the other cluster)");
     }
     for l in &s.links {
-        let hb = if l.heartbeat_age_ms < 0 { "never".to_string() } else { format!("{:.1}s ago", l.heartbeat_age_ms as f64 / 1000.0) };
+        let hb = if l.heartbeat_age_ms < 0 {
+            "never".to_string()
+        } else {
+            format!("{:.1}s ago", l.heartbeat_age_ms as f64 / 1000.0)
+        };
         println!(
             "  {:<12} {:<12} heartbeat {:<10} trust domain {}  root sha256 {}  gateway {}",
-            l.cluster, l.state, hb, l.trust_domain, &l.bundle_fingerprint.get(..16).unwrap_or(""), or_none(&l.gateway_addr)
+            l.cluster,
+            l.state,
+            hb,
+            l.trust_domain,
+            &l.bundle_fingerprint.get(..16).unwrap_or(""),
+            or_none(&l.gateway_addr)
         );
     }
     println!("\nSERVICES");
@@ -155,7 +186,11 @@ pub async fn status(dir: &Path, json: bool) -> Result<(), CliError> {
         println!("  (none)");
     }
     for svc in &s.services {
-        let backends: Vec<String> = svc.backends.iter().map(|b| format!("{}:{}", b.cluster, b.healthy_endpoints)).collect();
+        let backends: Vec<String> = svc
+            .backends
+            .iter()
+            .map(|b| format!("{}:{}", b.cluster, b.healthy_endpoints))
+            .collect();
         println!(
             "  {:<40} port {:<6} {:<9} endpoints {}",
             format!("{}.{}.svc.clusterset.local", svc.name, svc.namespace),

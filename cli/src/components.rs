@@ -10,8 +10,12 @@ use crate::admin::CliError;
 use crate::exit;
 
 pub fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Options every component shares.
@@ -163,7 +167,9 @@ pub async fn controller(a: ControllerArgs, log: &str) -> Result<(), CliError> {
     cfg.import_lease = a.import_lease;
     let running = isthmus_controller::run(cfg, shutdown.clone()).await.map_err(|e| {
         let code = match e {
-            isthmus_controller::ControllerError::Config(_) | isthmus_controller::ControllerError::Identity(_) => exit::BAD_INPUT,
+            isthmus_controller::ControllerError::Config(_) | isthmus_controller::ControllerError::Identity(_) => {
+                exit::BAD_INPUT
+            }
             _ => exit::FAILURE,
         };
         CliError::new(code, e.to_string())
@@ -185,7 +191,9 @@ pub async fn gateway(a: GatewayArgs, log: &str) -> Result<(), CliError> {
         advertise: a.advertise,
         drain: a.drain,
     };
-    let running = isthmus_gateway::run(cfg, shutdown.clone()).await.map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
+    let running = isthmus_gateway::run(cfg, shutdown.clone())
+        .await
+        .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
     write_ready(
         a.common.ready_file.as_deref(),
         serde_json::json!({"tunnel": running.tunnel_addr.to_string(), "quic": running.quic_addr.to_string()}),
@@ -215,7 +223,11 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
         instance: a.instance.unwrap_or_else(|| a.inbound_addr.to_string()),
     };
     let running = isthmus_sidecar::run(cfg, shutdown.clone()).await.map_err(|e| {
-        let code = if matches!(e, isthmus_sidecar::SidecarError::Config(_)) { exit::BAD_INPUT } else { exit::FAILURE };
+        let code = if matches!(e, isthmus_sidecar::SidecarError::Config(_)) {
+            exit::BAD_INPUT
+        } else {
+            exit::FAILURE
+        };
         CliError::new(code, e.to_string())
     })?;
     write_ready(

@@ -34,10 +34,16 @@ pub async fn run(a: Args) -> Result<(), CliError> {
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .map_err(|e| CliError::new(exit::FAILURE, format!("cannot listen on {}: {e}", a.listen)))?;
-    let addr = listener.local_addr().map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
     if let Some(p) = &a.ready_file {
-        isthmus_core::local::write_atomic(p, serde_json::json!({"listen": addr.to_string()}).to_string().as_bytes(), false)
-            .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
+        isthmus_core::local::write_atomic(
+            p,
+            serde_json::json!({"listen": addr.to_string()}).to_string().as_bytes(),
+            false,
+        )
+        .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
     }
     let shutdown = crate::components::shutdown_token(a.exit_with_parent);
     loop {

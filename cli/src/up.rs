@@ -72,7 +72,10 @@ fn octets(net: &str) -> Result<String, CliError> {
     if ok {
         Ok(net.to_string())
     } else {
-        Err(CliError::new(exit::BAD_INPUT, format!("--net {net:?}: give the first three octets of a loopback /24, for example 127.0.1")))
+        Err(CliError::new(
+            exit::BAD_INPUT,
+            format!("--net {net:?}: give the first three octets of a loopback /24, for example 127.0.1"),
+        ))
     }
 }
 
@@ -215,7 +218,11 @@ impl LocalCluster {
         let log_path = self.dir.join("logs").join(format!("{name}.log"));
         let fail = |m: String| CliError::new(exit::FAILURE, m);
         let log_file = std::fs::File::create(&log_path).map_err(|e| fail(format!("{}: {e}", log_path.display())))?;
-        args.extend(["--ready-file".into(), ready.display().to_string(), "--exit-with-parent".into()]);
+        args.extend([
+            "--ready-file".into(),
+            ready.display().to_string(),
+            "--exit-with-parent".into(),
+        ]);
         let exe = std::env::current_exe().map_err(|e| fail(format!("cannot find the isthmus binary: {e}")))?;
         let mut child = Command::new(exe)
             .args(&args)
@@ -228,11 +235,12 @@ impl LocalCluster {
             .map_err(|e| fail(format!("cannot start {name}: {e}")))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(s) = std::fs::read_to_string(&ready) {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&s) {
-                    self.children.push((name.to_string(), child));
-                    return Ok(v);
-                }
+            let ready_info = std::fs::read_to_string(&ready)
+                .ok()
+                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+            if let Some(v) = ready_info {
+                self.children.push((name.to_string(), child));
+                return Ok(v);
             }
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(fail(format!(
@@ -242,7 +250,11 @@ impl LocalCluster {
                 )));
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(fail(format!("{name} of cluster {} was not ready within 60s; see {}", self.info.cluster, log_path.display())));
+                return Err(fail(format!(
+                    "{name} of cluster {} was not ready within 60s; see {}",
+                    self.info.cluster,
+                    log_path.display()
+                )));
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -252,7 +264,10 @@ impl LocalCluster {
     pub fn exited(&mut self) -> Option<String> {
         for (name, child) in &mut self.children {
             if let Ok(Some(status)) = child.try_wait() {
-                return Some(format!("{name} exited ({status}); see {}", self.dir.join("logs").join(format!("{name}.log")).display()));
+                return Some(format!(
+                    "{name} exited ({status}); see {}",
+                    self.dir.join("logs").join(format!("{name}.log")).display()
+                ));
             }
         }
         None
@@ -262,11 +277,16 @@ impl LocalCluster {
     pub async fn stop(&mut self) {
         for (_, child) in self.children.iter().rev() {
             if let Some(pid) = child.id() {
-                let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
             }
         }
         for (_, child) in self.children.iter_mut().rev() {
-            if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
                 let _ = child.kill().await;
             }
         }
@@ -288,7 +308,12 @@ fn str_of(v: &serde_json::Value, k: &str) -> String {
 }
 
 fn workload(app: Option<String>, r: &serde_json::Value) -> Workload {
-    Workload { app, inbound: str_of(r, "inbound"), outbound: str_of(r, "outbound"), id: str_of(r, "id") }
+    Workload {
+        app,
+        inbound: str_of(r, "inbound"),
+        outbound: str_of(r, "outbound"),
+        id: str_of(r, "id"),
+    }
 }
 
 fn tail(path: &Path, n: usize) -> String {
@@ -304,11 +329,19 @@ pub async fn run(a: Args, log: &str) -> Result<(), CliError> {
     println!("  controller  control {}  peering {}", i.control, i.peering);
     println!("  gateway     tunnel {}  quic {}", i.gateway_tunnel, i.gateway_quic);
     if let Some(w) = &i.echo {
-        println!("  echo        app {}  sidecar inbound {}  ({})", w.app.as_deref().unwrap_or("-"), w.inbound, w.id);
+        println!(
+            "  echo        app {}  sidecar inbound {}  ({})",
+            w.app.as_deref().unwrap_or("-"),
+            w.inbound,
+            w.id
+        );
     }
     if let Some(w) = &i.client {
         println!("  client      sidecar outbound {}  ({})", w.outbound, w.id);
-        println!("              try: curl -x http://{} http://echo.demo.svc.clusterset.local:8080/", w.outbound);
+        println!(
+            "              try: curl -x http://{} http://echo.demo.svc.clusterset.local:8080/",
+            w.outbound
+        );
     }
     println!("  logs in {}; Ctrl-C stops the cluster", a.dir.join("logs").display());
     let shutdown = crate::components::shutdown_token(false);

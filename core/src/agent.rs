@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use isthmus_proto::{watch_request, CertificateRequest, ConfigSnapshot, WatchRequest};
+use isthmus_proto::{CertificateRequest, ConfigSnapshot, WatchRequest, watch_request};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::bundle::TrustBundles;
 use crate::identity::{self, IdentityError, SpiffeId, Svid, WorkloadKey};
-use crate::local::{error_chain, ClusterDir, LocalClient, LocalError};
+use crate::local::{ClusterDir, LocalClient, LocalError, error_chain};
 use crate::tls::{SharedBundles, SvidResolver, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +89,14 @@ impl Agent {
         let trust_domain = first.trust_domain.clone();
         let (tx, rx) = watch::channel(Arc::new(first));
 
-        tokio::spawn(watch_loop(client.clone(), req, Some(stream), tx, bundles.clone(), shutdown.clone()));
+        tokio::spawn(watch_loop(
+            client.clone(),
+            req,
+            Some(stream),
+            tx,
+            bundles.clone(),
+            shutdown.clone(),
+        ));
         tokio::spawn(renew_loop(
             client,
             namespace.to_string(),
@@ -98,7 +105,13 @@ impl Agent {
             not_after,
             shutdown,
         ));
-        Ok(Self { svid: resolver, bundles, config: rx, cluster, trust_domain })
+        Ok(Self {
+            svid: resolver,
+            bundles,
+            config: rx,
+            cluster,
+            trust_domain,
+        })
     }
 
     pub fn id(&self) -> SpiffeId {
@@ -120,7 +133,14 @@ async fn request_svid(client: &LocalClient, ns: &str, sa: &str) -> Result<(Svid,
         .into_inner();
     let chain = identity::certs_from_pem(&resp.cert_chain_pem)?;
     let id = SpiffeId::parse(&resp.spiffe_id)?;
-    Ok((Svid { id, chain, key: key.private_key_der() }, resp.not_after_unix))
+    Ok((
+        Svid {
+            id,
+            chain,
+            key: key.private_key_der(),
+        },
+        resp.not_after_unix,
+    ))
 }
 
 fn apply_bundles(bundles: &SharedBundles, snap: &ConfigSnapshot) {

@@ -19,7 +19,11 @@ pub enum VerifyError {
     #[error("trust domain {0:?} is not trusted here (not this cluster, nor a linked peer)")]
     UnknownTrustDomain(String),
     #[error("certificate for {id} does not chain to a root of {trust_domain}: {reason}")]
-    Chain { id: String, trust_domain: String, reason: String },
+    Chain {
+        id: String,
+        trust_domain: String,
+        reason: String,
+    },
 }
 
 /// Which side of a TLS handshake a certificate authenticates.
@@ -79,12 +83,10 @@ impl TrustBundles {
             .domains
             .get(&id.trust_domain)
             .ok_or_else(|| VerifyError::UnknownTrustDomain(id.trust_domain.clone()))?;
-        verify_chain(end_entity, intermediates, roots, usage, now).map_err(|reason| {
-            VerifyError::Chain {
-                id: id.to_string(),
-                trust_domain: id.trust_domain.clone(),
-                reason,
-            }
+        verify_chain(end_entity, intermediates, roots, usage, now).map_err(|reason| VerifyError::Chain {
+            id: id.to_string(),
+            trust_domain: id.trust_domain.clone(),
+            reason,
         })?;
         Ok(id)
     }
@@ -143,7 +145,9 @@ mod tests {
 
         let mut bundles = TrustBundles::new();
         bundles.set("east.mesh", vec![east.cert_der().clone()]);
-        let id = bundles.verify(&svid.chain[0], &svid.chain[1..], Usage::Client, now).unwrap();
+        let id = bundles
+            .verify(&svid.chain[0], &svid.chain[1..], Usage::Client, now)
+            .unwrap();
         assert_eq!(id, east_id);
 
         // West's root installed under east's name must not vouch for east IDs.

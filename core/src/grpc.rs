@@ -63,7 +63,8 @@ pub fn connect_lazy(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Cha
     Ok(ep.connect_with_connector_lazy(connector))
 }
 
-type Connector = tower::util::BoxCloneSyncService<http::Uri, TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, io::Error>;
+type Connector =
+    tower::util::BoxCloneSyncService<http::Uri, TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, io::Error>;
 
 fn endpoint(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<(Endpoint, Connector), tonic::transport::Error> {
     let ep = Endpoint::from_shared(format!("http://{addr}"))?

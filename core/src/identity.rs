@@ -4,8 +4,8 @@ use std::fmt;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -96,17 +96,27 @@ pub fn validate_trust_domain(td: &str) -> Result<(), IdentityError> {
         && td
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
-    if ok { Ok(()) } else { Err(IdentityError::InvalidTrustDomain(td.to_string())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::InvalidTrustDomain(td.to_string()))
+    }
 }
 
 /// Kubernetes DNS-label rules: cluster names, namespaces, service names.
 pub fn validate_name(name: &str) -> Result<(), IdentityError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
-    if ok { Ok(()) } else { Err(IdentityError::InvalidName(name.to_string())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::InvalidName(name.to_string()))
+    }
 }
 
 /// Parse every certificate in a PEM string.
@@ -147,8 +157,8 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// The SPIFFE ID in a certificate's URI SAN.
 pub fn spiffe_id_of(der: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
-        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| IdentityError::BadCertificate(e.to_string()))?
@@ -171,8 +181,8 @@ pub fn spiffe_id_of(der: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError>
 
 /// Unix time after which a certificate is no longer valid.
 pub fn not_after_of(der: &CertificateDer<'_>) -> Result<i64, IdentityError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
-        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
     Ok(cert.validity().not_after.timestamp())
 }
 
@@ -183,7 +193,9 @@ pub struct WorkloadKey {
 
 impl WorkloadKey {
     pub fn generate() -> Result<Self, IdentityError> {
-        Ok(Self { key: KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)? })
+        Ok(Self {
+            key: KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
+        })
     }
 
     /// A CSR for this key. The CA ignores what it asks for beyond the key
@@ -223,9 +235,7 @@ impl Ca {
             KeyUsagePurpose::DigitalSignature,
         ];
         // SPIFFE: a root carries the trust domain as its URI SAN.
-        params.subject_alt_names = vec![SanType::URI(
-            format!("spiffe://{trust_domain}").try_into()?,
-        )];
+        params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
         let now = time_now();
         params.not_before = now - Duration::from_secs(300);
         params.not_after = now + Duration::from_secs(10 * 365 * 24 * 3600);
@@ -308,10 +318,7 @@ fn svid_params(id: &SpiffeId, ttl: Duration) -> Result<CertificateParams, Identi
     params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyAgreement];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     let now = time_now();
     // Allow a little clock skew between the CA and verifiers.
     params.not_before = now - Duration::from_secs(60);
@@ -330,7 +337,11 @@ pub struct Svid {
 
 impl Clone for Svid {
     fn clone(&self) -> Self {
-        Self { id: self.id.clone(), chain: self.chain.clone(), key: self.key.clone_key() }
+        Self {
+            id: self.id.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
     }
 }
 
@@ -367,7 +378,9 @@ mod tests {
         let ca = Ca::generate("east.mesh").unwrap();
         let key = WorkloadKey::generate().unwrap();
         let id = SpiffeId::new("east.mesh", "demo", "echo").unwrap();
-        let leaf = ca.sign_csr(&key.csr_pem().unwrap(), &id, Duration::from_secs(3600)).unwrap();
+        let leaf = ca
+            .sign_csr(&key.csr_pem().unwrap(), &id, Duration::from_secs(3600))
+            .unwrap();
         assert_eq!(spiffe_id_of(&leaf).unwrap(), id);
         let not_after = not_after_of(&leaf).unwrap();
         let now = crate::unix_now();

@@ -25,14 +25,22 @@ pub const LOCAL_TOKEN_FILE: &str = "local.token";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
-    #[error("{path}: no controller has started in this cluster directory (start one with `isthmus controller --dir {dir}` or `isthmus up`)")]
+    #[error(
+        "{path}: no controller has started in this cluster directory (start one with `isthmus controller --dir {dir}` or `isthmus up`)"
+    )]
     NoController { path: String, dir: String },
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
     #[error("{path}: corrupt ({reason})")]
     Corrupt { path: String, reason: String },
-    #[error("cannot reach the controller of cluster {cluster} at {addr}: {reason} (is it running? `isthmus up` or `isthmus controller`)")]
-    Unreachable { cluster: String, addr: String, reason: String },
+    #[error(
+        "cannot reach the controller of cluster {cluster} at {addr}: {reason} (is it running? `isthmus up` or `isthmus controller`)"
+    )]
+    Unreachable {
+        cluster: String,
+        addr: String,
+        reason: String,
+    },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
 }
@@ -69,9 +77,15 @@ impl ClusterDir {
         let p = self.file(name);
         std::fs::read_to_string(&p).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                LocalError::NoController { path: p.display().to_string(), dir: self.path.display().to_string() }
+                LocalError::NoController {
+                    path: p.display().to_string(),
+                    dir: self.path.display().to_string(),
+                }
             } else {
-                LocalError::Io { path: p.display().to_string(), source: e }
+                LocalError::Io {
+                    path: p.display().to_string(),
+                    source: e,
+                }
             }
         })
     }
@@ -94,8 +108,10 @@ impl ClusterDir {
 
     /// Write `contents` to `name` crash-safely: temp file, fsync, rename, fsync dir.
     pub fn write_atomic(&self, name: &str, contents: &[u8], private: bool) -> Result<(), LocalError> {
-        write_atomic(&self.file(name), contents, private)
-            .map_err(|e| LocalError::Io { path: self.file(name).display().to_string(), source: e })
+        write_atomic(&self.file(name), contents, private).map_err(|e| LocalError::Io {
+            path: self.file(name).display().to_string(),
+            source: e,
+        })
     }
 
     /// Connect to this cluster's controller, authenticated both ways: the
@@ -104,23 +120,25 @@ impl ClusterDir {
         let info = self.controller_info()?;
         let token = self.local_token()?;
         let mut bundles = TrustBundles::new();
-        bundles.set_pem(&info.trust_domain, &self.roots_pem()?).map_err(|e| LocalError::Corrupt {
-            path: self.file(CA_FILE).display().to_string(),
-            reason: e.to_string(),
-        })?;
+        bundles
+            .set_pem(&info.trust_domain, &self.roots_pem()?)
+            .map_err(|e| LocalError::Corrupt {
+                path: self.file(CA_FILE).display().to_string(),
+                reason: e.to_string(),
+            })?;
         let config = tls::client_config(
             None,
             Arc::new(ArcSwap::from_pointee(bundles)),
             tls::Expect::Id(SpiffeId::controller(&info.trust_domain)),
             &[tls::ALPN_H2],
         )?;
-        let channel = crate::grpc::connect(&info.control_addr, config).await.map_err(|e| {
-            LocalError::Unreachable {
+        let channel = crate::grpc::connect(&info.control_addr, config)
+            .await
+            .map_err(|e| LocalError::Unreachable {
                 cluster: info.cluster.clone(),
                 addr: info.control_addr.clone(),
                 reason: error_chain(&e),
-            }
-        })?;
+            })?;
         Ok(LocalClient { info, channel, token })
     }
 }

@@ -24,7 +24,11 @@ impl ServiceName {
             return None;
         }
         match labels.as_slice() {
-            [name, ns] => Some(Self { cluster: None, name: name.to_string(), namespace: ns.to_string() }),
+            [name, ns] => Some(Self {
+                cluster: None,
+                name: name.to_string(),
+                namespace: ns.to_string(),
+            }),
             [cluster, name, ns] => Some(Self {
                 cluster: Some(cluster.to_string()),
                 name: name.to_string(),
@@ -66,11 +70,19 @@ mod tests {
     #[test]
     fn parses_clusterset_names() {
         let n = ServiceName::parse("echo.demo.svc.clusterset.local").unwrap();
-        assert_eq!((n.cluster, n.name.as_str(), n.namespace.as_str()), (None, "echo", "demo"));
+        assert_eq!(
+            (n.cluster, n.name.as_str(), n.namespace.as_str()),
+            (None, "echo", "demo")
+        );
         let n = ServiceName::parse("East.echo.demo.svc.clusterset.local.").unwrap();
         assert_eq!(n.cluster.as_deref(), Some("east"));
         assert_eq!(n.to_string(), "east.echo.demo.svc.clusterset.local");
-        for bad in ["echo.demo.svc.cluster.local", "demo.svc.clusterset.local", "a.b.c.d.svc.clusterset.local", "example.com"] {
+        for bad in [
+            "echo.demo.svc.cluster.local",
+            "demo.svc.clusterset.local",
+            "a.b.c.d.svc.clusterset.local",
+            "example.com",
+        ] {
             assert!(ServiceName::parse(bad).is_none(), "{bad}");
         }
     }

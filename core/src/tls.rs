@@ -7,15 +7,14 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
-    ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError, ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -69,7 +68,11 @@ impl SvidResolver {
 
     /// Unix time at which the current leaf expires.
     pub fn not_after(&self) -> Option<i64> {
-        self.current.load().cert.first().and_then(|c| identity::not_after_of(c).ok())
+        self.current
+            .load()
+            .cert
+            .first()
+            .and_then(|c| identity::not_after_of(c).ok())
     }
 }
 
@@ -219,8 +222,14 @@ impl ServerCertVerifier for PinnedRootVerifier {
                     self.fingerprint
                 ))
             })?;
-        bundle::verify_chain(end_entity, intermediates, std::slice::from_ref(root), Usage::Server, now)
-            .map_err(cert_error)?;
+        bundle::verify_chain(
+            end_entity,
+            intermediates,
+            std::slice::from_ref(root),
+            Usage::Server,
+            now,
+        )
+        .map_err(cert_error)?;
         let id = identity::spiffe_id_of(end_entity).map_err(|e| cert_error(e.to_string()))?;
         Expect::Id(self.expect.clone()).check(&id).map_err(cert_error)?;
         Ok(ServerCertVerified::assertion())
@@ -342,7 +351,11 @@ pub fn client_config(
     expect: Expect,
     alpn: &[&[u8]],
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let verifier = Arc::new(SpiffeServerVerifier { bundles, expect, algs: algorithms() });
+    let verifier = Arc::new(SpiffeServerVerifier {
+        bundles,
+        expect,
+        algs: algorithms(),
+    });
     finish_client(verifier, certs, alpn)
 }
 
@@ -379,7 +392,9 @@ fn finish_client(
 
 /// The SPIFFE ID of the peer of an established connection.
 pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
-    certs.and_then(|c| c.first()).and_then(|c| identity::spiffe_id_of(c).ok())
+    certs
+        .and_then(|c| c.first())
+        .and_then(|c| identity::spiffe_id_of(c).ok())
 }
 
 #[cfg(test)]
@@ -440,12 +455,18 @@ mod tests {
         )
         .unwrap();
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let err = tokio_rustls::TlsConnector::from(wrong).connect(sni(), tcp).await.unwrap_err();
+        let err = tokio_rustls::TlsConnector::from(wrong)
+            .connect(sni(), tcp)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("not the expected"), "{err}");
 
         let right = client_config(Some(certs), bundles, Expect::Id(server_id), &[]).unwrap();
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(right).connect(sni(), tcp).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(right)
+            .connect(sni(), tcp)
+            .await
+            .unwrap();
         let mut seen = String::new();
         tls.read_to_string(&mut seen).await.unwrap();
         assert_eq!(seen, client_id.to_string());

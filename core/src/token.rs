@@ -17,7 +17,9 @@ const CHECKSUM_LEN: usize = 4;
 pub enum TokenError {
     #[error("malformed join token: {0}")]
     Malformed(String),
-    #[error("join token checksum mismatch: the token was altered or cut short; copy it again from `isthmus token create`")]
+    #[error(
+        "join token checksum mismatch: the token was altered or cut short; copy it again from `isthmus token create`"
+    )]
     Tampered,
 }
 
@@ -51,9 +53,9 @@ impl JoinToken {
 
     pub fn decode(s: &str) -> Result<Self, TokenError> {
         let s = s.trim();
-        let body = s.strip_prefix(PREFIX).ok_or_else(|| {
-            TokenError::Malformed(format!("it should start with {PREFIX:?}"))
-        })?;
+        let body = s
+            .strip_prefix(PREFIX)
+            .ok_or_else(|| TokenError::Malformed(format!("it should start with {PREFIX:?}")))?;
         let bytes = URL_SAFE_NO_PAD
             .decode(body)
             .map_err(|_| TokenError::Malformed("it is not valid base64url".into()))?;
@@ -64,8 +66,8 @@ impl JoinToken {
         if checksum(payload) != sum {
             return Err(TokenError::Tampered);
         }
-        let token: JoinToken = serde_json::from_slice(payload)
-            .map_err(|e| TokenError::Malformed(format!("unreadable payload: {e}")))?;
+        let token: JoinToken =
+            serde_json::from_slice(payload).map_err(|e| TokenError::Malformed(format!("unreadable payload: {e}")))?;
         if token.peering.is_empty() {
             return Err(TokenError::Malformed("it names no peering address".into()));
         }
@@ -110,7 +112,10 @@ pub fn secret_matches(presented: &[u8], stored_hash: &str) -> bool {
     let h = hash_secret(presented);
     // Compare without an early exit, so timing says nothing about the hash.
     h.len() == stored_hash.len()
-        && h.bytes().zip(stored_hash.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        && h.bytes()
+            .zip(stored_hash.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 #[cfg(test)]

@@ -135,7 +135,10 @@ impl TunnelRequest {
 
 impl TunnelResponse {
     pub fn refused(code: RefuseCode, reason: impl Into<String>) -> Self {
-        TunnelResponse::Refused { code, reason: reason.into() }
+        TunnelResponse::Refused {
+            code,
+            reason: reason.into(),
+        }
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, HeaderError> {
@@ -206,7 +209,10 @@ mod tests {
         assert!(matches!(TunnelResponse::decode(&bytes), Err(HeaderError::Kind(1))));
         bytes[4] = 9;
         assert!(matches!(TunnelRequest::decode(&bytes), Err(HeaderError::Version(9))));
-        assert!(matches!(TunnelRequest::decode(b"GET / HTTP/1.1\r\n"), Err(HeaderError::BadMagic)));
+        assert!(matches!(
+            TunnelRequest::decode(b"GET / HTTP/1.1\r\n"),
+            Err(HeaderError::BadMagic)
+        ));
         let mut long = b"ISTM\x01\x01".to_vec();
         long.extend_from_slice(&(60000u16).to_be_bytes());
         assert!(matches!(TunnelRequest::decode(&long), Err(HeaderError::TooLong(60000))));
@@ -214,7 +220,10 @@ mod tests {
 
     #[test]
     fn response_round_trip() {
-        for r in [TunnelResponse::Ok, TunnelResponse::refused(RefuseCode::NotExported, "demo/x is not exported")] {
+        for r in [
+            TunnelResponse::Ok,
+            TunnelResponse::refused(RefuseCode::NotExported, "demo/x is not exported"),
+        ] {
             let (d, _) = TunnelResponse::decode(&r.encode().unwrap()).unwrap().unwrap();
             assert_eq!(d, r);
         }

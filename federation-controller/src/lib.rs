@@ -101,7 +101,12 @@ struct PeerRuntime {
 
 impl PeerRuntime {
     fn new() -> Self {
-        Self { connected: false, ever_connected: false, last_heartbeat: None, imports: Default::default() }
+        Self {
+            connected: false,
+            ever_connected: false,
+            last_heartbeat: None,
+            imports: Default::default(),
+        }
     }
 }
 
@@ -181,7 +186,10 @@ impl Shared {
         }];
         let mut peers = Vec::new();
         for link in state.links.values() {
-            bundles.push(TrustBundle { trust_domain: link.trust_domain.clone(), roots_pem: link.roots_pem.clone() });
+            bundles.push(TrustBundle {
+                trust_domain: link.trust_domain.clone(),
+                roots_pem: link.roots_pem.clone(),
+            });
             peers.push(Peer {
                 cluster: link.cluster.clone(),
                 trust_domain: link.trust_domain.clone(),
@@ -194,7 +202,11 @@ impl Shared {
             trust_domain: self.cfg.trust_domain.clone(),
             bundles,
             services,
-            gateway_tunnel_addr: reg.gateway.as_ref().map(|(_, g)| g.tunnel_addr.clone()).unwrap_or_default(),
+            gateway_tunnel_addr: reg
+                .gateway
+                .as_ref()
+                .map(|(_, g)| g.tunnel_addr.clone())
+                .unwrap_or_default(),
             peers,
         }
     }
@@ -205,17 +217,26 @@ fn open(cfg: &Config) -> Result<(State, Ca), ControllerError> {
     isthmus_core::identity::validate_name(&cfg.cluster)
         .map_err(|e| ControllerError::Config(format!("cluster name: {e}")))?;
     isthmus_core::identity::validate_trust_domain(&cfg.trust_domain)?;
-    std::fs::create_dir_all(&cfg.dir)
-        .map_err(|e| ControllerError::Io { path: cfg.dir.display().to_string(), source: e })?;
+    std::fs::create_dir_all(&cfg.dir).map_err(|e| ControllerError::Io {
+        path: cfg.dir.display().to_string(),
+        source: e,
+    })?;
     let dir = ClusterDir::new(&cfg.dir);
     let key_path = dir.file("ca.key");
     let state = State::load(&cfg.dir, &cfg.cluster, &cfg.trust_domain)?;
     let read = |p: PathBuf| {
-        std::fs::read_to_string(&p).map_err(|e| ControllerError::Io { path: p.display().to_string(), source: e })
+        std::fs::read_to_string(&p).map_err(|e| ControllerError::Io {
+            path: p.display().to_string(),
+            source: e,
+        })
     };
     match state {
         Some(state) => {
-            let ca = Ca::load(&cfg.trust_domain, &read(dir.file(isthmus_core::local::CA_FILE))?, &read(key_path)?)?;
+            let ca = Ca::load(
+                &cfg.trust_domain,
+                &read(dir.file(isthmus_core::local::CA_FILE))?,
+                &read(key_path)?,
+            )?;
             Ok((state, ca))
         }
         None => {
@@ -252,16 +273,31 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
 
     let control = TcpListener::bind(cfg.control_addr)
         .await
-        .map_err(|e| ControllerError::Bind { addr: cfg.control_addr, source: e })?;
+        .map_err(|e| ControllerError::Bind {
+            addr: cfg.control_addr,
+            source: e,
+        })?;
     let peering = TcpListener::bind(cfg.peering_addr)
         .await
-        .map_err(|e| ControllerError::Bind { addr: cfg.peering_addr, source: e })?;
-    let control_addr = control.local_addr().map_err(|e| ControllerError::Bind { addr: cfg.control_addr, source: e })?;
-    let peering_addr = peering.local_addr().map_err(|e| ControllerError::Bind { addr: cfg.peering_addr, source: e })?;
+        .map_err(|e| ControllerError::Bind {
+            addr: cfg.peering_addr,
+            source: e,
+        })?;
+    let control_addr = control.local_addr().map_err(|e| ControllerError::Bind {
+        addr: cfg.control_addr,
+        source: e,
+    })?;
+    let peering_addr = peering.local_addr().map_err(|e| ControllerError::Bind {
+        addr: cfg.peering_addr,
+        source: e,
+    })?;
 
     let svid = ca.issue_local(&SpiffeId::controller(&cfg.trust_domain), cfg.svid_ttl)?;
     let shared = Arc::new(Shared {
-        peering_advertised: cfg.advertise_peering.clone().unwrap_or_else(|| peering_addr.to_string()),
+        peering_advertised: cfg
+            .advertise_peering
+            .clone()
+            .unwrap_or_else(|| peering_addr.to_string()),
         dir: dir.clone(),
         local_token,
         state: Mutex::new(state),
@@ -276,8 +312,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
     });
     shared.rebuild_bundles();
 
-    let control_tls = tls::server_config(shared.svid.clone(), shared.bundles.clone(), ClientAuth::Optional, &[tls::ALPN_H2])?;
-    let peering_tls = tls::server_config(shared.svid.clone(), shared.bundles.clone(), ClientAuth::Optional, &[tls::ALPN_H2])?;
+    let control_tls = tls::server_config(
+        shared.svid.clone(),
+        shared.bundles.clone(),
+        ClientAuth::Optional,
+        &[tls::ALPN_H2],
+    )?;
+    let peering_tls = tls::server_config(
+        shared.svid.clone(),
+        shared.bundles.clone(),
+        ClientAuth::Optional,
+        &[tls::ALPN_H2],
+    )?;
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(service::serve_control(shared.clone(), control, control_tls));
@@ -309,7 +355,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
         shutdown.cancelled().await;
         tasks.shutdown().await;
     });
-    Ok(Running { control_addr, peering_addr, done })
+    Ok(Running {
+        control_addr,
+        peering_addr,
+        done,
+    })
 }
 
 /// Renew the controller's own SVID at half its life.
@@ -319,7 +369,10 @@ async fn renew_own_svid(shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
             _ = tokio::time::sleep(shared.cfg.svid_ttl / 2) => {}
         }
-        match shared.ca.issue_local(&SpiffeId::controller(&shared.cfg.trust_domain), shared.cfg.svid_ttl) {
+        match shared
+            .ca
+            .issue_local(&SpiffeId::controller(&shared.cfg.trust_domain), shared.cfg.svid_ttl)
+        {
             Ok(svid) => {
                 if let Err(e) = shared.svid.update(&svid) {
                     tracing::error!(error = %e, "renewing controller SVID failed");

@@ -47,11 +47,18 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
         .values()
         .find(|l| l.cluster == tok.cluster || l.trust_domain == tok.trust_domain)
     {
-        return Err(Status::already_exists(format!("cluster {} is already linked ({})", l.cluster, l.trust_domain)));
+        return Err(Status::already_exists(format!(
+            "cluster {} is already linked ({})",
+            l.cluster, l.trust_domain
+        )));
     }
     let addr = &tok.peering[0];
-    let cfg = tls::pinned_client_config(&tok.root_fingerprint, SpiffeId::controller(&tok.trust_domain), &[tls::ALPN_H2])
-        .map_err(|e| Status::internal(e.to_string()))?;
+    let cfg = tls::pinned_client_config(
+        &tok.root_fingerprint,
+        SpiffeId::controller(&tok.trust_domain),
+        &[tls::ALPN_H2],
+    )
+    .map_err(|e| Status::internal(e.to_string()))?;
     let channel = isthmus_core::grpc::connect(addr, cfg).await.map_err(|e| {
         let chain = error_chain(&e);
         if chain.contains("fingerprint mismatch") || chain.contains("not the expected") {
@@ -63,7 +70,9 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
             Status::unavailable(format!("cannot reach the issuer, cluster {}, at {addr}: {chain}", tok.cluster))
         }
     })?;
-    let secret = tok.secret_bytes().map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let secret = tok
+        .secret_bytes()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let (_, quic) = shared.gateway_addrs();
     let resp = PeeringClient::new(channel)
         .join(JoinRequest {
@@ -75,13 +84,20 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
             gateway_addr: quic,
         })
         .await
-        .map_err(|s| Status::new(s.code(), format!("cluster {} refused the link: {}", tok.cluster, s.message())))?
+        .map_err(|s| {
+            Status::new(
+                s.code(),
+                format!("cluster {} refused the link: {}", tok.cluster, s.message()),
+            )
+        })?
         .into_inner();
     let pinned = identity::certs_from_pem(&resp.roots_pem)
         .map(|roots| roots.iter().any(|r| identity::fingerprint(r) == tok.root_fingerprint))
         .unwrap_or(false);
     if !pinned || resp.trust_domain != tok.trust_domain {
-        return Err(Status::failed_precondition("fingerprint mismatch: the issuer returned a bundle the token does not pin"));
+        return Err(Status::failed_precondition(
+            "fingerprint mismatch: the issuer returned a bundle the token does not pin",
+        ));
     }
     {
         let mut state = shared.state.lock().expect("state lock");
@@ -106,7 +122,10 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
     shared.changed();
     tracing::info!(peer = %resp.cluster, trust_domain = %resp.trust_domain, "linked (token spent)");
     tokio::spawn(dial_loop(shared.clone(), resp.cluster.clone()));
-    Ok(LinkResponse { peer_cluster: resp.cluster, peer_trust_domain: resp.trust_domain })
+    Ok(LinkResponse {
+        peer_cluster: resp.cluster,
+        peer_trust_domain: resp.trust_domain,
+    })
 }
 
 /// Keep the peering stream to `peer` up, reconnecting with backoff.
@@ -142,7 +161,9 @@ async fn dial_once(shared: &Arc<Shared>, link: &LinkRecord, addr: &str) -> Resul
         &[tls::ALPN_H2],
     )
     .map_err(|e| e.to_string())?;
-    let channel = isthmus_core::grpc::connect(addr, cfg).await.map_err(|e| error_chain(&e))?;
+    let channel = isthmus_core::grpc::connect(addr, cfg)
+        .await
+        .map_err(|e| error_chain(&e))?;
     let (tx, rx) = mpsc::channel(16);
     let inbound = PeeringClient::new(channel)
         .sync(ReceiverStream::new(rx))
@@ -180,7 +201,12 @@ fn mark(shared: &Shared, peer: &str, f: impl FnOnce(&mut PeerRuntime)) {
 
 /// Both sides of a peering stream run this: announce our bundle and exports,
 /// heartbeat, and apply what the peer sends.
-async fn run_session(shared: Arc<Shared>, peer: String, mut inbound: Streaming<PeerMessage>, tx: mpsc::Sender<PeerMessage>) {
+async fn run_session(
+    shared: Arc<Shared>,
+    peer: String,
+    mut inbound: Streaming<PeerMessage>,
+    tx: mpsc::Sender<PeerMessage>,
+) {
     tracing::info!(%peer, "peering stream up");
     mark(&shared, &peer, |p| {
         p.connected = true;
@@ -210,7 +236,9 @@ async fn run_session(shared: Arc<Shared>, peer: String, mut inbound: Streaming<P
             snapshot::exports(&state, reg.sidecars.values())
         };
         if last_exports.as_ref() != Some(&exports) {
-            let m = Msg::Exports(ExportList { services: exports.clone() });
+            let m = Msg::Exports(ExportList {
+                services: exports.clone(),
+            });
             if tx.send(PeerMessage { msg: Some(m) }).await.is_err() {
                 break;
             }

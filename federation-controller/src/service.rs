@@ -13,16 +13,16 @@ use isthmus_proto::admin_server::{Admin, AdminServer};
 use isthmus_proto::control_server::{Control, ControlServer};
 use isthmus_proto::peering_server::{Peering, PeeringServer};
 use isthmus_proto::{
-    watch_request, CertificateRequest, CertificateResponse, ConfigSnapshot, CreateTokenRequest,
-    CreateTokenResponse, ExportRequest, ExportResponse, JoinRequest, JoinResponse, LinkRequest,
-    LinkResponse, LinkStatus, PeerMessage, StatusRequest, StatusResponse, WatchRequest,
+    CertificateRequest, CertificateResponse, ConfigSnapshot, CreateTokenRequest, CreateTokenResponse, ExportRequest,
+    ExportResponse, JoinRequest, JoinResponse, LinkRequest, LinkResponse, LinkStatus, PeerMessage, StatusRequest,
+    StatusResponse, WatchRequest, watch_request,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::state::{ExportRecord, LinkRecord, TokenRecord};
-use crate::{peering, Shared};
+use crate::{Shared, peering};
 
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -66,7 +66,11 @@ impl Svc {
         let want = &self.0.local_token;
         let same = presented.len() == want.len()
             && presented.bytes().zip(want.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
-        if same { Ok(()) } else { Err(Status::unauthenticated("wrong local token")) }
+        if same {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("wrong local token"))
+        }
     }
 }
 
@@ -101,7 +105,10 @@ impl Control for Svc {
 
     async fn watch_config(&self, req: Request<WatchRequest>) -> Result<Response<SnapshotStream>, Status> {
         self.authorize(&req)?;
-        let node = req.into_inner().node.ok_or_else(|| Status::invalid_argument("registration missing"))?;
+        let node = req
+            .into_inner()
+            .node
+            .ok_or_else(|| Status::invalid_argument("registration missing"))?;
         let shared = self.0.clone();
         let id = {
             let mut reg = shared.registry.lock().expect("registry lock");
@@ -153,10 +160,7 @@ impl Control for Svc {
 
 #[tonic::async_trait]
 impl Admin for Svc {
-    async fn create_token(
-        &self,
-        req: Request<CreateTokenRequest>,
-    ) -> Result<Response<CreateTokenResponse>, Status> {
+    async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<CreateTokenResponse>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
         let ttl = Duration::from_secs(if r.ttl_seconds == 0 { 900 } else { r.ttl_seconds });
@@ -185,12 +189,23 @@ impl Admin for Svc {
             state.tokens.retain(|_, t| t.expires_unix > now - 24 * 3600);
             state.tokens.insert(
                 id.clone(),
-                TokenRecord { id: id.clone(), secret_hash: hash, created_unix: now, expires_unix: expires, uses_left: uses, used_by: vec![] },
+                TokenRecord {
+                    id: id.clone(),
+                    secret_hash: hash,
+                    created_unix: now,
+                    expires_unix: expires,
+                    uses_left: uses,
+                    used_by: vec![],
+                },
             );
             self.0.save(&state)?;
         }
         tracing::info!(token_id = %id, ttl_s = ttl.as_secs(), uses, "join token created");
-        Ok(Response::new(CreateTokenResponse { token: tok.encode(), id, expires_unix: expires }))
+        Ok(Response::new(CreateTokenResponse {
+            token: tok.encode(),
+            id,
+            expires_unix: expires,
+        }))
     }
 
     async fn link(&self, req: Request<LinkRequest>) -> Result<Response<LinkResponse>, Status> {
@@ -207,21 +222,40 @@ impl Admin for Svc {
         naming::parse_ns_name(&key).map_err(Status::invalid_argument)?;
         {
             let reg = self.0.registry.lock().expect("registry lock");
-            if !reg.sidecars.values().any(|s| s.namespace == r.namespace && s.service == r.name) {
-                let mut known: Vec<String> = reg.sidecars.values().map(|s| format!("{}/{}", s.namespace, s.service)).collect();
+            if !reg
+                .sidecars
+                .values()
+                .any(|s| s.namespace == r.namespace && s.service == r.name)
+            {
+                let mut known: Vec<String> = reg
+                    .sidecars
+                    .values()
+                    .map(|s| format!("{}/{}", s.namespace, s.service))
+                    .collect();
                 known.sort();
                 known.dedup();
                 return Err(Status::not_found(format!(
                     "service {key} does not exist in cluster {}: no workload has registered it (services here: {})",
                     self.0.cfg.cluster,
-                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
                 )));
             }
         }
         {
             let mut state = self.0.state.lock().expect("state lock");
             if !state.exports.contains_key(&key) {
-                state.exports.insert(key.clone(), ExportRecord { namespace: r.namespace, name: r.name, created_unix: unix_now() });
+                state.exports.insert(
+                    key.clone(),
+                    ExportRecord {
+                        namespace: r.namespace,
+                        name: r.name,
+                        created_unix: unix_now(),
+                    },
+                );
                 self.0.save(&state)?;
             }
         }
@@ -240,7 +274,10 @@ impl Admin for Svc {
             .values()
             .map(|l| {
                 let rt = peers.get(&l.cluster);
-                let age = rt.and_then(|p| p.last_heartbeat).map(|t| t.elapsed().as_millis() as i64).unwrap_or(-1);
+                let age = rt
+                    .and_then(|p| p.last_heartbeat)
+                    .map(|t| t.elapsed().as_millis() as i64)
+                    .unwrap_or(-1);
                 let fp = identity::certs_from_pem(&l.roots_pem)
                     .ok()
                     .and_then(|c| c.first().map(identity::fingerprint))
@@ -286,11 +323,15 @@ impl Peering for Svc {
         {
             let mut state = shared.state.lock().expect("state lock");
             let Some(rec) = state.tokens.get(&r.token_id).cloned() else {
-                return Err(Status::not_found("unknown join token: it was never issued by this cluster, or was revoked"));
+                return Err(Status::not_found(
+                    "unknown join token: it was never issued by this cluster, or was revoked",
+                ));
             };
             if !token::secret_matches(&r.secret, &rec.secret_hash) {
                 tracing::warn!(token_id = %r.token_id, "join refused: wrong secret");
-                return Err(Status::permission_denied("join token secret does not match: the token was altered"));
+                return Err(Status::permission_denied(
+                    "join token secret does not match: the token was altered",
+                ));
             }
             // Expiry is judged by the issuer's clock alone, so skew cannot matter.
             if now >= rec.expires_unix {
@@ -305,7 +346,11 @@ impl Peering for Svc {
                     rec.used_by.join(", ")
                 )));
             }
-            if let Some(l) = state.links.values().find(|l| l.cluster == r.cluster || l.trust_domain == r.trust_domain) {
+            if let Some(l) = state
+                .links
+                .values()
+                .find(|l| l.cluster == r.cluster || l.trust_domain == r.trust_domain)
+            {
                 return Err(Status::already_exists(format!(
                     "cluster {} ({}) is already linked with {}",
                     l.cluster, l.trust_domain, shared.cfg.cluster
@@ -353,7 +398,9 @@ impl Peering for Svc {
                 .map(|l| l.cluster.clone())
         };
         let Some(peer) = peer.filter(|_| id == SpiffeId::controller(&id.trust_domain)) else {
-            return Err(Status::permission_denied(format!("{id} is not the controller of a linked cluster")));
+            return Err(Status::permission_denied(format!(
+                "{id} is not the controller of a linked cluster"
+            )));
         };
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(peering::session(self.0.clone(), peer, req.into_inner(), tx));

@@ -20,7 +20,9 @@ fn local_services<'a>(
 ) -> BTreeMap<String, (u32, Vec<&'a SidecarRegistration>)> {
     let mut out: BTreeMap<String, (u32, Vec<&SidecarRegistration>)> = BTreeMap::new();
     for r in regs.filter(|r| !r.service.is_empty()) {
-        let e = out.entry(format!("{}/{}", r.namespace, r.service)).or_insert((r.port, Vec::new()));
+        let e = out
+            .entry(format!("{}/{}", r.namespace, r.service))
+            .or_insert((r.port, Vec::new()));
         e.1.push(r);
     }
     out
@@ -154,11 +156,33 @@ mod tests {
     #[test]
     fn merges_local_and_imported_backends() {
         let mut state = State::new("east", "east.mesh");
-        state.exports.insert("demo/echo".into(), ExportRecord { namespace: "demo".into(), name: "echo".into(), created_unix: 10 });
-        let regs = [reg("demo", "echo", 8080, "127.0.1.10:1"), reg("demo", "echo", 8080, "127.0.1.11:1")];
+        state.exports.insert(
+            "demo/echo".into(),
+            ExportRecord {
+                namespace: "demo".into(),
+                name: "echo".into(),
+                created_unix: 10,
+            },
+        );
+        let regs = [
+            reg("demo", "echo", 8080, "127.0.1.10:1"),
+            reg("demo", "echo", 8080, "127.0.1.11:1"),
+        ];
         let mut imports = BTreeMap::new();
-        imports.insert("west".to_string(), PeerImports { services: vec![imported("echo", 8080, 5), imported("db", 5432, 5)], live: true });
-        imports.insert("north".to_string(), PeerImports { services: vec![imported("cache", 6379, 5)], live: false });
+        imports.insert(
+            "west".to_string(),
+            PeerImports {
+                services: vec![imported("echo", 8080, 5), imported("db", 5432, 5)],
+                live: true,
+            },
+        );
+        imports.insert(
+            "north".to_string(),
+            PeerImports {
+                services: vec![imported("cache", 6379, 5)],
+                live: false,
+            },
+        );
 
         let svcs = services(&state, regs.iter(), &imports);
         let names: Vec<&str> = svcs.iter().map(|s| s.name.as_str()).collect();
@@ -177,10 +201,23 @@ mod tests {
     #[test]
     fn port_conflict_oldest_export_wins() {
         let mut state = State::new("east", "east.mesh");
-        state.exports.insert("demo/echo".into(), ExportRecord { namespace: "demo".into(), name: "echo".into(), created_unix: 100 });
+        state.exports.insert(
+            "demo/echo".into(),
+            ExportRecord {
+                namespace: "demo".into(),
+                name: "echo".into(),
+                created_unix: 100,
+            },
+        );
         let regs = [reg("demo", "echo", 8080, "127.0.1.10:1")];
         let mut imports = BTreeMap::new();
-        imports.insert("west".to_string(), PeerImports { services: vec![imported("echo", 9090, 50)], live: true });
+        imports.insert(
+            "west".to_string(),
+            PeerImports {
+                services: vec![imported("echo", 9090, 50)],
+                live: true,
+            },
+        );
         let svcs = services(&state, regs.iter(), &imports);
         assert_eq!(svcs[0].port, 9090);
         assert_eq!(svcs[0].backends.len(), 1);

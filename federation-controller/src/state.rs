@@ -14,12 +14,22 @@ const FORMAT_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("state file {path} is corrupt ({reason}); it was left untouched. Restore it from a backup, or move it away to start this cluster afresh (which forgets its links)")]
+    #[error(
+        "state file {path} is corrupt ({reason}); it was left untouched. Restore it from a backup, or move it away to start this cluster afresh (which forgets its links)"
+    )]
     Corrupt { path: String, reason: String },
     #[error("state file {path} was written by format version {found}, this controller reads version {FORMAT_VERSION}")]
     Version { path: String, found: u32 },
-    #[error("state file {path} belongs to cluster {found:?} (trust domain {found_td:?}), not {want:?} ({want_td:?}); use another --dir")]
-    WrongCluster { path: String, found: String, found_td: String, want: String, want_td: String },
+    #[error(
+        "state file {path} belongs to cluster {found:?} (trust domain {found_td:?}), not {want:?} ({want_td:?}); use another --dir"
+    )]
+    WrongCluster {
+        path: String,
+        found: String,
+        found_td: String,
+        want: String,
+        want_td: String,
+    },
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
 }
@@ -93,10 +103,15 @@ impl State {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StateError::Io { path: p, source: e }),
         };
-        let state: State = serde_json::from_slice(&bytes)
-            .map_err(|e| StateError::Corrupt { path: p.clone(), reason: e.to_string() })?;
+        let state: State = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+            path: p.clone(),
+            reason: e.to_string(),
+        })?;
         if state.format != FORMAT_VERSION {
-            return Err(StateError::Version { path: p, found: state.format });
+            return Err(StateError::Version {
+                path: p,
+                found: state.format,
+            });
         }
         if state.cluster != cluster || state.trust_domain != trust_domain {
             return Err(StateError::WrongCluster {
@@ -113,8 +128,10 @@ impl State {
     pub fn save(&self, dir: &Path) -> Result<(), StateError> {
         let path = Self::path(dir);
         let bytes = serde_json::to_vec_pretty(self).expect("state serializes");
-        isthmus_core::local::write_atomic(&path, &bytes, true)
-            .map_err(|e| StateError::Io { path: path.display().to_string(), source: e })
+        isthmus_core::local::write_atomic(&path, &bytes, true).map_err(|e| StateError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })
     }
 }
 
@@ -129,7 +146,11 @@ mod tests {
         let mut s = State::new("east", "east.mesh");
         s.exports.insert(
             "demo/echo".into(),
-            ExportRecord { namespace: "demo".into(), name: "echo".into(), created_unix: 1 },
+            ExportRecord {
+                namespace: "demo".into(),
+                name: "echo".into(),
+                created_unix: 1,
+            },
         );
         s.save(dir.path()).unwrap();
         assert_eq!(State::load(dir.path(), "east", "east.mesh").unwrap().unwrap(), s);

@@ -16,11 +16,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use isthmus_core::agent::{Agent, AgentError};
 use isthmus_core::bundle::TrustBundles;
-use isthmus_core::identity::{SpiffeId, SYSTEM_NAMESPACE};
+use isthmus_core::identity::{SYSTEM_NAMESPACE, SpiffeId};
 use isthmus_core::local::ClusterDir;
 use isthmus_core::tls::{self, ClientAuth, Expect, SharedBundles};
 use isthmus_core::tunnel::{RefuseCode, TunnelRequest, TunnelResponse};
-use isthmus_proto::{watch_request, ConfigSnapshot, GatewayRegistration};
+use isthmus_proto::{ConfigSnapshot, GatewayRegistration, watch_request};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -78,23 +78,48 @@ struct Gateway {
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, GatewayError> {
     let tcp = TcpListener::bind(cfg.tunnel_addr)
         .await
-        .map_err(|e| GatewayError::Bind { addr: cfg.tunnel_addr, source: e })?;
-    let udp = std::net::UdpSocket::bind(cfg.quic_addr).map_err(|e| GatewayError::Bind { addr: cfg.quic_addr, source: e })?;
-    let tunnel_addr = tcp.local_addr().map_err(|e| GatewayError::Bind { addr: cfg.tunnel_addr, source: e })?;
-    let quic_addr = udp.local_addr().map_err(|e| GatewayError::Bind { addr: cfg.quic_addr, source: e })?;
+        .map_err(|e| GatewayError::Bind {
+            addr: cfg.tunnel_addr,
+            source: e,
+        })?;
+    let udp = std::net::UdpSocket::bind(cfg.quic_addr).map_err(|e| GatewayError::Bind {
+        addr: cfg.quic_addr,
+        source: e,
+    })?;
+    let tunnel_addr = tcp.local_addr().map_err(|e| GatewayError::Bind {
+        addr: cfg.tunnel_addr,
+        source: e,
+    })?;
+    let quic_addr = udp.local_addr().map_err(|e| GatewayError::Bind {
+        addr: cfg.quic_addr,
+        source: e,
+    })?;
 
     let node = watch_request::Node::Gateway(GatewayRegistration {
         tunnel_addr: tunnel_addr.to_string(),
         quic_addr: cfg.advertise.clone().unwrap_or_else(|| quic_addr.to_string()),
     });
     let dir = ClusterDir::new(&cfg.dir);
-    let agent = Agent::start(&dir, SYSTEM_NAMESPACE, "gateway", node, Duration::from_secs(30), shutdown.clone()).await?;
+    let agent = Agent::start(
+        &dir,
+        SYSTEM_NAMESPACE,
+        "gateway",
+        node,
+        Duration::from_secs(30),
+        shutdown.clone(),
+    )
+    .await?;
 
     let peer_bundles: SharedBundles = Arc::new(ArcSwap::from_pointee(TrustBundles::new()));
     let local_bundles: SharedBundles = Arc::new(ArcSwap::from_pointee(TrustBundles::new()));
     split_bundles(&agent, &peer_bundles, &local_bundles);
 
-    let server_tls = tls::server_config(agent.svid.clone(), peer_bundles.clone(), ClientAuth::Required, &[tls::ALPN_TUNNEL])?;
+    let server_tls = tls::server_config(
+        agent.svid.clone(),
+        peer_bundles.clone(),
+        ClientAuth::Required,
+        &[tls::ALPN_TUNNEL],
+    )?;
     let quic_server = QuicServerConfig::try_from(server_tls).map_err(|e| GatewayError::Quic(e.to_string()))?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
     server_config.transport_config(transport());
@@ -116,7 +141,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
         conns: Mutex::new(HashMap::new()),
         tracker: TaskTracker::new(),
     });
-    let tunnel_tls = tls::server_config(gw.agent.svid.clone(), gw.local_bundles.clone(), ClientAuth::Required, &[])?;
+    let tunnel_tls = tls::server_config(
+        gw.agent.svid.clone(),
+        gw.local_bundles.clone(),
+        ClientAuth::Required,
+        &[],
+    )?;
     tracing::info!(cluster = %gw.cluster, %tunnel_addr, %quic_addr, "gateway ready");
 
     let tasks = CancellationToken::new();
@@ -135,7 +165,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
         }
         gw.endpoint.close(0u32.into(), b"gateway shutting down");
     });
-    Ok(Running { tunnel_addr, quic_addr, done })
+    Ok(Running {
+        tunnel_addr,
+        quic_addr,
+        done,
+    })
 }
 
 fn transport() -> Arc<quinn::TransportConfig> {
@@ -188,7 +222,12 @@ async fn follow_config(gw: Arc<Gateway>, stop: CancellationToken) {
     }
 }
 
-async fn accept_tunnels(gw: Arc<Gateway>, listener: TcpListener, tls: Arc<rustls::ServerConfig>, stop: CancellationToken) {
+async fn accept_tunnels(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    stop: CancellationToken,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (tcp, from) = tokio::select! {
@@ -247,17 +286,32 @@ type QuicStream = tokio::io::Join<quinn::RecvStream, quinn::SendStream>;
 async fn open_stream(gw: &Gateway, req: &TunnelRequest) -> Result<QuicStream, TunnelResponse> {
     let refuse = TunnelResponse::refused;
     let conn = peer_connection(gw, &req.cluster).await?;
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| refuse(RefuseCode::PeerUnreachable, format!("gateway of cluster {} unreachable: {e}", req.cluster)))?;
-    req.write(&mut send)
-        .await
-        .map_err(|e| refuse(RefuseCode::PeerUnreachable, format!("gateway of cluster {}: {e}", req.cluster)))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
+        refuse(
+            RefuseCode::PeerUnreachable,
+            format!("gateway of cluster {} unreachable: {e}", req.cluster),
+        )
+    })?;
+    req.write(&mut send).await.map_err(|e| {
+        refuse(
+            RefuseCode::PeerUnreachable,
+            format!("gateway of cluster {}: {e}", req.cluster),
+        )
+    })?;
     let resp = tokio::time::timeout(HEADER_TIMEOUT, TunnelResponse::read(&mut recv))
         .await
-        .map_err(|_| refuse(RefuseCode::PeerUnreachable, format!("gateway of cluster {} did not answer", req.cluster)))?
-        .map_err(|e| refuse(RefuseCode::PeerUnreachable, format!("gateway of cluster {}: {e}", req.cluster)))?;
+        .map_err(|_| {
+            refuse(
+                RefuseCode::PeerUnreachable,
+                format!("gateway of cluster {} did not answer", req.cluster),
+            )
+        })?
+        .map_err(|e| {
+            refuse(
+                RefuseCode::PeerUnreachable,
+                format!("gateway of cluster {}: {e}", req.cluster),
+            )
+        })?;
     match resp {
         TunnelResponse::Ok => Ok(tokio::io::join(recv, send)),
         refused => Err(refused),
@@ -269,23 +323,36 @@ async fn open_stream(gw: &Gateway, req: &TunnelRequest) -> Result<QuicStream, Tu
 /// DNS name that moves is followed.
 async fn peer_connection(gw: &Gateway, cluster: &str) -> Result<quinn::Connection, TunnelResponse> {
     let refuse = TunnelResponse::refused;
-    if let Some(c) = gw.conns.lock().expect("conns lock").get(cluster) {
-        if c.close_reason().is_none() {
-            return Ok(c.clone());
-        }
+    let existing = gw.conns.lock().expect("conns lock").get(cluster).cloned();
+    if let Some(c) = existing.filter(|c| c.close_reason().is_none()) {
+        return Ok(c);
     }
     let snap: Arc<ConfigSnapshot> = gw.agent.config.borrow().clone();
     let peer = snap.peers.iter().find(|p| p.cluster == cluster).ok_or_else(|| {
-        refuse(RefuseCode::UnknownPeer, format!("cluster {cluster} is not linked with cluster {}", gw.cluster))
+        refuse(
+            RefuseCode::UnknownPeer,
+            format!("cluster {cluster} is not linked with cluster {}", gw.cluster),
+        )
     })?;
     if peer.gateway_addr.is_empty() {
-        return Err(refuse(RefuseCode::PeerUnreachable, format!("cluster {cluster} has not announced a gateway address")));
+        return Err(refuse(
+            RefuseCode::PeerUnreachable,
+            format!("cluster {cluster} has not announced a gateway address"),
+        ));
     }
     let addr = tokio::net::lookup_host(&peer.gateway_addr)
         .await
         .ok()
         .and_then(|mut a| a.next())
-        .ok_or_else(|| refuse(RefuseCode::PeerUnreachable, format!("cannot resolve gateway address {} of cluster {cluster}", peer.gateway_addr)))?;
+        .ok_or_else(|| {
+            refuse(
+                RefuseCode::PeerUnreachable,
+                format!(
+                    "cannot resolve gateway address {} of cluster {cluster}",
+                    peer.gateway_addr
+                ),
+            )
+        })?;
     let client_tls = tls::client_config(
         Some(gw.agent.svid.clone()),
         gw.peer_bundles.clone(),
@@ -293,7 +360,8 @@ async fn peer_connection(gw: &Gateway, cluster: &str) -> Result<quinn::Connectio
         &[tls::ALPN_TUNNEL],
     )
     .map_err(|e| refuse(RefuseCode::PeerUnreachable, e.to_string()))?;
-    let quic_tls = QuicClientConfig::try_from(client_tls).map_err(|e| refuse(RefuseCode::PeerUnreachable, e.to_string()))?;
+    let quic_tls =
+        QuicClientConfig::try_from(client_tls).map_err(|e| refuse(RefuseCode::PeerUnreachable, e.to_string()))?;
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic_tls));
     client_config.transport_config(transport());
     let connecting = gw
@@ -302,10 +370,23 @@ async fn peer_connection(gw: &Gateway, cluster: &str) -> Result<quinn::Connectio
         .map_err(|e| refuse(RefuseCode::PeerUnreachable, e.to_string()))?;
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
-        .map_err(|_| refuse(RefuseCode::PeerUnreachable, format!("gateway of cluster {cluster} at {addr}: QUIC handshake timed out")))?
-        .map_err(|e| refuse(RefuseCode::PeerUnreachable, format!("gateway of cluster {cluster} at {addr}: {e}")))?;
+        .map_err(|_| {
+            refuse(
+                RefuseCode::PeerUnreachable,
+                format!("gateway of cluster {cluster} at {addr}: QUIC handshake timed out"),
+            )
+        })?
+        .map_err(|e| {
+            refuse(
+                RefuseCode::PeerUnreachable,
+                format!("gateway of cluster {cluster} at {addr}: {e}"),
+            )
+        })?;
     tracing::info!(peer = %cluster, %addr, "QUIC connection to peer gateway up");
-    gw.conns.lock().expect("conns lock").insert(cluster.to_string(), conn.clone());
+    gw.conns
+        .lock()
+        .expect("conns lock")
+        .insert(cluster.to_string(), conn.clone());
     Ok(conn)
 }
 
@@ -367,7 +448,12 @@ async fn serve_peer(gw: Arc<Gateway>, conn: quinn::Connection, stop: Cancellatio
 }
 
 /// Authorize a peer's stream and relay it to a local sidecar.
-async fn inbound_stream(gw: Arc<Gateway>, peer: &str, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
+async fn inbound_stream(
+    gw: Arc<Gateway>,
+    peer: &str,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), String> {
     let req = tokio::time::timeout(HEADER_TIMEOUT, TunnelRequest::read(&mut recv))
         .await
         .map_err(|_| "header timed out".to_string())?
@@ -390,7 +476,16 @@ async fn inbound_stream(gw: Arc<Gateway>, peer: &str, mut send: quinn::SendStrea
                 }
             }
             found.ok_or_else(|| {
-                TunnelResponse::refused(RefuseCode::UpstreamConnect, format!("no endpoint of {}/{} in cluster {} accepted: {}", req.namespace, req.service, gw.cluster, last.unwrap_or_default()))
+                TunnelResponse::refused(
+                    RefuseCode::UpstreamConnect,
+                    format!(
+                        "no endpoint of {}/{} in cluster {} accepted: {}",
+                        req.namespace,
+                        req.service,
+                        gw.cluster,
+                        last.unwrap_or_default()
+                    ),
+                )
             })
         }
         Err(r) => Err(r),
@@ -413,22 +508,44 @@ async fn inbound_stream(gw: Arc<Gateway>, peer: &str, mut send: quinn::SendStrea
 
 /// Whether a peer may open a stream to `req`'s target; if so, the local
 /// sidecar addresses that serve it. Pure, so every rule is unit-tested.
-pub fn authorize(snap: &ConfigSnapshot, cluster: &str, peer: &str, req: &TunnelRequest) -> Result<Vec<String>, TunnelResponse> {
+pub fn authorize(
+    snap: &ConfigSnapshot,
+    cluster: &str,
+    peer: &str,
+    req: &TunnelRequest,
+) -> Result<Vec<String>, TunnelResponse> {
     let refuse = TunnelResponse::refused;
     if !snap.peers.iter().any(|p| p.cluster == peer) {
-        return Err(refuse(RefuseCode::UnknownPeer, format!("cluster {peer} is not linked with cluster {cluster}")));
+        return Err(refuse(
+            RefuseCode::UnknownPeer,
+            format!("cluster {peer} is not linked with cluster {cluster}"),
+        ));
     }
     if req.cluster != cluster {
-        return Err(refuse(RefuseCode::BadRequest, format!("this is the gateway of cluster {cluster}, not {}", req.cluster)));
+        return Err(refuse(
+            RefuseCode::BadRequest,
+            format!("this is the gateway of cluster {cluster}, not {}", req.cluster),
+        ));
     }
     let key = format!("{}/{}", req.namespace, req.service);
     let svc = snap
         .services
         .iter()
         .find(|s| s.namespace == req.namespace && s.name == req.service && s.exported)
-        .ok_or_else(|| refuse(RefuseCode::NotExported, format!("service {key} is not exported by cluster {cluster}")))?;
+        .ok_or_else(|| {
+            refuse(
+                RefuseCode::NotExported,
+                format!("service {key} is not exported by cluster {cluster}"),
+            )
+        })?;
     if svc.port != u32::from(req.port) {
-        return Err(refuse(RefuseCode::PortMismatch, format!("service {key} in cluster {cluster} serves port {}, not {}", svc.port, req.port)));
+        return Err(refuse(
+            RefuseCode::PortMismatch,
+            format!(
+                "service {key} in cluster {cluster} serves port {}, not {}",
+                svc.port, req.port
+            ),
+        ));
     }
     let addrs: Vec<String> = svc
         .backends
@@ -437,7 +554,10 @@ pub fn authorize(snap: &ConfigSnapshot, cluster: &str, peer: &str, req: &TunnelR
         .flat_map(|b| b.addresses.iter().cloned())
         .collect();
     if addrs.is_empty() {
-        return Err(refuse(RefuseCode::NoEndpoints, format!("service {key} has no endpoints in cluster {cluster}")));
+        return Err(refuse(
+            RefuseCode::NoEndpoints,
+            format!("service {key} has no endpoints in cluster {cluster}"),
+        ));
     }
     Ok(addrs)
 }
@@ -450,21 +570,35 @@ mod tests {
     fn snap() -> ConfigSnapshot {
         ConfigSnapshot {
             cluster: "east".into(),
-            peers: vec![Peer { cluster: "west".into(), trust_domain: "west.mesh".into(), gateway_addr: "x:1".into() }],
+            peers: vec![Peer {
+                cluster: "west".into(),
+                trust_domain: "west.mesh".into(),
+                gateway_addr: "x:1".into(),
+            }],
             services: vec![
                 Service {
                     namespace: "demo".into(),
                     name: "echo".into(),
                     port: 8080,
                     exported: true,
-                    backends: vec![Backend { cluster: "east".into(), addresses: vec!["127.0.1.10:1".into()], identities: vec![], healthy_endpoints: 1 }],
+                    backends: vec![Backend {
+                        cluster: "east".into(),
+                        addresses: vec!["127.0.1.10:1".into()],
+                        identities: vec![],
+                        healthy_endpoints: 1,
+                    }],
                 },
                 Service {
                     namespace: "demo".into(),
                     name: "secret".into(),
                     port: 8080,
                     exported: false,
-                    backends: vec![Backend { cluster: "east".into(), addresses: vec!["127.0.1.11:1".into()], identities: vec![], healthy_endpoints: 1 }],
+                    backends: vec![Backend {
+                        cluster: "east".into(),
+                        addresses: vec!["127.0.1.11:1".into()],
+                        identities: vec![],
+                        healthy_endpoints: 1,
+                    }],
                 },
             ],
             ..Default::default()
@@ -472,7 +606,14 @@ mod tests {
     }
 
     fn req(service: &str, port: u16) -> TunnelRequest {
-        TunnelRequest { cluster: "east".into(), namespace: "demo".into(), service: service.into(), port, source_cluster: "west".into(), traceparent: None }
+        TunnelRequest {
+            cluster: "east".into(),
+            namespace: "demo".into(),
+            service: service.into(),
+            port,
+            source_cluster: "west".into(),
+            traceparent: None,
+        }
     }
 
     fn code(r: Result<Vec<String>, TunnelResponse>) -> RefuseCode {
@@ -485,16 +626,34 @@ mod tests {
     #[test]
     fn authorizes_only_exported_services_on_their_port_for_linked_peers() {
         let s = snap();
-        assert_eq!(authorize(&s, "east", "west", &req("echo", 8080)).unwrap(), ["127.0.1.10:1"]);
-        assert_eq!(code(authorize(&s, "east", "west", &req("secret", 8080))), RefuseCode::NotExported);
-        assert_eq!(code(authorize(&s, "east", "west", &req("nope", 8080))), RefuseCode::NotExported);
-        assert_eq!(code(authorize(&s, "east", "west", &req("echo", 9999))), RefuseCode::PortMismatch);
-        assert_eq!(code(authorize(&s, "east", "north", &req("echo", 8080))), RefuseCode::UnknownPeer);
+        assert_eq!(
+            authorize(&s, "east", "west", &req("echo", 8080)).unwrap(),
+            ["127.0.1.10:1"]
+        );
+        assert_eq!(
+            code(authorize(&s, "east", "west", &req("secret", 8080))),
+            RefuseCode::NotExported
+        );
+        assert_eq!(
+            code(authorize(&s, "east", "west", &req("nope", 8080))),
+            RefuseCode::NotExported
+        );
+        assert_eq!(
+            code(authorize(&s, "east", "west", &req("echo", 9999))),
+            RefuseCode::PortMismatch
+        );
+        assert_eq!(
+            code(authorize(&s, "east", "north", &req("echo", 8080))),
+            RefuseCode::UnknownPeer
+        );
         let mut other = req("echo", 8080);
         other.cluster = "north".into();
         assert_eq!(code(authorize(&s, "east", "west", &other)), RefuseCode::BadRequest);
         let mut empty = snap();
         empty.services[0].backends[0].addresses.clear();
-        assert_eq!(code(authorize(&empty, "east", "west", &req("echo", 8080))), RefuseCode::NoEndpoints);
+        assert_eq!(
+            code(authorize(&empty, "east", "west", &req("echo", 8080))),
+            RefuseCode::NoEndpoints
+        );
     }
 }

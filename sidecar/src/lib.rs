@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -28,7 +28,7 @@ use isthmus_core::local::ClusterDir;
 use isthmus_core::naming::ServiceName;
 use isthmus_core::tls::{self, ClientAuth, Expect};
 use isthmus_core::tunnel::{TunnelRequest, TunnelResponse};
-use isthmus_proto::{watch_request, SidecarRegistration};
+use isthmus_proto::{SidecarRegistration, watch_request};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -103,19 +103,36 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     }
     let inbound = TcpListener::bind(cfg.inbound_addr)
         .await
-        .map_err(|e| SidecarError::Bind { addr: cfg.inbound_addr, source: e })?;
+        .map_err(|e| SidecarError::Bind {
+            addr: cfg.inbound_addr,
+            source: e,
+        })?;
     let outbound = TcpListener::bind(cfg.outbound_addr)
         .await
-        .map_err(|e| SidecarError::Bind { addr: cfg.outbound_addr, source: e })?;
-    let inbound_addr = inbound.local_addr().map_err(|e| SidecarError::Bind { addr: cfg.inbound_addr, source: e })?;
-    let outbound_addr = outbound.local_addr().map_err(|e| SidecarError::Bind { addr: cfg.outbound_addr, source: e })?;
+        .map_err(|e| SidecarError::Bind {
+            addr: cfg.outbound_addr,
+            source: e,
+        })?;
+    let inbound_addr = inbound.local_addr().map_err(|e| SidecarError::Bind {
+        addr: cfg.inbound_addr,
+        source: e,
+    })?;
+    let outbound_addr = outbound.local_addr().map_err(|e| SidecarError::Bind {
+        addr: cfg.outbound_addr,
+        source: e,
+    })?;
 
     let dir = ClusterDir::new(&cfg.dir);
     let identity_hint = {
         // The controller assigns the trust domain; we name it for discovery.
         let info = dir.controller_info().ok();
-        info.map(|i| format!("spiffe://{}/ns/{}/sa/{}", i.trust_domain, cfg.namespace, cfg.service_account))
-            .unwrap_or_default()
+        info.map(|i| {
+            format!(
+                "spiffe://{}/ns/{}/sa/{}",
+                i.trust_domain, cfg.namespace, cfg.service_account
+            )
+        })
+        .unwrap_or_default()
     };
     let node = watch_request::Node::Sidecar(SidecarRegistration {
         namespace: cfg.namespace.clone(),
@@ -125,9 +142,22 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
         instance: cfg.instance.clone(),
         identity: identity_hint,
     });
-    let agent = Agent::start(&dir, &cfg.namespace, &cfg.service_account, node, Duration::from_secs(30), shutdown.clone()).await?;
+    let agent = Agent::start(
+        &dir,
+        &cfg.namespace,
+        &cfg.service_account,
+        node,
+        Duration::from_secs(30),
+        shutdown.clone(),
+    )
+    .await?;
     let id = agent.id();
-    let inbound_tls = tls::server_config(agent.svid.clone(), agent.bundles.clone(), ClientAuth::Required, &[tls::ALPN_H2])?;
+    let inbound_tls = tls::server_config(
+        agent.svid.clone(),
+        agent.bundles.clone(),
+        ClientAuth::Required,
+        &[tls::ALPN_H2],
+    )?;
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     let sc = Arc::new(Sidecar {
@@ -143,7 +173,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     let done = tokio::spawn(async move {
         let _ = tokio::join!(t1, t2);
     });
-    Ok(Running { inbound_addr, outbound_addr, id, done })
+    Ok(Running {
+        inbound_addr,
+        outbound_addr,
+        id,
+        done,
+    })
 }
 
 async fn serve_outbound(sc: Arc<Sidecar>, listener: TcpListener, stop: CancellationToken) {
@@ -166,7 +201,12 @@ async fn serve_outbound(sc: Arc<Sidecar>, listener: TcpListener, stop: Cancellat
     }
 }
 
-async fn serve_inbound(sc: Arc<Sidecar>, listener: TcpListener, tls: Arc<rustls::ServerConfig>, stop: CancellationToken) {
+async fn serve_inbound(
+    sc: Arc<Sidecar>,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    stop: CancellationToken,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (tcp, from) = tokio::select! {
@@ -185,7 +225,9 @@ async fn serve_inbound(sc: Arc<Sidecar>, listener: TcpListener, tls: Arc<rustls:
                 }
                 Err(_) => return,
             };
-            let Some(client) = tls::peer_id(stream.get_ref().1.peer_certificates()) else { return };
+            let Some(client) = tls::peer_id(stream.get_ref().1.peer_certificates()) else {
+                return;
+            };
             let client = HeaderValue::from_str(&client.to_string()).expect("SPIFFE IDs are ASCII");
             let svc = hyper::service::service_fn(move |req| {
                 let sc = sc.clone();
@@ -202,11 +244,20 @@ async fn serve_inbound(sc: Arc<Sidecar>, listener: TcpListener, tls: Arc<rustls:
 /// Hand a verified request to the local app.
 async fn inbound(sc: Arc<Sidecar>, client: HeaderValue, req: Request<Incoming>) -> Response<Body> {
     let Some(app) = sc.cfg.serve.as_ref().map(|s| s.app) else {
-        return error(StatusCode::NOT_FOUND, "no-service", "this workload serves no service".into());
+        return error(
+            StatusCode::NOT_FOUND,
+            "no-service",
+            "this workload serves no service".into(),
+        );
     };
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.to_string());
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
     parts.uri = match format!("http://{app}{path}").parse() {
         Ok(u) => u,
         Err(_) => return error(StatusCode::BAD_REQUEST, "bad-request", "unparseable path".into()),
@@ -228,16 +279,26 @@ async fn inbound(sc: Arc<Sidecar>, client: HeaderValue, req: Request<Incoming>) 
         Err(e) => error(
             StatusCode::BAD_GATEWAY,
             "app-unavailable",
-            format!("the workload at {app} did not answer: {}", isthmus_core::local::error_chain(&e)),
+            format!(
+                "the workload at {app} did not answer: {}",
+                isthmus_core::local::error_chain(&e)
+            ),
         ),
     }
 }
 
 fn error(status: StatusCode, kind: &'static str, msg: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(format!("isthmus: {msg}\n"))).map_err(|n| match n {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("isthmus: {msg}\n")))
+            .map_err(|n| match n {})
+            .boxed(),
+    );
     *r.status_mut() = status;
     r.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static(kind));
-    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -255,7 +316,11 @@ enum ProxyError {
     #[error("{0}")]
     Connect(String),
     #[error("{cluster} refused the tunnel ({code}): {reason}")]
-    Refused { cluster: String, code: String, reason: String },
+    Refused {
+        cluster: String,
+        code: String,
+        reason: String,
+    },
     #[error("upstream: {0}")]
     Upstream(String),
 }
@@ -264,7 +329,9 @@ impl ProxyError {
     fn response(&self) -> Response<Body> {
         let (status, kind) = match self {
             ProxyError::NoHost | ProxyError::NotMeshName(_) => (StatusCode::BAD_REQUEST, "bad-request"),
-            ProxyError::Route(RouteError::UnknownService { .. }) => (StatusCode::SERVICE_UNAVAILABLE, "unknown-service"),
+            ProxyError::Route(RouteError::UnknownService { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unknown-service")
+            }
             ProxyError::Route(RouteError::PortMismatch { .. }) => (StatusCode::SERVICE_UNAVAILABLE, "port-mismatch"),
             ProxyError::Route(_) => (StatusCode::SERVICE_UNAVAILABLE, "no-endpoints"),
             ProxyError::NoGateway(_) => (StatusCode::SERVICE_UNAVAILABLE, "no-gateway"),
@@ -305,7 +372,12 @@ async fn forward(sc: &Arc<Sidecar>, req: Request<Incoming>) -> Result<Response<B
         route::route(&snap, &name, port, rand::random_range(0..1024))?
     };
     let (mut parts, body) = req.into_parts();
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
     let authority = match port {
         Some(p) => format!("{host}:{p}"),
         None => host.clone(),
@@ -319,7 +391,13 @@ async fn forward(sc: &Arc<Sidecar>, req: Request<Incoming>) -> Result<Response<B
     parts.version = http::Version::HTTP_2;
 
     let key = pool_key(&target);
-    let pooled = sc.pool.lock().expect("pool lock").get(&key).filter(|s| !s.is_closed()).cloned();
+    let pooled = sc
+        .pool
+        .lock()
+        .expect("pool lock")
+        .get(&key)
+        .filter(|s| !s.is_closed())
+        .cloned();
     let mut sender = match pooled {
         Some(s) => s,
         None => {
@@ -347,7 +425,15 @@ fn pool_key(t: &Target) -> String {
 }
 
 fn strip_hop_by_hop(h: &mut http::HeaderMap) {
-    for name in ["connection", "proxy-connection", "keep-alive", "te", "transfer-encoding", "upgrade", "proxy-authorization"] {
+    for name in [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+    ] {
         h.remove(name);
     }
 }
@@ -369,13 +455,35 @@ async fn connect(sc: &Sidecar, target: &Target) -> Result<H2Sender, ProxyError> 
     } else {
         Box::new(tunnel(sc, target).await?)
     };
-    let identities: Vec<SpiffeId> = target.identities.iter().filter_map(|i| SpiffeId::parse(i).ok()).collect();
-    let cfg = tls::client_config(Some(sc.agent.svid.clone()), sc.agent.bundles.clone(), Expect::AnyOf(identities), &[tls::ALPN_H2])
-        .map_err(|e| ProxyError::Connect(e.to_string()))?;
-    let inner = tokio::time::timeout(CONNECT_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(tls::sni(), io))
-        .await
-        .map_err(|_| ProxyError::Connect(format!("mTLS handshake with {} in cluster {} timed out", target.service, target.cluster)))?
-        .map_err(|e| ProxyError::Connect(format!("mTLS handshake with {}/{} in cluster {}: {e}", target.namespace, target.service, target.cluster)))?;
+    let identities: Vec<SpiffeId> = target
+        .identities
+        .iter()
+        .filter_map(|i| SpiffeId::parse(i).ok())
+        .collect();
+    let cfg = tls::client_config(
+        Some(sc.agent.svid.clone()),
+        sc.agent.bundles.clone(),
+        Expect::AnyOf(identities),
+        &[tls::ALPN_H2],
+    )
+    .map_err(|e| ProxyError::Connect(e.to_string()))?;
+    let inner = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_rustls::TlsConnector::from(cfg).connect(tls::sni(), io),
+    )
+    .await
+    .map_err(|_| {
+        ProxyError::Connect(format!(
+            "mTLS handshake with {} in cluster {} timed out",
+            target.service, target.cluster
+        ))
+    })?
+    .map_err(|e| {
+        ProxyError::Connect(format!(
+            "mTLS handshake with {}/{} in cluster {}: {e}",
+            target.namespace, target.service, target.cluster
+        ))
+    })?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .handshake(TokioIo::new(inner))
         .await
@@ -418,7 +526,9 @@ async fn tunnel(sc: &Sidecar, target: &Target) -> Result<impl Io + use<>, ProxyE
         source_cluster: sc.agent.cluster.clone(),
         traceparent: None,
     };
-    req.write(&mut outer).await.map_err(|e| ProxyError::Connect(format!("gateway {gw}: {e}")))?;
+    req.write(&mut outer)
+        .await
+        .map_err(|e| ProxyError::Connect(format!("gateway {gw}: {e}")))?;
     let resp = tokio::time::timeout(Duration::from_secs(15), TunnelResponse::read(&mut outer))
         .await
         .map_err(|_| ProxyError::Connect(format!("gateway {gw} did not answer")))?
@@ -427,7 +537,10 @@ async fn tunnel(sc: &Sidecar, target: &Target) -> Result<impl Io + use<>, ProxyE
         TunnelResponse::Ok => Ok(outer),
         TunnelResponse::Refused { code, reason } => Err(ProxyError::Refused {
             cluster: format!("gateway of cluster {}", sc.agent.cluster),
-            code: serde_json::to_value(code).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            code: serde_json::to_value(code)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
             reason,
         }),
     }

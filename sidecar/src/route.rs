@@ -24,13 +24,17 @@ impl Target {
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
-    #[error("service {name} is not known in cluster {cluster}: no local workload serves it and no linked cluster exports it")]
+    #[error(
+        "service {name} is not known in cluster {cluster}: no local workload serves it and no linked cluster exports it"
+    )]
     UnknownService { name: String, cluster: String },
     #[error("service {name} serves port {want}, not {got}")]
     PortMismatch { name: String, want: u32, got: u16 },
     #[error("service {name} has no endpoints in cluster {target}")]
     NoEndpoints { name: String, target: String },
-    #[error("service {name} is not available from cluster {target} here (not exported there, or that cluster is not linked)")]
+    #[error(
+        "service {name} is not available from cluster {target} here (not exported there, or that cluster is not linked)"
+    )]
     UnknownCluster { name: String, target: String },
 }
 
@@ -42,14 +46,23 @@ pub fn route(snap: &ConfigSnapshot, name: &ServiceName, port: Option<u16>, pick:
         .services
         .iter()
         .find(|s| s.namespace == name.namespace && s.name == name.name)
-        .ok_or_else(|| RouteError::UnknownService { name: name.to_string(), cluster: snap.cluster.clone() })?;
-    if let Some(p) = port {
-        if u32::from(p) != svc.port {
-            return Err(RouteError::PortMismatch { name: name.to_string(), want: svc.port, got: p });
-        }
+        .ok_or_else(|| RouteError::UnknownService {
+            name: name.to_string(),
+            cluster: snap.cluster.clone(),
+        })?;
+    if let Some(p) = port.filter(|p| u32::from(*p) != svc.port) {
+        return Err(RouteError::PortMismatch {
+            name: name.to_string(),
+            want: svc.port,
+            got: p,
+        });
     }
     let usable = |b: &&isthmus_proto::Backend| {
-        if b.cluster == snap.cluster { !b.addresses.is_empty() } else { b.healthy_endpoints > 0 }
+        if b.cluster == snap.cluster {
+            !b.addresses.is_empty()
+        } else {
+            b.healthy_endpoints > 0
+        }
     };
     let backend = match &name.cluster {
         Some(c) => {
@@ -57,18 +70,32 @@ pub fn route(snap: &ConfigSnapshot, name: &ServiceName, port: Option<u16>, pick:
                 .backends
                 .iter()
                 .find(|b| &b.cluster == c)
-                .ok_or_else(|| RouteError::UnknownCluster { name: name.to_string(), target: c.clone() })?;
+                .ok_or_else(|| RouteError::UnknownCluster {
+                    name: name.to_string(),
+                    target: c.clone(),
+                })?;
             if !usable(&b) {
-                return Err(RouteError::NoEndpoints { name: name.to_string(), target: c.clone() });
+                return Err(RouteError::NoEndpoints {
+                    name: name.to_string(),
+                    target: c.clone(),
+                });
             }
             b
         }
         None => match svc.backends.iter().find(|b| b.cluster == snap.cluster).filter(usable) {
             Some(local) => local,
             None => {
-                let remote: Vec<_> = svc.backends.iter().filter(|b| b.cluster != snap.cluster).filter(usable).collect();
+                let remote: Vec<_> = svc
+                    .backends
+                    .iter()
+                    .filter(|b| b.cluster != snap.cluster)
+                    .filter(usable)
+                    .collect();
                 if remote.is_empty() {
-                    return Err(RouteError::NoEndpoints { name: name.to_string(), target: "any cluster".into() });
+                    return Err(RouteError::NoEndpoints {
+                        name: name.to_string(),
+                        target: "any cluster".into(),
+                    });
                 }
                 remote[pick % remote.len()]
             }
@@ -76,7 +103,11 @@ pub fn route(snap: &ConfigSnapshot, name: &ServiceName, port: Option<u16>, pick:
     };
     Ok(Target {
         cluster: backend.cluster.clone(),
-        addresses: if backend.cluster == snap.cluster { backend.addresses.clone() } else { Vec::new() },
+        addresses: if backend.cluster == snap.cluster {
+            backend.addresses.clone()
+        } else {
+            Vec::new()
+        },
         identities: backend.identities.clone(),
         namespace: svc.namespace.clone(),
         service: svc.name.clone(),
@@ -98,8 +129,18 @@ mod tests {
                 port: 8080,
                 exported: false,
                 backends: vec![
-                    Backend { cluster: "east".into(), addresses: vec![], identities: vec!["spiffe://east.mesh/ns/demo/sa/echo".into()], healthy_endpoints: 1 },
-                    Backend { cluster: "west".into(), healthy_endpoints: local_addrs.len() as u32, addresses: local_addrs, identities: vec!["spiffe://west.mesh/ns/demo/sa/echo".into()] },
+                    Backend {
+                        cluster: "east".into(),
+                        addresses: vec![],
+                        identities: vec!["spiffe://east.mesh/ns/demo/sa/echo".into()],
+                        healthy_endpoints: 1,
+                    },
+                    Backend {
+                        cluster: "west".into(),
+                        healthy_endpoints: local_addrs.len() as u32,
+                        addresses: local_addrs,
+                        identities: vec!["spiffe://west.mesh/ns/demo/sa/echo".into()],
+                    },
                 ],
             }],
             ..Default::default()
@@ -112,7 +153,13 @@ mod tests {
 
     #[test]
     fn prefers_local_then_remote() {
-        let t = route(&snap(vec!["127.0.2.10:1".into()]), &name("echo.demo.svc.clusterset.local"), Some(8080), 0).unwrap();
+        let t = route(
+            &snap(vec!["127.0.2.10:1".into()]),
+            &name("echo.demo.svc.clusterset.local"),
+            Some(8080),
+            0,
+        )
+        .unwrap();
         assert!(t.is_local());
         assert_eq!(t.cluster, "west");
         let t = route(&snap(vec![]), &name("echo.demo.svc.clusterset.local"), None, 0).unwrap();
@@ -123,7 +170,13 @@ mod tests {
 
     #[test]
     fn cluster_pinned_name() {
-        let t = route(&snap(vec!["127.0.2.10:1".into()]), &name("east.echo.demo.svc.clusterset.local"), None, 0).unwrap();
+        let t = route(
+            &snap(vec!["127.0.2.10:1".into()]),
+            &name("east.echo.demo.svc.clusterset.local"),
+            None,
+            0,
+        )
+        .unwrap();
         assert_eq!(t.cluster, "east");
         assert!(matches!(
             route(&snap(vec![]), &name("north.echo.demo.svc.clusterset.local"), None, 0),
@@ -134,10 +187,19 @@ mod tests {
     #[test]
     fn errors() {
         let s = snap(vec![]);
-        assert!(matches!(route(&s, &name("nope.demo.svc.clusterset.local"), None, 0), Err(RouteError::UnknownService { .. })));
-        assert!(matches!(route(&s, &name("echo.demo.svc.clusterset.local"), Some(1), 0), Err(RouteError::PortMismatch { .. })));
+        assert!(matches!(
+            route(&s, &name("nope.demo.svc.clusterset.local"), None, 0),
+            Err(RouteError::UnknownService { .. })
+        ));
+        assert!(matches!(
+            route(&s, &name("echo.demo.svc.clusterset.local"), Some(1), 0),
+            Err(RouteError::PortMismatch { .. })
+        ));
         let mut down = snap(vec![]);
         down.services[0].backends[0].healthy_endpoints = 0;
-        assert!(matches!(route(&down, &name("echo.demo.svc.clusterset.local"), None, 0), Err(RouteError::NoEndpoints { .. })));
+        assert!(matches!(
+            route(&down, &name("echo.demo.svc.clusterset.local"), None, 0),
+            Err(RouteError::NoEndpoints { .. })
+        ));
     }
 }

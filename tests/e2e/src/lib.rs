@@ -1,1 +1,224 @@
-//! End-to-end tests live in tests/.
+//! Harness for end-to-end tests: the real `isthmus` binary, clusters as
+//! real processes (`isthmus up`), and a minimal HTTP/1.1 client.
+//!
+//! Each test gives its clusters their own loopback /24 and binds port 0, so
+//! tests run in parallel without colliding; clusters are killed on drop (and
+//! their components exit with their parent).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The `isthmus` binary, built once per test process.
+pub fn binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>/isthmus
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "isthmus", "--bin", "isthmus"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the isthmus binary failed");
+        let bin = profile_dir.join("isthmus");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// Run `isthmus <args>` to completion.
+pub fn isthmus(args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run isthmus")
+}
+
+/// Stdout of a command that must succeed.
+pub fn ok(args: &[&str]) -> String {
+    let out = isthmus(args);
+    assert!(
+        out.status.success(),
+        "isthmus {args:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Exit code and stderr of a command that must fail.
+pub fn fails(args: &[&str]) -> (i32, String) {
+    let out = isthmus(args);
+    assert!(
+        !out.status.success(),
+        "isthmus {args:?} should have failed but printed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Wait for `f` to return `Some`, polling, for at most `timeout`.
+pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A local cluster run by `isthmus up`.
+pub struct Cluster {
+    pub name: String,
+    pub dir: PathBuf,
+    pub info: serde_json::Value,
+    child: Option<Child>,
+}
+
+impl Cluster {
+    /// `isthmus up --cluster name --net net [--echo] [--client] --ephemeral-ports`.
+    pub fn up(root: &Path, name: &str, net: &str, echo: bool, client: bool) -> Self {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(dir.join("up.json"));
+        let mut args = vec!["up", "--cluster", name, "--net", net, "--ephemeral-ports"];
+        if echo {
+            args.push("--echo");
+        }
+        if client {
+            args.push("--client");
+        }
+        let mut child = Command::new(binary())
+            .args(&args)
+            .arg("--dir")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start isthmus up");
+        let info = eventually(&format!("cluster {name} to come up"), Duration::from_secs(90), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+                panic!("isthmus up for {name} exited ({status}): {err}");
+            }
+            let s = std::fs::read_to_string(dir.join("up.json")).ok()?;
+            serde_json::from_str::<serde_json::Value>(&s).ok()
+        });
+        Cluster {
+            name: name.to_string(),
+            dir,
+            info,
+            child: Some(child),
+        }
+    }
+
+    pub fn dir_str(&self) -> &str {
+        self.dir.to_str().expect("utf-8 path")
+    }
+
+    /// The client workload's sidecar outbound address.
+    pub fn client_proxy(&self) -> String {
+        self.info["client"]["outbound"]
+            .as_str()
+            .expect("cluster has a client")
+            .to_string()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&ok(&["status", "--dir", self.dir_str(), "--json"])).expect("status JSON")
+    }
+
+    /// Kill the whole cluster at once.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// GET `url` through the HTTP proxy (a sidecar's outbound) at `proxy`.
+pub fn get_via(proxy: &str, url: &str) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect(proxy)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let host = url.trim_start_matches("http://").split('/').next().unwrap_or_default();
+    write!(s, "GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_string() };
+    Ok(Response { status, headers, body })
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}

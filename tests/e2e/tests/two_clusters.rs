@@ -1,0 +1,156 @@
+//! The walking skeleton, end to end: two (and three) clusters as real
+//! processes on loopback, linked with a join token; a service exported from
+//! east is called from west through the real path (sidecar, gateway, QUIC,
+//! gateway, sidecar) with end-to-end mTLS between the sidecars.
+
+use std::time::Duration;
+
+use isthmus_e2e::{Cluster, eventually, fails, get_via, ok};
+
+const ECHO: &str = "http://echo.demo.svc.clusterset.local:8080/hello";
+
+#[test]
+fn link_export_and_call_across_clusters() {
+    let root = tempfile::tempdir().unwrap();
+    let east = Cluster::up(root.path(), "east", "127.0.11", true, false);
+    let west = Cluster::up(root.path(), "west", "127.0.12", false, true);
+    let proxy = west.client_proxy();
+
+    // Before linking, the name is unknown in west: a clear error, not a hang.
+    let r = get_via(&proxy, ECHO).unwrap();
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("x-isthmus-error"), Some("unknown-service"));
+    assert!(r.body.contains("not known in cluster west"), "{}", r.body);
+
+    // Bad input is refused with its own message and exit code.
+    let (code, err) = fails(&["link", "--dir", west.dir_str(), "not-a-token"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("malformed join token"), "{err}");
+    let (code, err) = fails(&["export", "--dir", east.dir_str(), "demo/nope"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("demo/nope does not exist in cluster east"), "{err}");
+
+    // A token with one character changed is caught before anything is sent.
+    let token = ok(&["token", "create", "--dir", east.dir_str()]).trim().to_string();
+    let mut altered: Vec<char> = token.chars().collect();
+    let mid = altered.len() / 2;
+    altered[mid] = if altered[mid] == 'A' { 'B' } else { 'A' };
+    let altered: String = altered.into_iter().collect();
+    let (code, err) = fails(&["link", "--dir", west.dir_str(), &altered]);
+    assert!(code == 2 || code == 4, "{code}: {err}");
+
+    // A cluster cannot link to itself.
+    let (code, err) = fails(&["link", "--dir", east.dir_str(), &token]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("itself"), "{err}");
+
+    // Link west to east, then export echo from east.
+    let out = ok(&["link", "--dir", west.dir_str(), &token]);
+    assert!(out.contains("linked cluster west with cluster east"), "{out}");
+    let (code, err) = fails(&["link", "--dir", west.dir_str(), &token]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("already linked"), "{err}");
+    ok(&["export", "--dir", east.dir_str(), "demo/echo"]);
+
+    // West's client reaches east's echo; east's sidecar saw west's identity.
+    let r = eventually("echo to answer across clusters", Duration::from_secs(30), || {
+        get_via(&proxy, ECHO).ok().filter(|r| r.status == 200)
+    });
+    let v = r.json();
+    assert_eq!(v["cluster"], "east", "{v}");
+    assert_eq!(v["instance"], "echo-east-1");
+    assert_eq!(v["client_identity"], "spiffe://west.mesh/ns/demo/sa/client");
+    assert_eq!(v["path"], "/hello");
+    assert_eq!(r.header("x-isthmus-cluster"), Some("east"));
+
+    // A cluster-pinned name addresses east alone.
+    let r = get_via(&proxy, "http://east.echo.demo.svc.clusterset.local:8080/").unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // A service nobody exports stays unreachable.
+    let r = get_via(&proxy, "http://nope.demo.svc.clusterset.local:8080/").unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-isthmus-error"), Some("unknown-service"));
+
+    // Both sides see an active link with heartbeats.
+    for c in [&west, &east] {
+        let s = c.status();
+        let peer = if c.name == "west" { "east" } else { "west" };
+        let link = s["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["cluster"] == peer)
+            .cloned();
+        let link = link.unwrap_or_else(|| panic!("{} has no link to {peer}: {s}", c.name));
+        assert_eq!(link["state"], "active", "{s}");
+    }
+}
+
+#[test]
+fn a_spent_token_is_refused_by_its_issuer() {
+    let root = tempfile::tempdir().unwrap();
+    let east = Cluster::up(root.path(), "east", "127.0.13", false, false);
+    let west = Cluster::up(root.path(), "west", "127.0.14", false, false);
+    let north = Cluster::up(root.path(), "north", "127.0.15", false, false);
+    let token = ok(&["token", "create", "--dir", east.dir_str()]).trim().to_string();
+    ok(&["link", "--dir", west.dir_str(), &token]);
+    let (code, err) = fails(&["link", "--dir", north.dir_str(), &token]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("already used"), "{err}");
+    // The refused cluster holds no link.
+    assert!(north.status()["links"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn unreachable_controller_and_issuer_are_reported() {
+    let root = tempfile::tempdir().unwrap();
+    let (code, err) = fails(&["status", "--dir", root.path().join("nothing").to_str().unwrap()]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("no controller has started"), "{err}");
+
+    let mut east = Cluster::up(root.path(), "east", "127.0.16", false, false);
+    let west = Cluster::up(root.path(), "west", "127.0.17", false, false);
+    let token = ok(&["token", "create", "--dir", east.dir_str()]).trim().to_string();
+    let east_dir = east.dir_str().to_string();
+    east.kill();
+
+    // Commands against east's stopped controller say it cannot be reached.
+    let (code, err) = eventually("east's controller to be gone", Duration::from_secs(10), || {
+        let out = isthmus_e2e::isthmus(&["status", "--dir", &east_dir]);
+        (!out.status.success()).then(|| {
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+    });
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("cannot reach the controller of cluster east"), "{err}");
+
+    // The issuer is gone too: linking says so, and west holds no link.
+    let (code, err) = fails(&["link", "--dir", west.dir_str(), &token]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("cannot reach the issuer"), "{err}");
+    assert!(west.status()["links"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn demo_check_passes() {
+    let root = tempfile::tempdir().unwrap();
+    let out = isthmus_e2e::isthmus(&[
+        "demo",
+        "--check",
+        "--ephemeral-ports",
+        "--dir",
+        root.path().to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo --check failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("served by east/echo-east-1"), "{stdout}");
+    assert!(stdout.contains("demo check passed"), "{stdout}");
+}
