@@ -115,8 +115,12 @@ impl Control for Svc {
             reg.next_id += 1;
             let id = reg.next_id;
             match node {
-                watch_request::Node::Sidecar(s) => {
-                    identity::validate_name(&s.namespace).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                watch_request::Node::Sidecar(mut s) => {
+                    // The identity this sidecar serves with is the one the CA
+                    // issues for its namespace and service account.
+                    s.identity = SpiffeId::new(&shared.cfg.trust_domain, &s.namespace, &s.service_account)
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?
+                        .to_string();
                     if !s.service.is_empty() {
                         identity::validate_name(&s.service).map_err(|e| Status::invalid_argument(e.to_string()))?;
                     }

@@ -139,6 +139,7 @@ mod tests {
             inbound_addr: addr.into(),
             instance: addr.into(),
             identity: format!("spiffe://east.mesh/ns/{ns}/sa/{svc}"),
+            service_account: svc.into(),
         }
     }
 

@@ -30,6 +30,9 @@ use tokio_util::task::TaskTracker;
 /// How long a peer has to send a stream's header or answer ours.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a peer gateway has to accept or refuse a stream. It answers
+/// after one local TCP connect, so a silent peer is a dead connection.
+const STREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -124,7 +127,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
     server_config.transport_config(transport());
     let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config(&dir.local_token().map_err(AgentError::from)?),
         Some(server_config),
         udp,
         Arc::new(quinn::TokioRuntime),
@@ -172,12 +175,34 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
     })
 }
 
+/// QUIC endpoint settings that survive a restart. The stateless-reset key
+/// and the key that validates connection IDs are derived from the cluster's
+/// local secret, so a restarted gateway recognises its predecessor's
+/// connection IDs and answers with a reset that peers accept at once,
+/// instead of them waiting out the idle timeout on a connection that no
+/// longer exists. Only holders of the secret can forge such a reset.
+fn endpoint_config(local_secret: &str) -> quinn::EndpointConfig {
+    let derive = |label: &str| {
+        ring::digest::digest(
+            &ring::digest::SHA256,
+            format!("isthmus quic {label}\0{local_secret}").as_bytes(),
+        )
+    };
+    let reset = derive("stateless reset");
+    let cid = derive("connection id");
+    let cid_key = u64::from_le_bytes(cid.as_ref()[..8].try_into().expect("8 bytes"));
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref())));
+    cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    cfg
+}
+
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(4096u32.into());
     t.max_concurrent_uni_streams(0u32.into());
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("valid")));
+    // Notice a vanished peer within seconds, not minutes.
+    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("valid")));
     // Windows sized for a WAN path (about 100 ms at 100 Mbit/s per stream).
     t.stream_receive_window((2u32 * 1024 * 1024).into());
     t.receive_window((16u32 * 1024 * 1024).into());
@@ -284,34 +309,36 @@ async fn outbound_tunnel(gw: Arc<Gateway>, acceptor: tokio_rustls::TlsAcceptor, 
 type QuicStream = tokio::io::Join<quinn::RecvStream, quinn::SendStream>;
 
 async fn open_stream(gw: &Gateway, req: &TunnelRequest) -> Result<QuicStream, TunnelResponse> {
+    match try_open_stream(gw, req).await {
+        // A refusal from the peer is final; a broken connection (say, the
+        // peer gateway restarted) is dropped and dialed afresh, once.
+        Err(TunnelResponse::Refused {
+            code: RefuseCode::PeerUnreachable,
+            reason,
+        }) => {
+            tracing::info!(peer = %req.cluster, %reason, "redialing peer gateway");
+            gw.conns.lock().expect("conns lock").remove(&req.cluster);
+            try_open_stream(gw, req).await
+        }
+        other => other,
+    }
+}
+
+async fn try_open_stream(gw: &Gateway, req: &TunnelRequest) -> Result<QuicStream, TunnelResponse> {
     let refuse = TunnelResponse::refused;
-    let conn = peer_connection(gw, &req.cluster).await?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
-        refuse(
-            RefuseCode::PeerUnreachable,
-            format!("gateway of cluster {} unreachable: {e}", req.cluster),
-        )
-    })?;
-    req.write(&mut send).await.map_err(|e| {
+    let unreachable = |e: String| {
         refuse(
             RefuseCode::PeerUnreachable,
             format!("gateway of cluster {}: {e}", req.cluster),
         )
-    })?;
-    let resp = tokio::time::timeout(HEADER_TIMEOUT, TunnelResponse::read(&mut recv))
+    };
+    let conn = peer_connection(gw, &req.cluster).await?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
+    req.write(&mut send).await.map_err(|e| unreachable(e.to_string()))?;
+    let resp = tokio::time::timeout(STREAM_ANSWER_TIMEOUT, TunnelResponse::read(&mut recv))
         .await
-        .map_err(|_| {
-            refuse(
-                RefuseCode::PeerUnreachable,
-                format!("gateway of cluster {} did not answer", req.cluster),
-            )
-        })?
-        .map_err(|e| {
-            refuse(
-                RefuseCode::PeerUnreachable,
-                format!("gateway of cluster {}: {e}", req.cluster),
-            )
-        })?;
+        .map_err(|_| unreachable("no answer".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
     match resp {
         TunnelResponse::Ok => Ok(tokio::io::join(recv, send)),
         refused => Err(refused),
@@ -383,6 +410,12 @@ async fn peer_connection(gw: &Gateway, cluster: &str) -> Result<quinn::Connectio
             )
         })?;
     tracing::info!(peer = %cluster, %addr, "QUIC connection to peer gateway up");
+    let watch = conn.clone();
+    let peer = cluster.to_string();
+    tokio::spawn(async move {
+        let reason = watch.closed().await;
+        tracing::info!(%peer, %reason, "QUIC connection to peer gateway closed");
+    });
     gw.conns
         .lock()
         .expect("conns lock")

@@ -19,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use isthmus_core::agent::{Agent, AgentError};
@@ -85,7 +85,7 @@ pub struct Running {
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
-type H2Sender = hyper::client::conn::http2::SendRequest<Incoming>;
+type H2Sender = hyper::client::conn::http2::SendRequest<Body>;
 
 struct Sidecar {
     cfg: Config,
@@ -123,24 +123,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     })?;
 
     let dir = ClusterDir::new(&cfg.dir);
-    let identity_hint = {
-        // The controller assigns the trust domain; we name it for discovery.
-        let info = dir.controller_info().ok();
-        info.map(|i| {
-            format!(
-                "spiffe://{}/ns/{}/sa/{}",
-                i.trust_domain, cfg.namespace, cfg.service_account
-            )
-        })
-        .unwrap_or_default()
-    };
     let node = watch_request::Node::Sidecar(SidecarRegistration {
         namespace: cfg.namespace.clone(),
         service: cfg.serve.as_ref().map(|s| s.service.clone()).unwrap_or_default(),
         port: cfg.serve.as_ref().map(|s| u32::from(s.port)).unwrap_or_default(),
         inbound_addr: inbound_addr.to_string(),
         instance: cfg.instance.clone(),
-        identity: identity_hint,
+        identity: String::new(),
+        service_account: cfg.service_account.clone(),
     });
     let agent = Agent::start(
         &dir,
@@ -390,34 +380,69 @@ async fn forward(sc: &Arc<Sidecar>, req: Request<Incoming>) -> Result<Response<B
     parts.headers.remove(CLIENT_ID_HEADER);
     parts.version = http::Version::HTTP_2;
 
+    // A request with no body and an idempotent method can be sent again if
+    // its session dies under it (a pooled session to a peer that restarted).
+    let retryable = parts.method.is_idempotent() && body.is_end_stream();
+    let again = retryable.then(|| {
+        let mut r = Request::new(empty());
+        *r.method_mut() = parts.method.clone();
+        *r.uri_mut() = parts.uri.clone();
+        *r.version_mut() = parts.version;
+        *r.headers_mut() = parts.headers.clone();
+        r
+    });
     let key = pool_key(&target);
-    let pooled = sc
-        .pool
-        .lock()
-        .expect("pool lock")
-        .get(&key)
-        .filter(|s| !s.is_closed())
-        .cloned();
-    let mut sender = match pooled {
-        Some(s) => s,
-        None => {
-            let s = connect(sc, &target).await?;
-            sc.pool.lock().expect("pool lock").insert(key.clone(), s.clone());
-            s
+    let (sender, pooled) = session(sc, &target, &key, false).await?;
+    let resp = match sender
+        .clone()
+        .send_request(Request::from_parts(parts, body.boxed()))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) if again.is_some() && pooled => {
+            tracing::debug!(error = %e, "pooled session failed; retrying on a new one");
+            let (sender, _) = session(sc, &target, &key, true).await?;
+            let req = again.expect("checked");
+            sender
+                .clone()
+                .send_request(req)
+                .await
+                .map_err(|e| ProxyError::Upstream(isthmus_core::local::error_chain(&e)))?
+        }
+        Err(e) => {
+            sc.pool.lock().expect("pool lock").remove(&key);
+            return Err(ProxyError::Upstream(isthmus_core::local::error_chain(&e)));
         }
     };
-    if sender.ready().await.is_err() {
-        sc.pool.lock().expect("pool lock").remove(&key);
-        sender = connect(sc, &target).await?;
-        sc.pool.lock().expect("pool lock").insert(key.clone(), sender.clone());
-    }
-    let resp = sender
-        .send_request(Request::from_parts(parts, body))
-        .await
-        .map_err(|e| ProxyError::Upstream(isthmus_core::local::error_chain(&e)))?;
     let (mut parts, body) = resp.into_parts();
     parts.version = http::Version::HTTP_11;
     Ok(Response::from_parts(parts, body.boxed()))
+}
+
+fn empty() -> Body {
+    http_body_util::Empty::new().map_err(|n| match n {}).boxed()
+}
+
+/// A ready HTTP/2 session for `target`: the pooled one (then `true`) unless
+/// `fresh` is asked for or it is gone, else a new one.
+async fn session(sc: &Sidecar, target: &Target, key: &str, fresh: bool) -> Result<(H2Sender, bool), ProxyError> {
+    if !fresh {
+        let pooled = sc
+            .pool
+            .lock()
+            .expect("pool lock")
+            .get(key)
+            .filter(|s| !s.is_closed())
+            .cloned();
+        if let Some(mut s) = pooled {
+            if s.ready().await.is_ok() {
+                return Ok((s, true));
+            }
+        }
+    }
+    let s = connect(sc, target).await?;
+    sc.pool.lock().expect("pool lock").insert(key.to_string(), s.clone());
+    Ok((s, false))
 }
 
 fn pool_key(t: &Target) -> String {
@@ -485,6 +510,12 @@ async fn connect(sc: &Sidecar, target: &Target) -> Result<H2Sender, ProxyError> 
         ))
     })?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        // Find a dead session (a vanished peer or tunnel) in seconds, so the
+        // pool does not hand it out.
+        .keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
         .handshake(TokioIo::new(inner))
         .await
         .map_err(|e| ProxyError::Connect(format!("HTTP/2 with {}: {e}", target.service)))?;

@@ -222,3 +222,65 @@ fn dechunk(mut s: &str) -> String {
     }
     out
 }
+
+/// One component process (`isthmus controller|gateway|sidecar|echo ...`),
+/// started with `--ready-file`, its stderr in `<log>`.
+pub struct Component {
+    pub ready: serde_json::Value,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Component {
+    pub fn start(dir: &Path, name: &str, args: &[&str]) -> Self {
+        let ready = dir.join(format!("{name}.ready.json"));
+        let log = dir.join(format!("{name}.log"));
+        let _ = std::fs::remove_file(&ready);
+        let mut child = Command::new(binary())
+            .args(args)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start component");
+        let info = eventually(&format!("{name} to be ready"), Duration::from_secs(60), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{name} exited ({status}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            serde_json::from_str(&std::fs::read_to_string(&ready).ok()?).ok()
+        });
+        Component {
+            ready: info,
+            log,
+            child,
+        }
+    }
+
+    pub fn addr(&self, key: &str) -> String {
+        self.ready[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {key} in {}", self.ready))
+            .to_string()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Component {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
