@@ -434,10 +434,10 @@ async fn session(sc: &Sidecar, target: &Target, key: &str, fresh: bool) -> Resul
             .get(key)
             .filter(|s| !s.is_closed())
             .cloned();
-        if let Some(mut s) = pooled {
-            if s.ready().await.is_ok() {
-                return Ok((s, true));
-            }
+        if let Some(mut s) = pooled
+            && s.ready().await.is_ok()
+        {
+            return Ok((s, true));
         }
     }
     let s = connect(sc, target).await?;
