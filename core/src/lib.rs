@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod identity;
 pub mod local;
 pub mod naming;
+pub mod net;
 pub mod tls;
 pub mod token;
 pub mod tunnel;

@@ -28,7 +28,7 @@ const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub(crate) async fn serve_control(shared: Arc<Shared>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
     let svc = Svc(shared.clone());
-    let incoming = isthmus_core::grpc::tls_incoming(listener, tls);
+    let incoming = isthmus_core::grpc::tls_incoming(listener, tls, shared.shutdown.clone());
     let res = tonic::transport::Server::builder()
         .add_service(ControlServer::new(svc.clone()))
         .add_service(AdminServer::new(svc))
@@ -41,7 +41,7 @@ pub(crate) async fn serve_control(shared: Arc<Shared>, listener: TcpListener, tl
 
 pub(crate) async fn serve_peering(shared: Arc<Shared>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
     let svc = Svc(shared.clone());
-    let incoming = isthmus_core::grpc::tls_incoming(listener, tls);
+    let incoming = isthmus_core::grpc::tls_incoming(listener, tls, shared.shutdown.clone());
     let res = tonic::transport::Server::builder()
         .add_service(PeeringServer::new(svc))
         .serve_with_incoming_shutdown(incoming, shared.shutdown.clone().cancelled_owned())

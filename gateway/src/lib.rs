@@ -254,19 +254,7 @@ async fn accept_tunnels(
     stop: CancellationToken,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let (tcp, from) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, from)) = isthmus_core::net::accept(&listener, &stop).await {
         let gw2 = gw.clone();
         let acceptor = acceptor.clone();
         gw.tracker.spawn(async move {

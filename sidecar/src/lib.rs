@@ -172,12 +172,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
 }
 
 async fn serve_outbound(sc: Arc<Sidecar>, listener: TcpListener, stop: CancellationToken) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
-        };
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, _)) = isthmus_core::net::accept(&listener, &stop).await {
         let sc = sc.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
@@ -198,12 +193,7 @@ async fn serve_inbound(
     stop: CancellationToken,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let (tcp, from) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
-        };
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, from)) = isthmus_core::net::accept(&listener, &stop).await {
         let sc = sc.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
