@@ -55,6 +55,9 @@ pub struct ControllerArgs {
     /// A linked peer silent this long has its imports withdrawn.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub import_lease: Duration,
+    /// Admin endpoint: /metrics (Prometheus), /ready, /live.
+    #[arg(long, default_value = "127.0.0.1:15022")]
+    pub admin_addr: SocketAddr,
     #[command(flatten)]
     pub common: Common,
 }
@@ -76,6 +79,9 @@ pub struct GatewayArgs {
     /// How long open streams may finish at shutdown.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain: Duration,
+    /// Admin endpoint: /metrics (Prometheus), /ready, /live.
+    #[arg(long, default_value = "127.0.0.1:15021")]
+    pub admin_addr: SocketAddr,
     #[command(flatten)]
     pub common: Common,
 }
@@ -109,6 +115,9 @@ pub struct SidecarArgs {
     /// Instance name reported in logs [default: the inbound address].
     #[arg(long)]
     pub instance: Option<String>,
+    /// Admin endpoint: /metrics (Prometheus), /ready, /live.
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    pub admin_addr: SocketAddr,
     #[command(flatten)]
     pub common: Common,
 }
@@ -165,6 +174,7 @@ pub async fn controller(a: ControllerArgs, log: &str) -> Result<(), CliError> {
     cfg.advertise_peering = a.advertise_peering;
     cfg.svid_ttl = a.svid_ttl;
     cfg.import_lease = a.import_lease;
+    cfg.admin_addr = Some(a.admin_addr);
     let running = isthmus_controller::run(cfg, shutdown.clone()).await.map_err(|e| {
         let code = match e {
             isthmus_controller::ControllerError::Config(_) | isthmus_controller::ControllerError::Identity(_) => {
@@ -176,7 +186,11 @@ pub async fn controller(a: ControllerArgs, log: &str) -> Result<(), CliError> {
     })?;
     write_ready(
         a.common.ready_file.as_deref(),
-        serde_json::json!({"control": running.control_addr.to_string(), "peering": running.peering_addr.to_string()}),
+        serde_json::json!({
+            "control": running.control_addr.to_string(),
+            "peering": running.peering_addr.to_string(),
+            "admin": running.admin_addr.map(|a| a.to_string()),
+        }),
     )?;
     finish(shutdown, running.done).await
 }
@@ -190,13 +204,18 @@ pub async fn gateway(a: GatewayArgs, log: &str) -> Result<(), CliError> {
         quic_addr: a.quic_addr,
         advertise: a.advertise,
         drain: a.drain,
+        admin_addr: Some(a.admin_addr),
     };
     let running = isthmus_gateway::run(cfg, shutdown.clone())
         .await
         .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
     write_ready(
         a.common.ready_file.as_deref(),
-        serde_json::json!({"tunnel": running.tunnel_addr.to_string(), "quic": running.quic_addr.to_string()}),
+        serde_json::json!({
+            "tunnel": running.tunnel_addr.to_string(),
+            "quic": running.quic_addr.to_string(),
+            "admin": running.admin_addr.map(|a| a.to_string()),
+        }),
     )?;
     finish(shutdown, running.done).await
 }
@@ -221,6 +240,7 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
         inbound_addr: a.inbound_addr,
         outbound_addr: a.outbound_addr,
         instance: a.instance.unwrap_or_else(|| a.inbound_addr.to_string()),
+        admin_addr: Some(a.admin_addr),
     };
     let running = isthmus_sidecar::run(cfg, shutdown.clone()).await.map_err(|e| {
         let code = if matches!(e, isthmus_sidecar::SidecarError::Config(_)) {
@@ -236,6 +256,7 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
             "inbound": running.inbound_addr.to_string(),
             "outbound": running.outbound_addr.to_string(),
             "id": running.id.to_string(),
+            "admin": running.admin_addr.map(|a| a.to_string()),
         }),
     )?;
     finish(shutdown, running.done).await

@@ -48,6 +48,9 @@ pub struct UpInfo {
     pub peering: String,
     pub gateway_tunnel: String,
     pub gateway_quic: String,
+    /// Admin endpoints (/metrics, /ready, /live) of the controller and gateway.
+    pub controller_admin: String,
+    pub gateway_admin: String,
     pub echo: Option<Workload>,
     pub client: Option<Workload>,
 }
@@ -58,6 +61,7 @@ pub struct Workload {
     pub inbound: String,
     pub outbound: String,
     pub id: String,
+    pub admin: String,
 }
 
 pub struct LocalCluster {
@@ -93,6 +97,8 @@ impl LocalCluster {
                 peering: String::new(),
                 gateway_tunnel: String::new(),
                 gateway_quic: String::new(),
+                controller_admin: String::new(),
+                gateway_admin: String::new(),
                 echo: None,
                 client: None,
             },
@@ -110,6 +116,8 @@ impl LocalCluster {
             format!("{net}.1:{}", port(15010)),
             "--peering-addr".into(),
             format!("{net}.1:{}", port(15011)),
+            "--admin-addr".into(),
+            format!("{net}.1:{}", port(15022)),
         ];
         if let Some(td) = &a.trust_domain {
             ctl.extend(["--trust-domain".into(), td.clone()]);
@@ -117,6 +125,7 @@ impl LocalCluster {
         let r = c.spawn("controller", ctl, log).await?;
         c.info.control = str_of(&r, "control");
         c.info.peering = str_of(&r, "peering");
+        c.info.controller_admin = str_of(&r, "admin");
 
         let r = c
             .spawn(
@@ -129,12 +138,15 @@ impl LocalCluster {
                     format!("{net}.2:{}", port(15008)),
                     "--quic-addr".into(),
                     format!("{net}.2:{}", port(15443)),
+                    "--admin-addr".into(),
+                    format!("{net}.2:{}", port(15021)),
                 ],
                 log,
             )
             .await?;
         c.info.gateway_tunnel = str_of(&r, "tunnel");
         c.info.gateway_quic = str_of(&r, "quic");
+        c.info.gateway_admin = str_of(&r, "admin");
 
         if a.echo {
             let r = c
@@ -172,6 +184,8 @@ impl LocalCluster {
                         format!("{net}.20:{}", port(15006)),
                         "--outbound-addr".into(),
                         format!("{net}.20:{}", port(15001)),
+                        "--admin-addr".into(),
+                        format!("{net}.20:{}", port(15020)),
                         "--instance".into(),
                         format!("echo-{}-1", a.cluster),
                     ],
@@ -196,6 +210,8 @@ impl LocalCluster {
                         format!("{net}.30:{}", port(15006)),
                         "--outbound-addr".into(),
                         format!("{net}.30:{}", port(15001)),
+                        "--admin-addr".into(),
+                        format!("{net}.30:{}", port(15020)),
                     ],
                     log,
                 )
@@ -313,6 +329,7 @@ fn workload(app: Option<String>, r: &serde_json::Value) -> Workload {
         inbound: str_of(r, "inbound"),
         outbound: str_of(r, "outbound"),
         id: str_of(r, "id"),
+        admin: str_of(r, "admin"),
     }
 }
 
@@ -343,6 +360,16 @@ pub async fn run(a: Args, log: &str) -> Result<(), CliError> {
             w.outbound
         );
     }
+    println!(
+        "  metrics     http://{}/metrics (controller), http://{}/metrics (gateway){}",
+        i.controller_admin,
+        i.gateway_admin,
+        [&i.echo, &i.client]
+            .into_iter()
+            .flatten()
+            .map(|w| format!(", http://{}/metrics (sidecar)", w.admin))
+            .collect::<String>()
+    );
     println!("  logs in {}; Ctrl-C stops the cluster", a.dir.join("logs").display());
     let shutdown = crate::components::shutdown_token(false);
     let mut tick = tokio::time::interval(Duration::from_millis(500));

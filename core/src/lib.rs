@@ -14,6 +14,7 @@ pub mod bundle;
 pub mod grpc;
 pub mod identity;
 pub mod local;
+pub mod metrics;
 pub mod naming;
 pub mod net;
 pub mod tls;

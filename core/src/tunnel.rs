@@ -61,6 +61,30 @@ pub enum RefuseCode {
     BadRequest,
 }
 
+impl RefuseCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseCode::UnknownPeer => "unknown_peer",
+            RefuseCode::NotExported => "not_exported",
+            RefuseCode::PortMismatch => "port_mismatch",
+            RefuseCode::NoEndpoints => "no_endpoints",
+            RefuseCode::PeerUnreachable => "peer_unreachable",
+            RefuseCode::UpstreamConnect => "upstream_connect",
+            RefuseCode::BadRequest => "bad_request",
+        }
+    }
+}
+
+impl TunnelResponse {
+    /// `ok`, or the refusal code, for metrics and logs.
+    pub fn result(&self) -> &'static str {
+        match self {
+            TunnelResponse::Ok => "ok",
+            TunnelResponse::Refused { code, .. } => code.as_str(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum TunnelResponse {
@@ -220,6 +244,18 @@ mod tests {
 
     #[test]
     fn response_round_trip() {
+        for code in [
+            RefuseCode::UnknownPeer,
+            RefuseCode::NotExported,
+            RefuseCode::PortMismatch,
+            RefuseCode::NoEndpoints,
+            RefuseCode::PeerUnreachable,
+            RefuseCode::UpstreamConnect,
+            RefuseCode::BadRequest,
+        ] {
+            // The metric label and the wire name are the same word.
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
         for r in [
             TunnelResponse::Ok,
             TunnelResponse::refused(RefuseCode::NotExported, "demo/x is not exported"),

@@ -6,6 +6,7 @@
 //! peering stream with each linked cluster to exchange trust bundles and
 //! service exports.
 
+mod metrics;
 mod peering;
 mod service;
 pub mod snapshot;
@@ -65,6 +66,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// A peer silent for this long has its imports withdrawn.
     pub import_lease: Duration,
+    /// Admin endpoint (`/metrics`, `/ready`, `/live`), if any.
+    pub admin_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -79,6 +82,7 @@ impl Config {
             svid_ttl: Duration::from_secs(3600),
             heartbeat: Duration::from_secs(1),
             import_lease: Duration::from_secs(10),
+            admin_addr: None,
         }
     }
 }
@@ -87,6 +91,7 @@ impl Config {
 pub struct Running {
     pub control_addr: SocketAddr,
     pub peering_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
     pub done: tokio::task::JoinHandle<()>,
 }
 
@@ -132,6 +137,7 @@ pub(crate) struct Shared {
     svid: Arc<SvidResolver>,
     version: watch::Sender<u64>,
     shutdown: CancellationToken,
+    metrics: metrics::Metrics,
 }
 
 impl Shared {
@@ -292,6 +298,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
         source: e,
     })?;
 
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = metrics::Metrics::register(&mut registry);
+    if let Ok(t) = isthmus_core::identity::not_after_of(ca.cert_der()) {
+        metrics.root_expiry.set(t);
+    }
+    metrics.exports.set(state.exports.len() as i64);
+    let ready = isthmus_core::metrics::Ready::default();
+    let admin_addr = match cfg.admin_addr {
+        Some(a) => Some(
+            isthmus_core::metrics::serve_admin(a, Arc::new(registry), ready.clone(), shutdown.clone())
+                .await
+                .map_err(|e| ControllerError::Bind { addr: a, source: e })?,
+        ),
+        None => None,
+    };
     let svid = ca.issue_local(&SpiffeId::controller(&cfg.trust_domain), cfg.svid_ttl)?;
     let shared = Arc::new(Shared {
         peering_advertised: cfg
@@ -307,6 +328,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
         svid: SvidResolver::new(&svid)?,
         version: watch::channel(1).0,
         shutdown: shutdown.clone(),
+        metrics,
         ca,
         cfg,
     });
@@ -355,9 +377,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
         shutdown.cancelled().await;
         tasks.shutdown().await;
     });
+    ready.set(true);
     Ok(Running {
         control_addr,
         peering_addr,
+        admin_addr,
         done,
     })
 }

@@ -332,8 +332,27 @@ pub(crate) async fn lease_keeper(shared: Arc<Shared>) {
         for peer in &expired {
             tracing::warn!(%peer, "no heartbeat for the import lease: imports withdrawn");
         }
+        publish_metrics(&shared);
         if !expired.is_empty() {
             shared.changed();
         }
+    }
+}
+
+/// Link gauges, which change with time alone, refreshed on the lease
+/// keeper's tick.
+fn publish_metrics(shared: &Shared) {
+    let state = shared.state.lock().expect("state lock");
+    let peers = shared.peers.lock().expect("peers lock");
+    for link in state.links.values() {
+        let rt = peers.get(&link.cluster);
+        let age = rt.and_then(|p| p.last_heartbeat).map(|t| t.elapsed().as_secs_f64());
+        let imports = rt
+            .filter(|p| p.imports.live)
+            .map(|p| p.imports.services.len())
+            .unwrap_or(0);
+        shared
+            .metrics
+            .link(&link.cluster, link_state(rt, shared.cfg.import_lease), age, imports);
     }
 }

@@ -55,6 +55,12 @@ pub(crate) async fn serve_peering(shared: Arc<Shared>, listener: TcpListener, tl
 struct Svc(Arc<Shared>);
 
 impl Svc {
+    /// Count a refused join attempt, by reason.
+    fn refused(&self, reason: &'static str, status: Status) -> Status {
+        self.0.metrics.join(reason);
+        status
+    }
+
     /// Local callers present the cluster's local token.
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let presented = req
@@ -93,6 +99,7 @@ impl Control for Svc {
             .sign_csr(&r.csr_pem, &id, self.0.cfg.svid_ttl)
             .map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
         let not_after = identity::not_after_of(&leaf).unwrap_or_default();
+        self.0.metrics.svids_issued.inc();
         tracing::info!(%id, "issued SVID");
         Ok(Response::new(CertificateResponse {
             cert_chain_pem: format!("{}{}", identity::cert_to_pem(&leaf), self.0.ca.cert_pem()),
@@ -204,6 +211,7 @@ impl Admin for Svc {
             );
             self.0.save(&state)?;
         }
+        self.0.metrics.tokens_created.inc();
         tracing::info!(token_id = %id, ttl_s = ttl.as_secs(), uses, "join token created");
         Ok(Response::new(CreateTokenResponse {
             token: tok.encode(),
@@ -261,6 +269,7 @@ impl Admin for Svc {
                     },
                 );
                 self.0.save(&state)?;
+                self.0.metrics.exports.set(state.exports.len() as i64);
             }
         }
         tracing::info!(service = %key, "exported");
@@ -315,50 +324,67 @@ impl Peering for Svc {
         let r = req.into_inner();
         let shared = &self.0;
         if r.trust_domain == shared.cfg.trust_domain || r.cluster == shared.cfg.cluster {
-            return Err(Status::failed_precondition(format!(
-                "cannot link cluster {} to itself (trust domain {})",
-                shared.cfg.cluster, shared.cfg.trust_domain
-            )));
+            return Err(self.refused(
+                "self_link",
+                Status::failed_precondition(format!(
+                    "cannot link cluster {} to itself (trust domain {})",
+                    shared.cfg.cluster, shared.cfg.trust_domain
+                )),
+            ));
         }
-        identity::validate_name(&r.cluster).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        identity::validate_trust_domain(&r.trust_domain).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        identity::certs_from_pem(&r.roots_pem).map_err(|e| Status::invalid_argument(format!("joiner's roots: {e}")))?;
+        identity::validate_name(&r.cluster)
+            .map_err(|e| self.refused("invalid", Status::invalid_argument(e.to_string())))?;
+        identity::validate_trust_domain(&r.trust_domain)
+            .map_err(|e| self.refused("invalid", Status::invalid_argument(e.to_string())))?;
+        identity::certs_from_pem(&r.roots_pem)
+            .map_err(|e| self.refused("invalid", Status::invalid_argument(format!("joiner's roots: {e}"))))?;
         let now = unix_now();
         {
             let mut state = shared.state.lock().expect("state lock");
             let Some(rec) = state.tokens.get(&r.token_id).cloned() else {
-                return Err(Status::not_found(
-                    "unknown join token: it was never issued by this cluster, or was revoked",
+                return Err(self.refused(
+                    "unknown_token",
+                    Status::not_found("unknown join token: it was never issued by this cluster, or was revoked"),
                 ));
             };
             if !token::secret_matches(&r.secret, &rec.secret_hash) {
                 tracing::warn!(token_id = %r.token_id, "join refused: wrong secret");
-                return Err(Status::permission_denied(
-                    "join token secret does not match: the token was altered",
+                return Err(self.refused(
+                    "bad_secret",
+                    Status::permission_denied("join token secret does not match: the token was altered"),
                 ));
             }
             // Expiry is judged by the issuer's clock alone, so skew cannot matter.
             if now >= rec.expires_unix {
-                return Err(Status::failed_precondition(format!(
-                    "join token expired {}s ago (by the issuer's clock); create a new one",
-                    now - rec.expires_unix
-                )));
+                return Err(self.refused(
+                    "expired",
+                    Status::failed_precondition(format!(
+                        "join token expired {}s ago (by the issuer's clock); create a new one",
+                        now - rec.expires_unix
+                    )),
+                ));
             }
             if rec.uses_left == 0 {
-                return Err(Status::failed_precondition(format!(
-                    "join token already used (by {}); create a new one",
-                    rec.used_by.join(", ")
-                )));
+                return Err(self.refused(
+                    "used",
+                    Status::failed_precondition(format!(
+                        "join token already used (by {}); create a new one",
+                        rec.used_by.join(", ")
+                    )),
+                ));
             }
             if let Some(l) = state
                 .links
                 .values()
                 .find(|l| l.cluster == r.cluster || l.trust_domain == r.trust_domain)
             {
-                return Err(Status::already_exists(format!(
-                    "cluster {} ({}) is already linked with {}",
-                    l.cluster, l.trust_domain, shared.cfg.cluster
-                )));
+                return Err(self.refused(
+                    "already_linked",
+                    Status::already_exists(format!(
+                        "cluster {} ({}) is already linked with {}",
+                        l.cluster, l.trust_domain, shared.cfg.cluster
+                    )),
+                ));
             }
             let t = state.tokens.get_mut(&r.token_id).expect("present");
             t.uses_left -= 1;
@@ -379,6 +405,7 @@ impl Peering for Svc {
         shared.rebuild_bundles();
         shared.changed();
         tracing::info!(peer = %r.cluster, trust_domain = %r.trust_domain, "linked (join accepted)");
+        shared.metrics.join("accepted");
         let (_, quic) = shared.gateway_addrs();
         Ok(Response::new(JoinResponse {
             cluster: shared.cfg.cluster.clone(),

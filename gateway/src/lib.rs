@@ -8,6 +8,8 @@
 //! port) and relays it to a local sidecar. Gateways never see plaintext: the
 //! bytes they relay are the two sidecars' own end-to-end mTLS session.
 
+mod metrics;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -57,11 +59,14 @@ pub struct Config {
     pub advertise: Option<String>,
     /// How long open streams may finish after shutdown begins.
     pub drain: Duration,
+    /// Admin endpoint (`/metrics`, `/ready`, `/live`), if any.
+    pub admin_addr: Option<SocketAddr>,
 }
 
 pub struct Running {
     pub tunnel_addr: SocketAddr,
     pub quic_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
     pub done: tokio::task::JoinHandle<()>,
 }
 
@@ -76,6 +81,7 @@ struct Gateway {
     local_bundles: SharedBundles,
     conns: Mutex<HashMap<String, quinn::Connection>>,
     tracker: TaskTracker,
+    metrics: Arc<metrics::Metrics>,
 }
 
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, GatewayError> {
@@ -134,7 +140,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
     )
     .map_err(|e| GatewayError::Quic(e.to_string()))?;
 
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(metrics::Metrics::register(&mut registry));
+    let ready = isthmus_core::metrics::Ready::default();
+    let admin_addr = match cfg.admin_addr {
+        Some(a) => Some(
+            isthmus_core::metrics::serve_admin(a, Arc::new(registry), ready.clone(), shutdown.clone())
+                .await
+                .map_err(|e| GatewayError::Bind { addr: a, source: e })?,
+        ),
+        None => None,
+    };
     let gw = Arc::new(Gateway {
+        metrics,
         cluster: agent.cluster.clone(),
         trust_domain: agent.trust_domain.clone(),
         agent,
@@ -144,6 +162,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
         conns: Mutex::new(HashMap::new()),
         tracker: TaskTracker::new(),
     });
+    ready.set(true);
     let tunnel_tls = tls::server_config(
         gw.agent.svid.clone(),
         gw.local_bundles.clone(),
@@ -171,6 +190,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
     Ok(Running {
         tunnel_addr,
         quic_addr,
+        admin_addr,
         done,
     })
 }
@@ -283,14 +303,19 @@ async fn outbound_tunnel(gw: Arc<Gateway>, acceptor: tokio_rustls::TlsAcceptor, 
     let mut quic = match open_stream(&gw, &req).await {
         Ok(s) => s,
         Err(refusal) => {
+            gw.metrics.stream("outbound", &req.cluster, refusal.result());
             let _ = refusal.write(&mut tls).await;
             let _ = tls.shutdown().await;
             return Ok(());
         }
     };
+    gw.metrics.stream("outbound", &req.cluster, "ok");
+    let _open = gw.metrics.open("outbound");
     TunnelResponse::Ok.write(&mut tls).await.map_err(|e| e.to_string())?;
     tracing::debug!(%client, to = %req.cluster, service = %format!("{}/{}", req.namespace, req.service), "tunnel open");
-    let _ = tokio::io::copy_bidirectional(&mut tls, &mut quic).await;
+    if let Ok((to_peer, from_peer)) = tokio::io::copy_bidirectional(&mut tls, &mut quic).await {
+        gw.metrics.relayed(&req.cluster, to_peer, from_peer);
+    }
     Ok(())
 }
 
@@ -400,8 +425,16 @@ async fn peer_connection(gw: &Gateway, cluster: &str) -> Result<quinn::Connectio
     tracing::info!(peer = %cluster, %addr, "QUIC connection to peer gateway up");
     let watch = conn.clone();
     let peer = cluster.to_string();
+    let metrics = gw.metrics.clone();
     tokio::spawn(async move {
-        let reason = watch.closed().await;
+        // Publish the path's RTT, window and losses while it lives.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let reason = loop {
+            tokio::select! {
+                r = watch.closed() => break r,
+                _ = tick.tick() => metrics.path(&peer, &watch),
+            }
+        };
         tracing::info!(%peer, %reason, "QUIC connection to peer gateway closed");
     });
     gw.conns
@@ -514,6 +547,7 @@ async fn inbound_stream(
     let mut upstream = match target {
         Ok(s) => s,
         Err(refusal) => {
+            gw.metrics.stream("inbound", peer, refusal.result());
             tracing::info!(%peer, service = %format!("{}/{}", req.namespace, req.service), ?refusal, "stream refused");
             let _ = refusal.write(&mut send).await;
             let _ = send.finish();
@@ -521,9 +555,13 @@ async fn inbound_stream(
         }
     };
     let _ = upstream.set_nodelay(true);
+    gw.metrics.stream("inbound", peer, "ok");
+    let _open = gw.metrics.open("inbound");
     TunnelResponse::Ok.write(&mut send).await.map_err(|e| e.to_string())?;
     let mut stream = tokio::io::join(recv, send);
-    let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+    if let Ok((from_peer, to_peer)) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
+        gw.metrics.relayed(peer, to_peer, from_peer);
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 //!   its own trust domain, and hands the request to the app with the
 //!   client's SPIFFE ID in `x-isthmus-client-id`.
 
+pub mod metrics;
 pub mod route;
 
 use std::collections::HashMap;
@@ -68,6 +69,8 @@ pub struct Config {
     pub inbound_addr: SocketAddr,
     pub outbound_addr: SocketAddr,
     pub instance: String,
+    /// Admin endpoint (`/metrics`, `/ready`, `/live`), if any.
+    pub admin_addr: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -81,6 +84,7 @@ pub struct Running {
     pub inbound_addr: SocketAddr,
     pub outbound_addr: SocketAddr,
     pub id: SpiffeId,
+    pub admin_addr: Option<SocketAddr>,
     pub done: tokio::task::JoinHandle<()>,
 }
 
@@ -93,6 +97,7 @@ struct Sidecar {
     app_client: hyper_util::client::legacy::Client<HttpConnector, Incoming>,
     /// One HTTP/2 session per destination, shared by concurrent requests.
     pool: Mutex<HashMap<String, H2Sender>>,
+    metrics: metrics::Metrics,
 }
 
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, SidecarError> {
@@ -150,7 +155,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     )?;
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = metrics::Metrics::register(&mut registry);
+    let ready = isthmus_core::metrics::Ready::default();
+    let admin_addr = match cfg.admin_addr {
+        Some(a) => Some(
+            isthmus_core::metrics::serve_admin(a, Arc::new(registry), ready.clone(), shutdown.clone())
+                .await
+                .map_err(|e| SidecarError::Bind { addr: a, source: e })?,
+        ),
+        None => None,
+    };
     let sc = Arc::new(Sidecar {
+        metrics,
         app_client: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(http),
         pool: Mutex::new(HashMap::new()),
         agent,
@@ -163,10 +180,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     let done = tokio::spawn(async move {
         let _ = tokio::join!(t1, t2);
     });
+    ready.set(true);
     Ok(Running {
         inbound_addr,
         outbound_addr,
         id,
+        admin_addr,
         done,
     })
 }
@@ -208,11 +227,29 @@ async fn serve_inbound(
             let Some(client) = tls::peer_id(stream.get_ref().1.peer_certificates()) else {
                 return;
             };
+            let route = metrics::RouteLabels {
+                direction: "inbound",
+                source_cluster: sc.cluster_of(&client.trust_domain),
+                destination_cluster: sc.agent.cluster.clone(),
+                destination_service: sc
+                    .cfg
+                    .serve
+                    .as_ref()
+                    .map(|s| format!("{}/{}", sc.cfg.namespace, s.service))
+                    .unwrap_or_default(),
+            };
             let client = HeaderValue::from_str(&client.to_string()).expect("SPIFFE IDs are ASCII");
             let svc = hyper::service::service_fn(move |req| {
                 let sc = sc.clone();
                 let client = client.clone();
-                async move { Ok::<_, std::convert::Infallible>(inbound(sc, client, req).await) }
+                let route = route.clone();
+                async move {
+                    let start = std::time::Instant::now();
+                    let resp = inbound(sc.clone(), client, req).await;
+                    sc.metrics
+                        .observe(route, resp.status().as_u16(), start.elapsed().as_secs_f64());
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
@@ -324,12 +361,37 @@ impl ProxyError {
 }
 
 async fn outbound(sc: Arc<Sidecar>, req: Request<Incoming>) -> Response<Body> {
-    match forward(&sc, req).await {
+    let start = std::time::Instant::now();
+    let mut route = metrics::RouteLabels {
+        direction: "outbound",
+        source_cluster: sc.agent.cluster.clone(),
+        destination_cluster: "unknown".into(),
+        destination_service: "unknown".into(),
+    };
+    let resp = match forward(&sc, req, &mut route).await {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(error = %e, "outbound request failed");
             e.response()
         }
+    };
+    sc.metrics
+        .observe(route, resp.status().as_u16(), start.elapsed().as_secs_f64());
+    resp
+}
+
+impl Sidecar {
+    /// The cluster a trust domain belongs to, for metric labels.
+    fn cluster_of(&self, trust_domain: &str) -> String {
+        let snap = self.agent.config.borrow();
+        if trust_domain == snap.trust_domain {
+            return snap.cluster.clone();
+        }
+        snap.peers
+            .iter()
+            .find(|p| p.trust_domain == trust_domain)
+            .map(|p| p.cluster.clone())
+            .unwrap_or_else(|| "unknown".into())
     }
 }
 
@@ -344,13 +406,19 @@ fn authority(req: &Request<Incoming>) -> Option<(String, Option<u16>)> {
     Some((auth.host().to_string(), auth.port_u16()))
 }
 
-async fn forward(sc: &Arc<Sidecar>, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+async fn forward(
+    sc: &Arc<Sidecar>,
+    req: Request<Incoming>,
+    labels: &mut metrics::RouteLabels,
+) -> Result<Response<Body>, ProxyError> {
     let (host, port) = authority(&req).ok_or(ProxyError::NoHost)?;
     let name = ServiceName::parse(&host).ok_or_else(|| ProxyError::NotMeshName(host.clone()))?;
+    labels.destination_service = name.key();
     let target = {
         let snap = sc.agent.config.borrow();
         route::route(&snap, &name, port, rand::random_range(0..1024))?
     };
+    labels.destination_cluster = target.cluster.clone();
     let (mut parts, body) = req.into_parts();
     let path = parts
         .uri
@@ -391,6 +459,7 @@ async fn forward(sc: &Arc<Sidecar>, req: Request<Incoming>) -> Result<Response<B
         Ok(r) => r,
         Err(e) if again.is_some() && pooled => {
             tracing::debug!(error = %e, "pooled session failed; retrying on a new one");
+            sc.metrics.retries.get_or_create(labels).inc();
             let (sender, _) = session(sc, &target, &key, true).await?;
             let req = again.expect("checked");
             sender
@@ -558,10 +627,7 @@ async fn tunnel(sc: &Sidecar, target: &Target) -> Result<impl Io + use<>, ProxyE
         TunnelResponse::Ok => Ok(outer),
         TunnelResponse::Refused { code, reason } => Err(ProxyError::Refused {
             cluster: format!("gateway of cluster {}", sc.agent.cluster),
-            code: serde_json::to_value(code)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
+            code: code.as_str().to_string(),
             reason,
         }),
     }

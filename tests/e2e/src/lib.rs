@@ -224,7 +224,8 @@ fn dechunk(mut s: &str) -> String {
 }
 
 /// One component process (`isthmus controller|gateway|sidecar|echo ...`),
-/// started with `--ready-file`, its stderr in `<log>`.
+/// started with `--ready-file`, its stderr in `<dir>/<name>.log`. `args` is
+/// a command line, split on white space (paths must have none).
 pub struct Component {
     pub ready: serde_json::Value,
     pub log: PathBuf,
@@ -232,12 +233,12 @@ pub struct Component {
 }
 
 impl Component {
-    pub fn start(dir: &Path, name: &str, args: &[&str]) -> Self {
+    pub fn start(dir: &Path, name: &str, args: &str) -> Self {
         let ready = dir.join(format!("{name}.ready.json"));
         let log = dir.join(format!("{name}.log"));
         let _ = std::fs::remove_file(&ready);
         let mut child = Command::new(binary())
-            .args(args)
+            .args(args.split_whitespace())
             .arg("--ready-file")
             .arg(&ready)
             .stdin(Stdio::null())
@@ -283,4 +284,23 @@ impl Drop for Component {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `/metrics` of the admin endpoint at `addr`.
+pub fn metrics(addr: &str) -> String {
+    let r = get_via(addr, &format!("http://{addr}/metrics")).expect("scrape metrics");
+    assert_eq!(r.status, 200, "{r:?}");
+    r.body
+}
+
+/// The value of the sample `name{...}` whose labels include all of `labels`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+        let (set, value) = rest.split_once("} ")?;
+        labels
+            .iter()
+            .all(|(k, v)| set.split(',').any(|p| p == format!("{k}=\"{v}\"")))
+            .then(|| value.trim().parse().ok())?
+    })
 }

@@ -12,115 +12,57 @@ const ECHO: &str = "http://echo.demo.svc.clusterset.local:8080/";
 #[test]
 fn calls_survive_a_peer_gateway_restart() {
     let root = tempfile::tempdir().unwrap();
-    let east_dir = root.path().join("east");
-    let west_dir = root.path().join("west");
-    let (e, w) = (east_dir.to_str().unwrap(), west_dir.to_str().unwrap());
+    let r = root.path();
+    let e = r.join("east").display().to_string();
+    let w = r.join("west").display().to_string();
 
     let _east_ctl = Component::start(
-        root.path(),
+        r,
         "east-controller",
-        &[
-            "controller",
-            "--dir",
-            e,
-            "--cluster",
-            "east",
-            "--control-addr",
-            "127.0.18.1:0",
-            "--peering-addr",
-            "127.0.18.1:0",
-        ],
+        &format!(
+            "controller --dir {e} --cluster east --control-addr 127.0.18.1:0 --peering-addr 127.0.18.1:0 --admin-addr 127.0.18.1:0"
+        ),
     );
     let mut east_gw = Component::start(
-        root.path(),
+        r,
         "east-gateway",
-        &[
-            "gateway",
-            "--dir",
-            e,
-            "--tunnel-addr",
-            "127.0.18.2:0",
-            "--quic-addr",
-            "127.0.18.2:0",
-        ],
+        &format!("gateway --dir {e} --tunnel-addr 127.0.18.2:0 --quic-addr 127.0.18.2:0 --admin-addr 127.0.18.2:0"),
     );
-    let echo = Component::start(
-        root.path(),
-        "east-echo",
-        &["echo", "--cluster", "east", "--listen", "127.0.18.20:0"],
-    );
-    let app = echo.addr("listen");
+    let echo = Component::start(r, "east-echo", "echo --cluster east --listen 127.0.18.20:0");
     let _east_sc = Component::start(
-        root.path(),
+        r,
         "east-sidecar",
-        &[
-            "sidecar",
-            "--dir",
-            e,
-            "--namespace",
-            "demo",
-            "--service",
-            "echo",
-            "--port",
-            "8080",
-            "--app",
-            &app,
-            "--inbound-addr",
-            "127.0.18.20:0",
-            "--outbound-addr",
-            "127.0.18.20:0",
-        ],
+        &format!(
+            "sidecar --dir {e} --namespace demo --service echo --port 8080 --app {} \
+             --inbound-addr 127.0.18.20:0 --outbound-addr 127.0.18.20:0 --admin-addr 127.0.18.20:0",
+            echo.addr("listen")
+        ),
     );
     let _west_ctl = Component::start(
-        root.path(),
+        r,
         "west-controller",
-        &[
-            "controller",
-            "--dir",
-            w,
-            "--cluster",
-            "west",
-            "--control-addr",
-            "127.0.19.1:0",
-            "--peering-addr",
-            "127.0.19.1:0",
-        ],
+        &format!(
+            "controller --dir {w} --cluster west --control-addr 127.0.19.1:0 --peering-addr 127.0.19.1:0 --admin-addr 127.0.19.1:0"
+        ),
     );
     let west_gw = Component::start(
-        root.path(),
+        r,
         "west-gateway",
-        &[
-            "gateway",
-            "--dir",
-            w,
-            "--tunnel-addr",
-            "127.0.19.2:0",
-            "--quic-addr",
-            "127.0.19.2:0",
-        ],
+        &format!("gateway --dir {w} --tunnel-addr 127.0.19.2:0 --quic-addr 127.0.19.2:0 --admin-addr 127.0.19.2:0"),
     );
     let client = Component::start(
-        root.path(),
+        r,
         "west-client",
-        &[
-            "sidecar",
-            "--dir",
-            w,
-            "--namespace",
-            "demo",
-            "--service-account",
-            "client",
-            "--inbound-addr",
-            "127.0.19.30:0",
-            "--outbound-addr",
-            "127.0.19.30:0",
-        ],
+        &format!(
+            "sidecar --dir {w} --namespace demo --service-account client \
+             --inbound-addr 127.0.19.30:0 --outbound-addr 127.0.19.30:0 --admin-addr 127.0.19.30:0"
+        ),
     );
     let proxy = client.addr("outbound");
 
-    let token = ok(&["token", "create", "--dir", e]).trim().to_string();
-    ok(&["link", "--dir", w, &token]);
-    ok(&["export", "--dir", e, "demo/echo"]);
+    let token = ok(&["token", "create", "--dir", &e]).trim().to_string();
+    ok(&["link", "--dir", &w, &token]);
+    ok(&["export", "--dir", &e, "demo/echo"]);
     eventually("echo across clusters", Duration::from_secs(30), || {
         get_via(&proxy, ECHO).ok().filter(|r| r.status == 200)
     });
@@ -129,9 +71,9 @@ fn calls_survive_a_peer_gateway_restart() {
     let (tunnel, quic) = (east_gw.addr("tunnel"), east_gw.addr("quic"));
     east_gw.kill();
     let _east_gw2 = Component::start(
-        root.path(),
+        r,
         "east-gateway-2",
-        &["gateway", "--dir", e, "--tunnel-addr", &tunnel, "--quic-addr", &quic],
+        &format!("gateway --dir {e} --tunnel-addr {tunnel} --quic-addr {quic} --admin-addr 127.0.18.2:0"),
     );
 
     // Every request succeeds: the dead pooled session is retried on a new

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use isthmus_e2e::{Cluster, eventually, fails, get_via, ok};
+use isthmus_e2e::{Cluster, eventually, fails, get_via, metrics, ok, sample};
 
 const ECHO: &str = "http://echo.demo.svc.clusterset.local:8080/hello";
 
@@ -72,6 +72,47 @@ fn link_export_and_call_across_clusters() {
     assert_eq!(r.status, 503);
     assert_eq!(r.header("x-isthmus-error"), Some("unknown-service"));
 
+    // The way there shows in every component's metrics.
+    let route = [
+        ("source_cluster", "west"),
+        ("destination_cluster", "east"),
+        ("destination_service", "demo/echo"),
+    ];
+    let client_metrics = metrics(west.info["client"]["admin"].as_str().unwrap());
+    let out = [&route[..], &[("direction", "outbound"), ("status", "200")]].concat();
+    assert!(
+        sample(&client_metrics, "isthmus_requests_total", &out).unwrap_or(0.0) >= 2.0,
+        "{client_metrics}"
+    );
+    let unknown = [
+        ("direction", "outbound"),
+        ("destination_cluster", "unknown"),
+        ("status", "503"),
+    ];
+    assert!(
+        sample(&client_metrics, "isthmus_requests_total", &unknown).unwrap_or(0.0) >= 1.0,
+        "{client_metrics}"
+    );
+    let echo_metrics = metrics(east.info["echo"]["admin"].as_str().unwrap());
+    let inb = [&route[..], &[("direction", "inbound"), ("status", "200")]].concat();
+    assert!(
+        sample(&echo_metrics, "isthmus_requests_total", &inb).unwrap_or(0.0) >= 2.0,
+        "{echo_metrics}"
+    );
+    let gw_metrics = metrics(east.info["gateway_admin"].as_str().unwrap());
+    let streams = [("direction", "inbound"), ("peer", "west"), ("result", "ok")];
+    assert!(
+        sample(&gw_metrics, "isthmus_gateway_streams_total", &streams).unwrap_or(0.0) >= 1.0,
+        "{gw_metrics}"
+    );
+    let ctl_metrics = metrics(east.info["controller_admin"].as_str().unwrap());
+    assert!(
+        ctl_metrics.lines().any(|l| l == "isthmus_exported_services 1"),
+        "{ctl_metrics}"
+    );
+    let accepted = sample(&ctl_metrics, "isthmus_join_attempts_total", &[("result", "accepted")]);
+    assert_eq!(accepted, Some(1.0), "{ctl_metrics}");
+
     // Both sides see an active link with heartbeats.
     for c in [&west, &east] {
         let s = c.status();
@@ -85,6 +126,13 @@ fn link_export_and_call_across_clusters() {
         let link = link.unwrap_or_else(|| panic!("{} has no link to {peer}: {s}", c.name));
         assert_eq!(link["state"], "active", "{s}");
     }
+    // Link gauges follow within a tick (250 ms) of the lease keeper.
+    let west_admin = west.info["controller_admin"].as_str().unwrap().to_string();
+    eventually("the link gauge to show active", Duration::from_secs(5), || {
+        let text = metrics(&west_admin);
+        let active = sample(&text, "isthmus_link_state", &[("peer", "east"), ("state", "active")]);
+        (active == Some(1.0)).then_some(())
+    });
 }
 
 #[test]

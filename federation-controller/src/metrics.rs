@@ -1,0 +1,105 @@
+//! The controller's metrics (names documented in docs/metrics.md).
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LinkLabels {
+    pub peer: String,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+pub const LINK_STATES: [&str; 4] = ["pending", "establishing", "active", "failing"];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub link_state: Family<LinkLabels, Gauge>,
+    pub heartbeat_age: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    pub imports: Family<PeerLabels, Gauge>,
+    pub exports: Gauge,
+    pub svids_issued: Counter,
+    pub tokens_created: Counter,
+    pub joins: Family<ResultLabels, Counter>,
+    pub root_expiry: Gauge,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Metrics::default();
+        registry.register(
+            "isthmus_link_state",
+            "1 for the current state of each link (pending, establishing, active, failing)",
+            m.link_state.clone(),
+        );
+        registry.register(
+            "isthmus_link_heartbeat_age_seconds",
+            "Seconds since the last heartbeat from each linked peer (-1: none yet)",
+            m.heartbeat_age.clone(),
+        );
+        registry.register(
+            "isthmus_imported_services",
+            "Services imported from each linked peer (0 once its lease runs out)",
+            m.imports.clone(),
+        );
+        registry.register(
+            "isthmus_exported_services",
+            "Services this cluster exports",
+            m.exports.clone(),
+        );
+        registry.register(
+            "isthmus_svids_issued",
+            "Workload certificates signed",
+            m.svids_issued.clone(),
+        );
+        registry.register(
+            "isthmus_join_tokens_created",
+            "Join tokens created",
+            m.tokens_created.clone(),
+        );
+        registry.register(
+            "isthmus_join_attempts",
+            "Attempts to spend this cluster's join tokens, by result",
+            m.joins.clone(),
+        );
+        registry.register(
+            "isthmus_ca_root_expiry_timestamp_seconds",
+            "When this cluster's root CA expires (Unix time)",
+            m.root_expiry.clone(),
+        );
+        m
+    }
+
+    pub fn join(&self, result: &'static str) {
+        self.joins.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn link(&self, peer: &str, state: &str, heartbeat_age: Option<f64>, imports: usize) {
+        for s in LINK_STATES {
+            let v = i64::from(s == state);
+            self.link_state
+                .get_or_create(&LinkLabels {
+                    peer: peer.to_string(),
+                    state: s,
+                })
+                .set(v);
+        }
+        let p = PeerLabels { peer: peer.to_string() };
+        self.heartbeat_age.get_or_create(&p).set(heartbeat_age.unwrap_or(-1.0));
+        self.imports.get_or_create(&p).set(imports as i64);
+    }
+}

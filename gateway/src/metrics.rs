@@ -1,0 +1,125 @@
+//! The gateway's metrics (names documented in docs/metrics.md).
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    /// `outbound`: from a local sidecar to a peer; `inbound`: from a peer.
+    pub direction: &'static str,
+    pub peer: String,
+    /// `ok`, or the refusal code.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub peer: String,
+    /// `to_peer` or `from_peer`.
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub streams: Family<StreamLabels, Counter>,
+    pub open_streams: Family<DirectionLabels, Gauge>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub rtt: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    pub cwnd: Family<PeerLabels, Gauge>,
+    pub lost_packets: Family<PeerLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Metrics::default();
+        registry.register(
+            "isthmus_gateway_streams",
+            "Tunneled streams, by direction, peer cluster and result",
+            m.streams.clone(),
+        );
+        registry.register(
+            "isthmus_gateway_open_streams",
+            "Tunneled streams open now",
+            m.open_streams.clone(),
+        );
+        registry.register(
+            "isthmus_gateway_stream_bytes",
+            "Bytes relayed, by peer cluster and direction",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "isthmus_gateway_peer_rtt_seconds",
+            "Smoothed RTT of the QUIC connection to each peer gateway",
+            m.rtt.clone(),
+        );
+        registry.register(
+            "isthmus_gateway_peer_cwnd_bytes",
+            "Congestion window of the QUIC connection to each peer gateway",
+            m.cwnd.clone(),
+        );
+        registry.register(
+            "isthmus_gateway_peer_lost_packets",
+            "Packets lost on the current QUIC connection to each peer gateway",
+            m.lost_packets.clone(),
+        );
+        m
+    }
+
+    pub fn stream(&self, direction: &'static str, peer: &str, result: &'static str) {
+        self.streams
+            .get_or_create(&StreamLabels {
+                direction,
+                peer: peer.to_string(),
+                result,
+            })
+            .inc();
+    }
+
+    /// Count relayed bytes once a stream ends.
+    pub fn relayed(&self, peer: &str, to_peer: u64, from_peer: u64) {
+        let labels = |direction| BytesLabels {
+            peer: peer.to_string(),
+            direction,
+        };
+        self.bytes.get_or_create(&labels("to_peer")).inc_by(to_peer);
+        self.bytes.get_or_create(&labels("from_peer")).inc_by(from_peer);
+    }
+
+    /// Track an open stream until the guard drops.
+    pub fn open(&self, direction: &'static str) -> OpenGuard {
+        let g = self.open_streams.get_or_create(&DirectionLabels { direction }).clone();
+        g.inc();
+        OpenGuard(g)
+    }
+
+    pub fn path(&self, peer: &str, conn: &quinn::Connection) {
+        let l = PeerLabels { peer: peer.to_string() };
+        let stats = conn.stats();
+        self.rtt.get_or_create(&l).set(conn.rtt().as_secs_f64());
+        self.cwnd.get_or_create(&l).set(stats.path.cwnd as i64);
+        self.lost_packets.get_or_create(&l).set(stats.path.lost_packets as i64);
+    }
+}
+
+pub struct OpenGuard(Gauge);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
