@@ -256,7 +256,11 @@ async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster
         latencies.push(ans.latency);
     }
     latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3;
+    // Nearest-rank percentile.
+    let pct = |p: f64| {
+        let rank = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
+        latencies[rank - 1].as_secs_f64() * 1e3
+    };
     if !latencies.is_empty() {
         println!(
             "      {n}/{n} served by east; latency p50 {:.2} ms, max {:.2} ms",
