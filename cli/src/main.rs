@@ -28,7 +28,19 @@ pub mod exit {
 }
 
 #[derive(Parser)]
-#[command(name = "isthmus", version, about = "Isthmus: link clusters into one service mesh", long_about = None)]
+#[command(
+    name = "isthmus",
+    version,
+    about = "Isthmus: link clusters into one service mesh",
+    long_about = None,
+    after_help = "Quick start:\n  isthmus demo                    two clusters, linked and called across, step by step\n\n\
+By hand:\n  isthmus up --cluster east --net 127.0.1 --dir /tmp/isthmus/east --echo\n  \
+isthmus up --cluster west --net 127.0.2 --dir /tmp/isthmus/west --client\n  \
+isthmus link --dir /tmp/isthmus/west \"$(isthmus token create --dir /tmp/isthmus/east)\"\n  \
+isthmus export --dir /tmp/isthmus/east demo/echo\n  \
+curl -x http://127.0.2.30:15001 http://echo.demo.svc.clusterset.local:8080/\n\n\
+Exit codes: 0 ok, 1 failure, 2 bad input, 3 not found, 4 refused, 5 unreachable (docs/cli.md)."
+)]
 struct Cli {
     /// Log filter (RUST_LOG syntax), for the component subcommands.
     #[arg(long, global = true, env = "ISTHMUS_LOG", default_value = "info")]
