@@ -12,7 +12,6 @@ use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Latency buckets from 100 µs to about 13 s, doubling.
@@ -36,15 +35,17 @@ impl Ready {
     }
 }
 
-/// Serve the admin endpoint on `addr` until `stop`; returns the bound address.
+/// Serve the admin endpoint on `addr` (if any) until `stop`; returns the
+/// bound address.
 pub async fn serve_admin(
-    addr: SocketAddr,
-    registry: Arc<Registry>,
+    addr: Option<SocketAddr>,
+    registry: Registry,
     ready: Ready,
     stop: CancellationToken,
-) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
+) -> Result<Option<SocketAddr>, crate::net::BindError> {
+    let Some(addr) = addr else { return Ok(None) };
+    let (listener, bound) = crate::net::bind(addr).await?;
+    let registry = Arc::new(registry);
     tokio::spawn(async move {
         while let Some((tcp, _)) = crate::net::accept(&listener, &stop).await {
             let registry = registry.clone();
@@ -60,7 +61,7 @@ pub async fn serve_admin(
             });
         }
     });
-    Ok(bound)
+    Ok(Some(bound))
 }
 
 fn respond(path: &str, registry: &Registry, ready: &Ready) -> hyper::Response<Full<Bytes>> {
@@ -109,13 +110,14 @@ mod tests {
         let ready = Ready::default();
         let stop = CancellationToken::new();
         let addr = serve_admin(
-            "127.0.0.1:0".parse().unwrap(),
-            Arc::new(registry),
+            Some("127.0.0.1:0".parse().unwrap()),
+            registry,
             ready.clone(),
             stop.clone(),
         )
         .await
-        .unwrap();
+        .unwrap()
+        .expect("an address was given");
         assert!(get(addr, "/metrics").await.contains("isthmus_test_things_total 3"));
         assert!(get(addr, "/ready").await.starts_with("HTTP/1.1 503"));
         ready.set(true);

@@ -27,3 +27,27 @@ pub async fn accept(listener: &TcpListener, stop: &CancellationToken) -> Option<
         }
     }
 }
+
+/// A port could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+/// Bind a TCP listener; also returns the bound address (port 0 is resolved).
+pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BindError> {
+    let err = |source| BindError { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
+}
+
+/// Bind a UDP socket (for QUIC); also returns the bound address.
+pub fn bind_udp(addr: SocketAddr) -> Result<(std::net::UdpSocket, SocketAddr), BindError> {
+    let err = |source| BindError { addr, source };
+    let socket = std::net::UdpSocket::bind(addr).map_err(err)?;
+    let bound = socket.local_addr().map_err(err)?;
+    Ok((socket, bound))
+}

@@ -24,7 +24,6 @@ use isthmus_core::identity::{Ca, SpiffeId};
 use isthmus_core::local::{ClusterDir, ControllerInfo};
 use isthmus_core::tls::{self, ClientAuth, SharedBundles, SvidResolver};
 use isthmus_proto::{ConfigSnapshot, GatewayRegistration, Peer, SidecarRegistration, TrustBundle};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -40,8 +39,8 @@ pub enum ControllerError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Local(#[from] isthmus_core::local::LocalError),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Bind(#[from] isthmus_core::net::BindError),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
     #[error("{0}")]
@@ -277,26 +276,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
         }
     };
 
-    let control = TcpListener::bind(cfg.control_addr)
-        .await
-        .map_err(|e| ControllerError::Bind {
-            addr: cfg.control_addr,
-            source: e,
-        })?;
-    let peering = TcpListener::bind(cfg.peering_addr)
-        .await
-        .map_err(|e| ControllerError::Bind {
-            addr: cfg.peering_addr,
-            source: e,
-        })?;
-    let control_addr = control.local_addr().map_err(|e| ControllerError::Bind {
-        addr: cfg.control_addr,
-        source: e,
-    })?;
-    let peering_addr = peering.local_addr().map_err(|e| ControllerError::Bind {
-        addr: cfg.peering_addr,
-        source: e,
-    })?;
+    let (control, control_addr) = isthmus_core::net::bind(cfg.control_addr).await?;
+    let (peering, peering_addr) = isthmus_core::net::bind(cfg.peering_addr).await?;
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
@@ -305,14 +286,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
     }
     metrics.exports.set(state.exports.len() as i64);
     let ready = isthmus_core::metrics::Ready::default();
-    let admin_addr = match cfg.admin_addr {
-        Some(a) => Some(
-            isthmus_core::metrics::serve_admin(a, Arc::new(registry), ready.clone(), shutdown.clone())
-                .await
-                .map_err(|e| ControllerError::Bind { addr: a, source: e })?,
-        ),
-        None => None,
-    };
+    let admin_addr =
+        isthmus_core::metrics::serve_admin(cfg.admin_addr, registry, ready.clone(), shutdown.clone()).await?;
     let svid = ca.issue_local(&SpiffeId::controller(&cfg.trust_domain), cfg.svid_ttl)?;
     let shared = Arc::new(Shared {
         peering_advertised: cfg

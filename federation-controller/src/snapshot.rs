@@ -28,6 +28,14 @@ fn local_services<'a>(
     out
 }
 
+/// The distinct SPIFFE IDs a service's local endpoints serve with, sorted.
+fn identities(eps: &[&SidecarRegistration]) -> Vec<String> {
+    let mut ids: Vec<String> = eps.iter().map(|r| r.identity.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
 /// Every service a sidecar of this cluster can call: local ones and those
 /// imported from live peers. Same namespace and name across clusters is one
 /// service (KEP-1645); when exporters disagree on the port, the oldest export
@@ -41,9 +49,7 @@ pub fn services<'a>(
     for (key, (port, eps)) in local_services(regs) {
         let mut addresses: Vec<String> = eps.iter().map(|r| r.inbound_addr.clone()).collect();
         addresses.sort();
-        let mut identities: Vec<String> = eps.iter().map(|r| r.identity.clone()).collect();
-        identities.sort();
-        identities.dedup();
+        let identities = identities(&eps);
         let exported = state.exports.get(&key);
         let svc = Service {
             namespace: eps[0].namespace.clone(),
@@ -108,9 +114,7 @@ pub fn exports<'a>(state: &State, regs: impl Iterator<Item = &'a SidecarRegistra
         .iter()
         .map(|(key, rec)| {
             let (port, eps) = local.get(key).cloned().unwrap_or((0, Vec::new()));
-            let mut identities: Vec<String> = eps.iter().map(|r| r.identity.clone()).collect();
-            identities.sort();
-            identities.dedup();
+            let identities = identities(&eps);
             ExportedService {
                 namespace: rec.namespace.clone(),
                 name: rec.name.clone(),

@@ -38,8 +38,8 @@ const STREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Bind(#[from] isthmus_core::net::BindError),
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error(transparent)]
@@ -85,24 +85,8 @@ struct Gateway {
 }
 
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, GatewayError> {
-    let tcp = TcpListener::bind(cfg.tunnel_addr)
-        .await
-        .map_err(|e| GatewayError::Bind {
-            addr: cfg.tunnel_addr,
-            source: e,
-        })?;
-    let udp = std::net::UdpSocket::bind(cfg.quic_addr).map_err(|e| GatewayError::Bind {
-        addr: cfg.quic_addr,
-        source: e,
-    })?;
-    let tunnel_addr = tcp.local_addr().map_err(|e| GatewayError::Bind {
-        addr: cfg.tunnel_addr,
-        source: e,
-    })?;
-    let quic_addr = udp.local_addr().map_err(|e| GatewayError::Bind {
-        addr: cfg.quic_addr,
-        source: e,
-    })?;
+    let (tcp, tunnel_addr) = isthmus_core::net::bind(cfg.tunnel_addr).await?;
+    let (udp, quic_addr) = isthmus_core::net::bind_udp(cfg.quic_addr)?;
 
     let node = watch_request::Node::Gateway(GatewayRegistration {
         tunnel_addr: tunnel_addr.to_string(),
@@ -143,14 +127,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(metrics::Metrics::register(&mut registry));
     let ready = isthmus_core::metrics::Ready::default();
-    let admin_addr = match cfg.admin_addr {
-        Some(a) => Some(
-            isthmus_core::metrics::serve_admin(a, Arc::new(registry), ready.clone(), shutdown.clone())
-                .await
-                .map_err(|e| GatewayError::Bind { addr: a, source: e })?,
-        ),
-        None => None,
-    };
+    let admin_addr =
+        isthmus_core::metrics::serve_admin(cfg.admin_addr, registry, ready.clone(), shutdown.clone()).await?;
     let gw = Arc::new(Gateway {
         metrics,
         cluster: agent.cluster.clone(),

@@ -47,8 +47,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Bind(#[from] isthmus_core::net::BindError),
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error(transparent)]
@@ -106,26 +106,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     for n in names {
         validate_name(n).map_err(|e| SidecarError::Config(e.to_string()))?;
     }
-    let inbound = TcpListener::bind(cfg.inbound_addr)
-        .await
-        .map_err(|e| SidecarError::Bind {
-            addr: cfg.inbound_addr,
-            source: e,
-        })?;
-    let outbound = TcpListener::bind(cfg.outbound_addr)
-        .await
-        .map_err(|e| SidecarError::Bind {
-            addr: cfg.outbound_addr,
-            source: e,
-        })?;
-    let inbound_addr = inbound.local_addr().map_err(|e| SidecarError::Bind {
-        addr: cfg.inbound_addr,
-        source: e,
-    })?;
-    let outbound_addr = outbound.local_addr().map_err(|e| SidecarError::Bind {
-        addr: cfg.outbound_addr,
-        source: e,
-    })?;
+    let (inbound, inbound_addr) = isthmus_core::net::bind(cfg.inbound_addr).await?;
+    let (outbound, outbound_addr) = isthmus_core::net::bind(cfg.outbound_addr).await?;
 
     let dir = ClusterDir::new(&cfg.dir);
     let node = watch_request::Node::Sidecar(SidecarRegistration {
@@ -158,14 +140,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
     let ready = isthmus_core::metrics::Ready::default();
-    let admin_addr = match cfg.admin_addr {
-        Some(a) => Some(
-            isthmus_core::metrics::serve_admin(a, Arc::new(registry), ready.clone(), shutdown.clone())
-                .await
-                .map_err(|e| SidecarError::Bind { addr: a, source: e })?,
-        ),
-        None => None,
-    };
+    let admin_addr =
+        isthmus_core::metrics::serve_admin(cfg.admin_addr, registry, ready.clone(), shutdown.clone()).await?;
     let sc = Arc::new(Sidecar {
         metrics,
         app_client: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(http),
