@@ -145,11 +145,21 @@ impl Shared {
         self.version.send_modify(|v| *v += 1);
     }
 
-    fn save(&self, state: &State) -> Result<(), tonic::Status> {
-        state.save(self.dir.path()).map_err(|e| {
-            tracing::error!(error = %e, "saving state failed");
-            tonic::Status::internal(format!("could not save state: {e}"))
-        })
+    /// Change the durable state: `change` edits a copy, the copy is saved,
+    /// and only then does it replace the state in memory. A change that
+    /// fails, or cannot be saved, leaves no trace.
+    fn update<T>(&self, change: impl FnOnce(&mut State) -> Result<T, tonic::Status>) -> Result<T, tonic::Status> {
+        let mut state = self.state.lock().expect("state lock");
+        let mut next = state.clone();
+        let out = change(&mut next)?;
+        if next != *state {
+            next.save(self.dir.path()).map_err(|e| {
+                tracing::error!(error = %e, "saving state failed");
+                tonic::Status::internal(format!("could not save state: {e}"))
+            })?;
+            *state = next;
+        }
+        Ok(out)
     }
 
     fn rebuild_bundles(&self) {

@@ -99,8 +99,26 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
             "fingerprint mismatch: the issuer returned a bundle the token does not pin",
         ));
     }
-    {
-        let mut state = shared.state.lock().expect("state lock");
+    // The link is recorded under the name the token carries; an issuer that
+    // answers with another name is not the cluster the token described.
+    if resp.cluster != tok.cluster {
+        return Err(Status::failed_precondition(format!(
+            "the issuer calls itself {:?}, but the token was issued by {:?}",
+            resp.cluster, tok.cluster
+        )));
+    }
+    shared.update(|state| {
+        // Checked again under the lock: another link may have landed meanwhile.
+        if let Some(l) = state
+            .links
+            .values()
+            .find(|l| l.cluster == tok.cluster || l.trust_domain == tok.trust_domain)
+        {
+            return Err(Status::already_exists(format!(
+                "cluster {} is already linked ({})",
+                l.cluster, l.trust_domain
+            )));
+        }
         state.links.insert(
             resp.cluster.clone(),
             LinkRecord {
@@ -116,8 +134,8 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
                 created_unix: isthmus_core::unix_now(),
             },
         );
-        shared.save(&state)?;
-    }
+        Ok(())
+    })?;
     shared.rebuild_bundles();
     shared.changed();
     tracing::info!(peer = %resp.cluster, trust_domain = %resp.trust_domain, "linked (token spent)");
@@ -279,31 +297,47 @@ fn apply(shared: &Shared, peer: &str, m: PeerMessage) {
             }
         }),
         Some(Msg::Exports(list)) => {
+            let Some(td) = shared
+                .state
+                .lock()
+                .expect("state lock")
+                .links
+                .get(peer)
+                .map(|l| l.trust_domain.clone())
+            else {
+                return;
+            };
+            let services = snapshot::sanitize_imports(&td, list.services);
             mark(shared, peer, |p| {
                 p.last_heartbeat = Some(Instant::now());
-                p.imports.services = list.services;
+                p.imports.services = services;
                 p.imports.live = true;
             });
             changed = true;
         }
         Some(Msg::Bundle(b)) => {
-            let mut state = shared.state.lock().expect("state lock");
-            let Some(link) = state.links.get_mut(peer) else { return };
-            if b.trust_domain != link.trust_domain || identity::certs_from_pem(&b.roots_pem).is_err() {
-                tracing::warn!(%peer, "ignoring malformed bundle update");
-                return;
-            }
-            if link.roots_pem != b.roots_pem || (!b.gateway_addr.is_empty() && link.gateway_addr != b.gateway_addr) {
+            let updated = shared.update(|state| {
+                let Some(link) = state.links.get_mut(peer) else {
+                    return Ok(false);
+                };
+                if b.trust_domain != link.trust_domain || identity::certs_from_pem(&b.roots_pem).is_err() {
+                    tracing::warn!(%peer, "ignoring malformed bundle update");
+                    return Ok(false);
+                }
+                let before = link.clone();
                 link.roots_pem = b.roots_pem;
                 if !b.gateway_addr.is_empty() {
                     link.gateway_addr = b.gateway_addr;
                 }
-                if let Err(e) = shared.save(&state) {
-                    tracing::error!(%peer, error = %e, "saving bundle update failed");
+                Ok(*link != before)
+            });
+            match updated {
+                Ok(true) => {
+                    shared.rebuild_bundles();
+                    changed = true;
                 }
-                drop(state);
-                shared.rebuild_bundles();
-                changed = true;
+                Ok(false) => {}
+                Err(e) => tracing::error!(%peer, error = %e.message(), "saving bundle update failed"),
             }
         }
         None => {}

@@ -194,8 +194,7 @@ impl Admin for Svc {
             priority: None,
         };
         let expires = now + ttl.as_secs() as i64;
-        {
-            let mut state = self.0.state.lock().expect("state lock");
+        self.0.update(|state| {
             // Drop tokens that can never be used again, so the file stays small.
             state.tokens.retain(|_, t| t.expires_unix > now - 24 * 3600);
             state.tokens.insert(
@@ -209,8 +208,8 @@ impl Admin for Svc {
                     used_by: vec![],
                 },
             );
-            self.0.save(&state)?;
-        }
+            Ok(())
+        })?;
         self.0.metrics.tokens_created.inc();
         tracing::info!(token_id = %id, ttl_s = ttl.as_secs(), uses, "join token created");
         Ok(Response::new(CreateTokenResponse {
@@ -257,8 +256,7 @@ impl Admin for Svc {
                 )));
             }
         }
-        {
-            let mut state = self.0.state.lock().expect("state lock");
+        let exports = self.0.update(|state| {
             if !state.exports.contains_key(&key) {
                 state.exports.insert(
                     key.clone(),
@@ -268,10 +266,10 @@ impl Admin for Svc {
                         created_unix: unix_now(),
                     },
                 );
-                self.0.save(&state)?;
-                self.0.metrics.exports.set(state.exports.len() as i64);
             }
-        }
+            Ok(state.exports.len())
+        })?;
+        self.0.metrics.exports.set(exports as i64);
         tracing::info!(service = %key, "exported");
         self.0.changed();
         Ok(Response::new(ExportResponse {}))
@@ -339,8 +337,7 @@ impl Peering for Svc {
         identity::certs_from_pem(&r.roots_pem)
             .map_err(|e| self.refused("invalid", Status::invalid_argument(format!("joiner's roots: {e}"))))?;
         let now = unix_now();
-        {
-            let mut state = shared.state.lock().expect("state lock");
+        shared.update(|state| {
             let Some(rec) = state.tokens.get(&r.token_id).cloned() else {
                 return Err(self.refused(
                     "unknown_token",
@@ -400,8 +397,8 @@ impl Peering for Svc {
                     created_unix: now,
                 },
             );
-            shared.save(&state)?;
-        }
+            Ok(())
+        })?;
         shared.rebuild_bundles();
         shared.changed();
         tracing::info!(peer = %r.cluster, trust_domain = %r.trust_domain, "linked (join accepted)");

@@ -38,8 +38,9 @@ fn identities(eps: &[&SidecarRegistration]) -> Vec<String> {
 
 /// Every service a sidecar of this cluster can call: local ones and those
 /// imported from live peers. Same namespace and name across clusters is one
-/// service (KEP-1645); when exporters disagree on the port, the oldest export
-/// wins and the others are left out of the service.
+/// service (KEP-1645). When clusters disagree on the port, a service that
+/// runs in this cluster keeps its own port; between imports, the oldest
+/// export wins; conflicting backends are left out of the service.
 pub fn services<'a>(
     state: &State,
     regs: impl Iterator<Item = &'a SidecarRegistration>,
@@ -63,8 +64,9 @@ pub fn services<'a>(
                 identities,
             }],
         };
-        let since = exported.map(|e| e.created_unix).unwrap_or(i64::MAX);
-        out.insert(key, (svc, since));
+        // A service that runs here is defined here: no import can change its
+        // port or displace its endpoints.
+        out.insert(key, (svc, i64::MIN));
     }
     for (peer, imp) in imports {
         if !imp.live {
@@ -93,7 +95,8 @@ pub fn services<'a>(
                     if svc.port == e.port {
                         svc.backends.push(backend);
                     } else if e.exported_unix < *since {
-                        // An older export defines the port.
+                        // Between importers, the older export defines the
+                        // port (KEP-1645); the others are left out.
                         svc.port = e.port;
                         svc.backends.clear();
                         svc.backends.push(backend);
@@ -127,6 +130,30 @@ pub fn exports<'a>(state: &State, regs: impl Iterator<Item = &'a SidecarRegistra
         // An export whose workloads are all gone is announced with no port
         // until one registers again; peers keep nothing routable for it.
         .filter(|e| e.port != 0)
+        .collect()
+}
+
+/// The part of a peer's export list that can be trusted: valid names and
+/// ports, and only identities of the peer's own trust domain (a peer cannot
+/// vouch for another cluster's workloads).
+pub fn sanitize_imports(peer_trust_domain: &str, services: Vec<ExportedService>) -> Vec<ExportedService> {
+    services
+        .into_iter()
+        .filter(|e| {
+            let ok = isthmus_core::identity::validate_name(&e.namespace).is_ok()
+                && isthmus_core::identity::validate_name(&e.name).is_ok()
+                && (1..=u32::from(u16::MAX)).contains(&e.port);
+            if !ok {
+                tracing::warn!(service = %format!("{}/{}", e.namespace, e.name), port = e.port, "ignoring invalid import");
+            }
+            ok
+        })
+        .map(|mut e| {
+            e.identities.retain(|id| {
+                isthmus_core::identity::SpiffeId::parse(id).is_ok_and(|id| id.trust_domain == peer_trust_domain)
+            });
+            e
+        })
         .collect()
 }
 
@@ -204,17 +231,42 @@ mod tests {
     }
 
     #[test]
-    fn port_conflict_oldest_export_wins() {
-        let mut state = State::new("east", "east.mesh");
-        state.exports.insert(
-            "demo/echo".into(),
-            ExportRecord {
-                namespace: "demo".into(),
-                name: "echo".into(),
-                created_unix: 100,
+    fn imports_cannot_displace_a_local_service() {
+        // db runs here, unexported; a peer exports db on another port with an
+        // ancient timestamp. Local callers keep the local db.
+        let state = State::new("east", "east.mesh");
+        let regs = [reg("demo", "db", 5432, "127.0.1.10:1")];
+        let mut imports = BTreeMap::new();
+        imports.insert(
+            "west".to_string(),
+            PeerImports {
+                services: vec![imported("db", 5433, 0)],
+                live: true,
             },
         );
-        let regs = [reg("demo", "echo", 8080, "127.0.1.10:1")];
+        let svcs = services(&state, regs.iter(), &imports);
+        assert_eq!(svcs[0].port, 5432);
+        assert_eq!(svcs[0].backends.len(), 1);
+        assert_eq!(svcs[0].backends[0].cluster, "east");
+    }
+
+    #[test]
+    fn imports_are_sanitized() {
+        let mut bad_port = imported("a", 70000, 1);
+        bad_port.name = "a".into();
+        let mut bad_name = imported("b", 80, 1);
+        bad_name.name = "B!".into();
+        let mut foreign = imported("c", 80, 1);
+        foreign.identities.push("spiffe://east.mesh/ns/demo/sa/c".into());
+        let kept = sanitize_imports("west.mesh", vec![bad_port, bad_name, foreign]);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].identities, ["spiffe://west.mesh/ns/demo/sa/c"]);
+    }
+
+    #[test]
+    fn port_conflict_oldest_export_wins() {
+        // Two peers export echo on different ports: the older export wins.
+        let state = State::new("east", "east.mesh");
         let mut imports = BTreeMap::new();
         imports.insert(
             "west".to_string(),
@@ -223,7 +275,14 @@ mod tests {
                 live: true,
             },
         );
-        let svcs = services(&state, regs.iter(), &imports);
+        imports.insert(
+            "north".to_string(),
+            PeerImports {
+                services: vec![imported("echo", 8080, 100)],
+                live: true,
+            },
+        );
+        let svcs = services(&state, std::iter::empty(), &imports);
         assert_eq!(svcs[0].port, 9090);
         assert_eq!(svcs[0].backends.len(), 1);
         assert_eq!(svcs[0].backends[0].cluster, "west");

@@ -34,7 +34,12 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a peer gateway has to accept or refuse a stream. It answers
 /// after one local TCP connect, so a silent peer is a dead connection.
-const STREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+const STREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long a receiving gateway tries one local endpoint, and all of them:
+/// within the caller's answer timeout, so a slow endpoint is reported as
+/// such rather than as an unreachable peer.
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const UPSTREAM_BUDGET: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -306,13 +311,23 @@ async fn open_stream(gw: &Gateway, req: &TunnelRequest) -> Result<QuicStream, Tu
         Err(TunnelResponse::Refused {
             code: RefuseCode::PeerUnreachable,
             reason,
-        }) => {
+        }) if connection_gone(gw, &req.cluster) => {
             tracing::info!(peer = %req.cluster, %reason, "redialing peer gateway");
             gw.conns.lock().expect("conns lock").remove(&req.cluster);
             try_open_stream(gw, req).await
         }
         other => other,
     }
+}
+
+/// Whether the cached connection to `cluster` is closed (or absent), so a
+/// new one is worth dialing. A live but slow peer is not redialed.
+fn connection_gone(gw: &Gateway, cluster: &str) -> bool {
+    gw.conns
+        .lock()
+        .expect("conns lock")
+        .get(cluster)
+        .is_none_or(|c| c.close_reason().is_some())
 }
 
 async fn try_open_stream(gw: &Gateway, req: &TunnelRequest) -> Result<QuicStream, TunnelResponse> {
@@ -496,9 +511,14 @@ async fn inbound_stream(
             let mut last = None;
             let start = rand::random_range(0..addrs.len());
             let mut found = None;
+            let deadline = tokio::time::Instant::now() + UPSTREAM_BUDGET;
             for i in 0..addrs.len() {
                 let a = &addrs[(start + i) % addrs.len()];
-                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(a)).await {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout(left.min(UPSTREAM_CONNECT_TIMEOUT), TcpStream::connect(a)).await {
                     Ok(Ok(s)) => {
                         found = Some(s);
                         break;

@@ -214,6 +214,7 @@ async fn serve_inbound(
                     .map(|s| format!("{}/{}", sc.cfg.namespace, s.service))
                     .unwrap_or_default(),
             };
+            let remote = client.trust_domain != sc.agent.trust_domain;
             let client = HeaderValue::from_str(&client.to_string()).expect("SPIFFE IDs are ASCII");
             let svc = hyper::service::service_fn(move |req| {
                 let sc = sc.clone();
@@ -221,7 +222,7 @@ async fn serve_inbound(
                 let route = route.clone();
                 async move {
                     let start = std::time::Instant::now();
-                    let resp = inbound(sc.clone(), client, req).await;
+                    let resp = inbound(sc.clone(), client, remote, req).await;
                     sc.metrics
                         .observe(route, resp.status().as_u16(), start.elapsed().as_secs_f64());
                     Ok::<_, std::convert::Infallible>(resp)
@@ -235,7 +236,16 @@ async fn serve_inbound(
 }
 
 /// Hand a verified request to the local app.
-async fn inbound(sc: Arc<Sidecar>, client: HeaderValue, req: Request<Incoming>) -> Response<Body> {
+async fn inbound(sc: Arc<Sidecar>, client: HeaderValue, remote: bool, req: Request<Incoming>) -> Response<Body> {
+    // Callers from other clusters reach only exported services, whether or
+    // not they came through the gateway (which checks the same).
+    if remote && !sc.exported() {
+        return error(
+            StatusCode::FORBIDDEN,
+            "not-exported",
+            format!("this service is not exported by cluster {}", sc.agent.cluster),
+        );
+    }
     let Some(app) = sc.cfg.serve.as_ref().map(|s| s.app) else {
         return error(
             StatusCode::NOT_FOUND,
@@ -357,6 +367,15 @@ async fn outbound(sc: Arc<Sidecar>, req: Request<Incoming>) -> Response<Body> {
 }
 
 impl Sidecar {
+    /// Whether this workload's service is exported to linked clusters.
+    fn exported(&self) -> bool {
+        let Some(serve) = &self.cfg.serve else { return false };
+        let snap = self.agent.config.borrow();
+        snap.services
+            .iter()
+            .any(|s| s.namespace == self.cfg.namespace && s.name == serve.service && s.exported)
+    }
+
     /// The cluster a trust domain belongs to, for metric labels.
     fn cluster_of(&self, trust_domain: &str) -> String {
         let snap = self.agent.config.borrow();
@@ -445,7 +464,12 @@ async fn forward(
                 .map_err(|e| ProxyError::Upstream(isthmus_core::local::error_chain(&e)))?
         }
         Err(e) => {
-            sc.pool.lock().expect("pool lock").remove(&key);
+            // Forget the session only if it is the one that failed and it is
+            // dead: a concurrent request may have replaced it already.
+            let mut pool = sc.pool.lock().expect("pool lock");
+            if pool.get(&key).is_some_and(|s| s.is_closed()) {
+                pool.remove(&key);
+            }
             return Err(ProxyError::Upstream(isthmus_core::local::error_chain(&e)));
         }
     };
