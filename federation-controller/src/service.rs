@@ -93,6 +93,13 @@ impl Control for Svc {
         let r = req.into_inner();
         let id = SpiffeId::new(&self.0.cfg.trust_domain, &r.namespace, &r.service_account)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // The controller's identity is what peers trust for peering; only the
+        // controller itself holds it, never anything that asks by CSR.
+        if id == SpiffeId::controller(&self.0.cfg.trust_domain) {
+            return Err(Status::permission_denied(format!(
+                "{id} is reserved for the controller"
+            )));
+        }
         let leaf = self
             .0
             .ca

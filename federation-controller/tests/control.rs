@@ -104,6 +104,23 @@ async fn registration_gets_the_identity_the_ca_issues() {
 }
 
 #[tokio::test]
+async fn the_controller_identity_cannot_be_requested() {
+    let east = controller("east").await;
+    let key = isthmus_core::identity::WorkloadKey::generate().unwrap();
+    let err = east
+        .client
+        .control()
+        .issue_certificate(isthmus_proto::CertificateRequest {
+            csr_pem: key.csr_pem().unwrap(),
+            namespace: "isthmus-system".into(),
+            service_account: "controller".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+}
+
+#[tokio::test]
 async fn tokens_expire_by_the_issuers_clock_and_are_single_use() {
     let east = controller("east").await;
     let west = controller("west").await;
