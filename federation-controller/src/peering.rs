@@ -39,19 +39,7 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
             shared.cfg.cluster
         )));
     }
-    if let Some(l) = shared
-        .state
-        .lock()
-        .expect("state lock")
-        .links
-        .values()
-        .find(|l| l.cluster == tok.cluster || l.trust_domain == tok.trust_domain)
-    {
-        return Err(Status::already_exists(format!(
-            "cluster {} is already linked ({})",
-            l.cluster, l.trust_domain
-        )));
-    }
+    not_linked(&shared.state.lock().expect("state lock"), tok)?;
     let addr = &tok.peering[0];
     let cfg = tls::pinned_client_config(
         &tok.root_fingerprint,
@@ -109,16 +97,7 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
     }
     shared.update(|state| {
         // Checked again under the lock: another link may have landed meanwhile.
-        if let Some(l) = state
-            .links
-            .values()
-            .find(|l| l.cluster == tok.cluster || l.trust_domain == tok.trust_domain)
-        {
-            return Err(Status::already_exists(format!(
-                "cluster {} is already linked ({})",
-                l.cluster, l.trust_domain
-            )));
-        }
+        not_linked(state, tok)?;
         state.links.insert(
             resp.cluster.clone(),
             LinkRecord {
@@ -144,6 +123,21 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
         peer_cluster: resp.cluster,
         peer_trust_domain: resp.trust_domain,
     })
+}
+
+/// Refuse a token whose issuer (by name or trust domain) is linked already.
+fn not_linked(state: &crate::State, tok: &JoinToken) -> Result<(), Status> {
+    match state
+        .links
+        .values()
+        .find(|l| l.cluster == tok.cluster || l.trust_domain == tok.trust_domain)
+    {
+        Some(l) => Err(Status::already_exists(format!(
+            "cluster {} is already linked ({})",
+            l.cluster, l.trust_domain
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Keep the peering stream to `peer` up, reconnecting with backoff.

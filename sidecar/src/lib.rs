@@ -255,12 +255,7 @@ async fn inbound(sc: Arc<Sidecar>, client: HeaderValue, remote: bool, req: Reque
     };
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.to_string());
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
+    let path = path_and_query(&parts.uri);
     parts.uri = match format!("http://{app}{path}").parse() {
         Ok(u) => u,
         Err(_) => return error(StatusCode::BAD_REQUEST, "bad-request", "unparseable path".into()),
@@ -415,12 +410,7 @@ async fn forward(
     };
     labels.destination_cluster = target.cluster.clone();
     let (mut parts, body) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
+    let path = path_and_query(&parts.uri);
     let authority = match port {
         Some(p) => format!("{host}:{p}"),
         None => host.clone(),
@@ -502,6 +492,10 @@ async fn session(sc: &Sidecar, target: &Target, key: &str, fresh: bool) -> Resul
     let s = connect(sc, target).await?;
     sc.pool.lock().expect("pool lock").insert(key.to_string(), s.clone());
     Ok((s, false))
+}
+
+fn path_and_query(uri: &http::Uri) -> String {
+    uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string()
 }
 
 fn pool_key(t: &Target) -> String {
