@@ -165,54 +165,29 @@ impl LocalCluster {
                 )
                 .await?;
             let app = str_of(&r, "listen");
+            let serve = [
+                "--service",
+                "echo",
+                "--port",
+                "8080",
+                "--app",
+                &app,
+                "--instance",
+                &format!("echo-{}-1", a.cluster),
+            ];
             let r = c
-                .spawn(
-                    "echo-sidecar",
-                    vec![
-                        "sidecar".into(),
-                        "--dir".into(),
-                        dir.clone(),
-                        "--namespace".into(),
-                        "demo".into(),
-                        "--service".into(),
-                        "echo".into(),
-                        "--port".into(),
-                        "8080".into(),
-                        "--app".into(),
-                        app.clone(),
-                        "--inbound-addr".into(),
-                        format!("{net}.20:{}", port(15006)),
-                        "--outbound-addr".into(),
-                        format!("{net}.20:{}", port(15001)),
-                        "--admin-addr".into(),
-                        format!("{net}.20:{}", port(15020)),
-                        "--instance".into(),
-                        format!("echo-{}-1", a.cluster),
-                    ],
-                    log,
-                )
+                .spawn_sidecar("echo-sidecar", &dir, &format!("{net}.20"), &port, &serve, log)
                 .await?;
             c.info.echo = Some(workload(Some(app), &r));
         }
         if a.client {
             let r = c
-                .spawn(
+                .spawn_sidecar(
                     "client-sidecar",
-                    vec![
-                        "sidecar".into(),
-                        "--dir".into(),
-                        dir.clone(),
-                        "--namespace".into(),
-                        "demo".into(),
-                        "--service-account".into(),
-                        "client".into(),
-                        "--inbound-addr".into(),
-                        format!("{net}.30:{}", port(15006)),
-                        "--outbound-addr".into(),
-                        format!("{net}.30:{}", port(15001)),
-                        "--admin-addr".into(),
-                        format!("{net}.30:{}", port(15020)),
-                    ],
+                    &dir,
+                    &format!("{net}.30"),
+                    &port,
+                    &["--service-account", "client"],
                     log,
                 )
                 .await?;
@@ -225,6 +200,31 @@ impl LocalCluster {
         )
         .map_err(io)?;
         Ok(c)
+    }
+
+    /// Start a sidecar of namespace `demo` on `ip` (its pod address), with
+    /// the workload-specific `extra` flags.
+    async fn spawn_sidecar(
+        &mut self,
+        name: &str,
+        dir: &str,
+        ip: &str,
+        port: &impl Fn(u16) -> u16,
+        extra: &[&str],
+        log: &str,
+    ) -> Result<serde_json::Value, CliError> {
+        let mut args: Vec<String> = ["sidecar", "--dir", dir, "--namespace", "demo"]
+            .map(String::from)
+            .to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        for (flag, p) in [
+            ("--inbound-addr", 15006),
+            ("--outbound-addr", 15001),
+            ("--admin-addr", 15020),
+        ] {
+            args.extend([flag.to_string(), format!("{ip}:{}", port(p))]);
+        }
+        self.spawn(name, args, log).await
     }
 
     /// Start `isthmus <args>` and wait for its ready file.
