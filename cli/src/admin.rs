@@ -6,7 +6,10 @@ use std::time::Duration;
 use clap::Subcommand;
 use isthmus_core::local::{ClusterDir, LocalClient, LocalError};
 use isthmus_core::naming;
-use isthmus_proto::{CreateTokenRequest, ExportRequest, LinkRequest, StatusRequest, StatusResponse};
+use isthmus_proto::{
+    CreateTokenRequest, ExportRequest, LinkRequest, ListTokensRequest, RevokeTokenRequest, RotateCaRequest,
+    StatusRequest, StatusResponse, UnlinkRequest,
+};
 
 use crate::exit;
 
@@ -70,6 +73,39 @@ pub enum TokenCmd {
         #[arg(long, default_value_t = 1)]
         uses: u32,
     },
+    /// List this cluster's join tokens and what became of them.
+    List {
+        #[command(flatten)]
+        dir: crate::DirArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an unused join token, so nobody can link with it.
+    Revoke {
+        #[command(flatten)]
+        dir: crate::DirArg,
+        /// The token's id (`isthmus token list`).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CaCmd {
+    /// Rotate the cluster's root: add a new root, switch signing to it once
+    /// every linked cluster holds it (workloads renew at once), then retire
+    /// the old root. Traffic keeps flowing throughout.
+    Rotate {
+        #[command(flatten)]
+        dir: crate::DirArg,
+        /// How long the old root stays trusted after the new one signs
+        /// [default: the SVID lifetime, so every old SVID has expired].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retire_after: Option<Duration>,
+        /// Wait until the rotation is complete, printing each step.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 pub async fn connect(dir: &Path) -> Result<LocalClient, CliError> {
@@ -83,6 +119,137 @@ pub async fn token(cmd: TokenCmd) -> Result<(), CliError> {
             println!("{t}");
             Ok(())
         }
+        TokenCmd::List { dir, json } => {
+            let c = connect(&dir.dir).await?;
+            let tokens = c.admin().list_tokens(ListTokensRequest {}).await?.into_inner().tokens;
+            if json {
+                let v: Vec<_> = tokens
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "id": t.id, "state": t.state, "created_unix": t.created_unix,
+                            "expires_unix": t.expires_unix, "uses_left": t.uses_left, "used_by": t.used_by,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::from(v));
+                return Ok(());
+            }
+            if tokens.is_empty() {
+                println!("no join tokens (`isthmus token create` makes one)");
+                return Ok(());
+            }
+            let now = isthmus_core::unix_now();
+            println!(
+                "{:<18} {:<8} {:<16} {:<9} USED BY",
+                "ID", "STATE", "EXPIRES", "USES LEFT"
+            );
+            for t in &tokens {
+                let expires = if t.expires_unix > now {
+                    format!(
+                        "in {}",
+                        humantime::format_duration(Duration::from_secs((t.expires_unix - now) as u64))
+                    )
+                } else {
+                    format!("{}s ago", now - t.expires_unix)
+                };
+                println!(
+                    "{:<18} {:<8} {:<16} {:<9} {}",
+                    t.id,
+                    t.state,
+                    expires,
+                    t.uses_left,
+                    if t.used_by.is_empty() {
+                        "-".into()
+                    } else {
+                        t.used_by.join(",")
+                    }
+                );
+            }
+            Ok(())
+        }
+        TokenCmd::Revoke { dir, id } => {
+            let c = connect(&dir.dir).await?;
+            c.admin().revoke_token(RevokeTokenRequest { id: id.clone() }).await?;
+            println!("revoked join token {id}: linking with it is refused from now on");
+            Ok(())
+        }
+    }
+}
+
+pub async fn unlink(dir: &Path, cluster: &str) -> Result<(), CliError> {
+    let c = connect(dir).await?;
+    let r = c
+        .admin()
+        .unlink(UnlinkRequest {
+            cluster: cluster.to_string(),
+        })
+        .await?
+        .into_inner();
+    println!(
+        "unlinked cluster {} from {cluster}: its trust bundle and imports are gone, its calls are refused",
+        c.info.cluster
+    );
+    if !r.peer_notified {
+        println!(
+            "note: {cluster} was not reachable and still has its side of the link; run `isthmus unlink {}` there",
+            c.info.cluster
+        );
+    }
+    Ok(())
+}
+
+pub async fn ca(cmd: CaCmd) -> Result<(), CliError> {
+    let CaCmd::Rotate {
+        dir,
+        retire_after,
+        wait,
+    } = cmd;
+    let c = connect(&dir.dir).await?;
+    let r = c
+        .admin()
+        .rotate_ca(RotateCaRequest {
+            retire_after_seconds: retire_after.map(|d| d.as_secs().max(1)).unwrap_or(0),
+        })
+        .await?
+        .into_inner();
+    let new = r.new_root_fingerprint;
+    println!(
+        "new root {} staged: it signs once every linked cluster holds it",
+        &new[..16]
+    );
+    if !wait {
+        println!("follow it with `isthmus status`");
+        return Ok(());
+    }
+    let mut last = String::new();
+    loop {
+        let s = c.admin().status(StatusRequest {}).await?.into_inner();
+        let phase = s
+            .roots
+            .iter()
+            .find(|r| r.fingerprint == new)
+            .map(|r| r.state.clone())
+            .ok_or_else(|| CliError::new(exit::FAILURE, "the new root disappeared from the cluster's roots"))?;
+        let done = phase == "signing" && s.roots.len() == 1;
+        if phase != last || done {
+            match (phase.as_str(), done) {
+                ("staged", _) => {
+                    println!(
+                        "waiting for linked clusters to hold the new root: {}",
+                        lacking_our_roots(&s).join(", ")
+                    );
+                }
+                ("signing", false) => println!("new root signs; workloads renewed; old root retiring"),
+                ("signing", true) => {
+                    println!("rotation complete: the old root is retired");
+                    return Ok(());
+                }
+                (other, _) => println!("new root is {other}"),
+            }
+            last = phase;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -161,6 +328,22 @@ pub async fn status(dir: &Path, json: bool) -> Result<(), CliError> {
         or_none(&s.gateway_tunnel_addr),
         or_none(&s.gateway_quic_addr)
     );
+    let now = isthmus_core::unix_now();
+    println!("\nROOTS (trust domain {})", s.trust_domain);
+    for r in &s.roots {
+        let retire = if r.retire_unix > 0 {
+            format!("  leaves the bundle in {}", until(now, r.retire_unix))
+        } else {
+            String::new()
+        };
+        println!(
+            "  sha256 {}  {:<9} expires in {}{retire}",
+            &r.fingerprint[..16],
+            r.state,
+            until(now, r.not_after_unix)
+        );
+    }
+    println!("  controller SVID expires in {}", until(now, s.svid_expires_unix));
     println!("\nLINKS");
     if s.links.is_empty() {
         println!("  (none: `isthmus token create` here, `isthmus link <token>` on the other cluster)");
@@ -172,12 +355,18 @@ pub async fn status(dir: &Path, json: bool) -> Result<(), CliError> {
             format!("{:.1}s ago", l.heartbeat_age_ms as f64 / 1000.0)
         };
         println!(
-            "  {:<12} {:<12} heartbeat {:<10} trust domain {}  root sha256 {}  gateway {}",
+            "  {:<12} {:<12} heartbeat {:<10} imports {:<3} trust domain {}  root sha256 {}{}  gateway {}",
             l.cluster,
             l.state,
             hb,
+            l.imports,
             l.trust_domain,
             &l.bundle_fingerprint.get(..16).unwrap_or(""),
+            if l.peer_has_our_roots {
+                ""
+            } else {
+                " (lacks our newest root)"
+            },
             or_none(&l.gateway_addr)
         );
     }
@@ -202,6 +391,15 @@ pub async fn status(dir: &Path, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `at` as time from `now`, for humans.
+fn until(now: i64, at: i64) -> String {
+    if at <= now {
+        format!("-{}s (past)", now - at)
+    } else {
+        humantime::format_duration(Duration::from_secs((at - now) as u64)).to_string()
+    }
+}
+
 fn or_none(s: &str) -> &str {
     if s.is_empty() { "-" } else { s }
 }
@@ -212,10 +410,16 @@ pub fn status_json(s: &StatusResponse) -> serde_json::Value {
         "trust_domain": s.trust_domain,
         "root_fingerprint": s.root_fingerprint,
         "gateway": { "tunnel": s.gateway_tunnel_addr, "quic": s.gateway_quic_addr },
+        "roots": s.roots.iter().map(|r| serde_json::json!({
+            "fingerprint": r.fingerprint, "state": r.state, "not_after_unix": r.not_after_unix,
+            "retire_unix": r.retire_unix,
+        })).collect::<Vec<_>>(),
+        "svid_expires_unix": s.svid_expires_unix,
         "links": s.links.iter().map(|l| serde_json::json!({
             "cluster": l.cluster, "trust_domain": l.trust_domain, "state": l.state,
             "heartbeat_age_ms": l.heartbeat_age_ms, "gateway": l.gateway_addr,
-            "bundle_fingerprint": l.bundle_fingerprint,
+            "bundle_fingerprint": l.bundle_fingerprint, "peer_has_our_roots": l.peer_has_our_roots,
+            "imports": l.imports,
         })).collect::<Vec<_>>(),
         "services": s.services.iter().map(|svc| serde_json::json!({
             "namespace": svc.namespace, "name": svc.name, "port": svc.port, "exported": svc.exported,
@@ -224,4 +428,211 @@ pub fn status_json(s: &StatusResponse) -> serde_json::Value {
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// Linked clusters that do not hold every root of ours yet.
+fn lacking_our_roots(s: &StatusResponse) -> Vec<&str> {
+    s.links
+        .iter()
+        .filter(|l| !l.peer_has_our_roots)
+        .map(|l| l.cluster.as_str())
+        .collect()
+}
+
+/// One finding of `isthmus check`.
+struct Finding {
+    ok: bool,
+    what: String,
+    hint: String,
+}
+
+/// What `isthmus check` concludes from a status, without I/O (unit-tested).
+fn findings(s: &StatusResponse, now: i64) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut add = |ok: bool, what: String, hint: &str| {
+        out.push(Finding {
+            ok,
+            what,
+            hint: hint.to_string(),
+        })
+    };
+    add(
+        !s.gateway_quic_addr.is_empty(),
+        format!("gateway registered (quic {})", or_none(&s.gateway_quic_addr)),
+        "start the gateway: `isthmus gateway --dir <cluster dir>` (or `isthmus up`); without it no call crosses clusters",
+    );
+    for r in &s.roots {
+        const MONTH: i64 = 30 * 24 * 3600;
+        add(
+            r.not_after_unix - now > MONTH,
+            format!(
+                "root {} ({}) expires in {}",
+                &r.fingerprint[..16],
+                r.state,
+                until(now, r.not_after_unix)
+            ),
+            "rotate it before it expires: `isthmus ca rotate`",
+        );
+    }
+    if let Some(staged) = s.roots.iter().find(|r| r.state == "staged") {
+        add(
+            false,
+            format!(
+                "root rotation waits for {} to receive new root {}",
+                lacking_our_roots(s).join(", "),
+                &staged.fingerprint[..16]
+            ),
+            "the new root signs once every linked cluster holds it: bring those links back up (or unlink them)",
+        );
+    }
+    add(
+        s.svid_expires_unix > now,
+        format!("controller SVID valid for {}", until(now, s.svid_expires_unix)),
+        "the controller renews its SVID at half-life; restart it if this stays expired",
+    );
+    if s.links.is_empty() {
+        add(true, "no links yet".into(), "");
+    }
+    for l in &s.links {
+        let hb = if l.heartbeat_age_ms < 0 {
+            "none yet".to_string()
+        } else {
+            format!("{:.1}s ago", l.heartbeat_age_ms as f64 / 1000.0)
+        };
+        add(
+            l.state == "active",
+            format!("link {} is {} (last heartbeat {hb})", l.cluster, l.state),
+            match l.state.as_str() {
+                "pending" => "the peer has not opened its peering stream yet: is its controller running?",
+                _ => {
+                    "check that the peer's controller runs and that its peering address is reachable from here (and ours from there); `isthmus status` on the peer"
+                }
+            },
+        );
+        add(
+            l.peer_has_our_roots || l.state != "active",
+            format!("link {} holds our current roots", l.cluster),
+            "bundle updates travel on the peering stream; they arrive once the link is active",
+        );
+    }
+    for svc in s.services.iter().filter(|svc| svc.exported) {
+        let local = svc
+            .backends
+            .iter()
+            .find(|b| b.cluster == s.cluster)
+            .map(|b| b.healthy_endpoints)
+            .unwrap_or(0);
+        add(
+            local > 0,
+            format!("exported {}/{} has {local} local endpoints", svc.namespace, svc.name),
+            "start a workload of that service here, or linked clusters get no answer from this one",
+        );
+    }
+    out
+}
+
+pub async fn check(dir: &Path) -> Result<(), CliError> {
+    let s = fetch_status(dir).await.map_err(|e| {
+        CliError::new(
+            e.code,
+            format!(
+                "{}\n  hint: is the controller running? `isthmus up --dir {}` or `isthmus controller --dir {}`",
+                e.message,
+                dir.display(),
+                dir.display()
+            ),
+        )
+    })?;
+    println!("cluster {} ({}): controller reachable", s.cluster, s.trust_domain);
+    let found = findings(&s, isthmus_core::unix_now());
+    let problems = found.iter().filter(|f| !f.ok).count();
+    for f in &found {
+        println!("{} {}", if f.ok { "ok  " } else { "FAIL" }, f.what);
+        if !f.ok && !f.hint.is_empty() {
+            println!("     hint: {}", f.hint);
+        }
+    }
+    if problems == 0 {
+        println!("all {} checks passed", found.len());
+        Ok(())
+    } else {
+        Err(CliError::new(
+            exit::FAILURE,
+            format!("{problems} of {} checks failed", found.len()),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_proto::{Backend, LinkStatus, RootStatus, Service};
+
+    fn healthy(now: i64) -> StatusResponse {
+        StatusResponse {
+            cluster: "east".into(),
+            trust_domain: "east.mesh".into(),
+            root_fingerprint: "ab".repeat(32),
+            gateway_quic_addr: "127.0.1.2:15443".into(),
+            roots: vec![RootStatus {
+                fingerprint: "ab".repeat(32),
+                state: "signing".into(),
+                not_after_unix: now + 3650 * 86400,
+                retire_unix: 0,
+            }],
+            svid_expires_unix: now + 3000,
+            links: vec![LinkStatus {
+                cluster: "west".into(),
+                state: "active".into(),
+                heartbeat_age_ms: 300,
+                peer_has_our_roots: true,
+                ..Default::default()
+            }],
+            services: vec![Service {
+                namespace: "demo".into(),
+                name: "echo".into(),
+                exported: true,
+                backends: vec![Backend {
+                    cluster: "east".into(),
+                    healthy_endpoints: 1,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn failed(s: &StatusResponse, now: i64) -> Vec<String> {
+        findings(s, now).into_iter().filter(|f| !f.ok).map(|f| f.what).collect()
+    }
+
+    #[test]
+    fn check_finds_each_problem() {
+        let now = 1_000_000;
+        assert!(failed(&healthy(now), now).is_empty());
+
+        let mut s = healthy(now);
+        s.links[0].state = "failing".into();
+        s.links[0].heartbeat_age_ms = 12_000;
+        assert_eq!(failed(&s, now), ["link west is failing (last heartbeat 12.0s ago)"]);
+
+        let mut s = healthy(now);
+        s.gateway_quic_addr.clear();
+        s.services[0].backends[0].healthy_endpoints = 0;
+        s.roots[0].not_after_unix = now + 86400;
+        assert_eq!(failed(&s, now).len(), 3);
+
+        let mut s = healthy(now);
+        s.roots.push(RootStatus {
+            fingerprint: "cd".repeat(32),
+            state: "staged".into(),
+            not_after_unix: now + 3650 * 86400,
+            retire_unix: 0,
+        });
+        s.links[0].peer_has_our_roots = false;
+        let f = failed(&s, now);
+        assert!(f.iter().any(|w| w.contains("waits for west")), "{f:?}");
+        assert!(f.iter().any(|w| w.contains("holds our current roots")), "{f:?}");
+    }
 }

@@ -58,6 +58,14 @@ pub struct ControllerArgs {
     /// Admin endpoint: /metrics (Prometheus), /ready, /live.
     #[arg(long, default_value = "127.0.0.1:15022")]
     pub admin_addr: SocketAddr,
+    /// On first start, sign with this CA instead of generating a root: PEM
+    /// with the signing certificate first, then its issuers up to your root
+    /// (an intermediate of your own PKI, or a root). Needs --ca-key.
+    #[arg(long, requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The PEM private key of --ca-cert.
+    #[arg(long, requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -175,6 +183,7 @@ pub async fn controller(a: ControllerArgs, log: &str) -> Result<(), CliError> {
     cfg.svid_ttl = a.svid_ttl;
     cfg.import_lease = a.import_lease;
     cfg.admin_addr = Some(a.admin_addr);
+    cfg.ca_files = a.ca_cert.zip(a.ca_key);
     let running = isthmus_controller::run(cfg, shutdown.clone()).await.map_err(|e| {
         let code = match e {
             isthmus_controller::ControllerError::Config(_) | isthmus_controller::ControllerError::Identity(_) => {

@@ -149,6 +149,7 @@ async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster
         echo,
         client,
         ephemeral_ports: a.ephemeral_ports,
+        svid_ttl: "1h".into(),
     };
 
     r.start("start cluster east on 127.0.1.0/24 (with demo/echo)");

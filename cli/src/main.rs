@@ -66,7 +66,8 @@ enum Cmd {
     /// Start a local-mode cluster (controller, gateway, workloads with
     /// sidecars) as child processes, and keep it running until Ctrl-C.
     Up(up::Args),
-    /// Join tokens: create one on the cluster others will link to.
+    /// Join tokens: create one on the cluster others will link to; list and
+    /// revoke them.
     #[command(subcommand)]
     Token(admin::TokenCmd),
     /// Link this cluster to the cluster that issued <TOKEN>.
@@ -75,6 +76,23 @@ enum Cmd {
         dir: DirArg,
         /// The token printed by `isthmus token create` on the other cluster.
         token: String,
+    },
+    /// End the link with <CLUSTER> on both sides: its trust bundle and
+    /// imports are removed here, and its calls are refused from now on.
+    Unlink {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The linked cluster's name (`isthmus status` lists them).
+        cluster: String,
+    },
+    /// The cluster's certificate authority: root rotation.
+    #[command(subcommand)]
+    Ca(admin::CaCmd),
+    /// Verify a cluster's links, trust and certificates; exits non-zero with
+    /// a hint for each problem found.
+    Check {
+        #[command(flatten)]
+        dir: DirArg,
     },
     /// Export a service (<namespace>/<name>) to every linked cluster.
     Export {
@@ -118,6 +136,9 @@ fn main() -> ExitCode {
             Cmd::Up(a) => up::run(a, &cli.log).await,
             Cmd::Token(t) => admin::token(t).await,
             Cmd::Link { dir, token } => admin::link(&dir.dir, &token).await,
+            Cmd::Unlink { dir, cluster } => admin::unlink(&dir.dir, &cluster).await,
+            Cmd::Ca(c) => admin::ca(c).await,
+            Cmd::Check { dir } => admin::check(&dir.dir).await,
             Cmd::Export { dir, service } => admin::export(&dir.dir, &service).await,
             Cmd::Status { dir, json } => admin::status(&dir.dir, json).await,
             Cmd::Controller(a) => components::controller(a, &cli.log).await,

@@ -38,6 +38,9 @@ pub struct Args {
     /// Bind every port to 0 instead of the defaults (for tests).
     #[arg(long)]
     pub ephemeral_ports: bool,
+    /// Lifetime of the SVIDs the controller issues (renewed at half-life).
+    #[arg(long, default_value = "1h")]
+    pub svid_ttl: String,
 }
 
 /// The addresses of a running local cluster, also written to `<dir>/up.json`.
@@ -122,6 +125,7 @@ impl LocalCluster {
         if let Some(td) = &a.trust_domain {
             ctl.extend(["--trust-domain".into(), td.clone()]);
         }
+        ctl.extend(["--svid-ttl".into(), a.svid_ttl.clone()]);
         let r = c.spawn("controller", ctl, log).await?;
         c.info.control = str_of(&r, "control");
         c.info.peering = str_of(&r, "peering");

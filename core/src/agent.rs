@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use isthmus_proto::{CertificateRequest, ConfigSnapshot, WatchRequest, watch_request};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -71,7 +70,7 @@ impl Agent {
         let resolver = SvidResolver::new(&svid)?;
         tracing::info!(id = %svid.id, "SVID issued");
 
-        let bundles: SharedBundles = Arc::new(ArcSwap::from_pointee(TrustBundles::new()));
+        let bundles = client.bundles.clone();
         let req = WatchRequest { node: Some(node) };
         let mut stream = client
             .control()
@@ -103,6 +102,7 @@ impl Agent {
             service_account.to_string(),
             resolver.clone(),
             not_after,
+            rx.clone(),
             shutdown,
         ));
         Ok(Self {
@@ -196,30 +196,57 @@ async fn watch_loop(
     }
 }
 
+/// Whether the controller signs under another root than our SVID's.
+fn signer_moved(resolver: &SvidResolver, snap: &ConfigSnapshot) -> bool {
+    !snap.signing_root.is_empty() && resolver.anchor_fingerprint().as_deref() != Some(&snap.signing_root)
+}
+
+/// Renew at half the SVID's remaining life, and at once when the cluster's
+/// signing root changes (a rotation), without dropping connections: the
+/// resolver hands the new certificate to new handshakes only.
 async fn renew_loop(
     client: LocalClient,
     ns: String,
     sa: String,
     resolver: Arc<SvidResolver>,
     mut not_after: i64,
+    mut config: watch::Receiver<Arc<ConfigSnapshot>>,
     shutdown: CancellationToken,
 ) {
+    let mut retry = Duration::from_millis(200);
     loop {
         let left = (not_after - crate::unix_now()).max(2) as u64;
-        let wait = Duration::from_secs(left / 2);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+        let half_life = tokio::time::sleep(Duration::from_secs(left / 2));
+        tokio::pin!(half_life);
+        loop {
+            if signer_moved(&resolver, &config.borrow_and_update()) {
+                tracing::info!("the cluster's signing root changed: renewing now");
+                break;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = &mut half_life => break,
+                r = config.changed() => if r.is_err() { return },
+            }
         }
         match request_svid(&client, &ns, &sa).await {
             Ok((svid, na)) => match resolver.update(&svid) {
                 Ok(()) => {
                     not_after = na;
-                    tracing::info!(id = %svid.id, "SVID renewed");
+                    retry = Duration::from_millis(200);
+                    tracing::info!(id = %svid.id, not_after = na, "SVID renewed");
+                    continue;
                 }
                 Err(e) => tracing::error!(error = %e, "renewed SVID unusable"),
             },
             Err(e) => tracing::warn!(error = %e, "SVID renewal failed; retrying"),
         }
+        // Back off before the next attempt, so a signer change that cannot
+        // be served yet is not asked for in a busy loop.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(retry) => {}
+        }
+        retry = (retry * 2).min(Duration::from_secs(10));
     }
 }

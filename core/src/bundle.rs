@@ -144,7 +144,7 @@ mod tests {
         let now = UnixTime::now();
 
         let mut bundles = TrustBundles::new();
-        bundles.set("east.mesh", vec![east.cert_der().clone()]);
+        bundles.set("east.mesh", vec![east.anchor_der().clone()]);
         let id = bundles
             .verify(&svid.chain[0], &svid.chain[1..], Usage::Client, now)
             .unwrap();
@@ -152,8 +152,8 @@ mod tests {
 
         // West's root installed under east's name must not vouch for east IDs.
         let mut wrong = TrustBundles::new();
-        wrong.set("east.mesh", vec![west.cert_der().clone()]);
-        wrong.set("west.mesh", vec![east.cert_der().clone()]);
+        wrong.set("east.mesh", vec![west.anchor_der().clone()]);
+        wrong.set("west.mesh", vec![east.anchor_der().clone()]);
         assert!(matches!(
             wrong.verify(&svid.chain[0], &svid.chain[1..], Usage::Server, now),
             Err(VerifyError::Chain { .. })
@@ -161,7 +161,7 @@ mod tests {
 
         // A trust domain we hold no bundle for is refused outright.
         let mut only_west = TrustBundles::new();
-        only_west.set("west.mesh", vec![west.cert_der().clone()]);
+        only_west.set("west.mesh", vec![west.anchor_der().clone()]);
         assert!(matches!(
             only_west.verify(&svid.chain[0], &[], Usage::Server, now),
             Err(VerifyError::UnknownTrustDomain(td)) if td == "east.mesh"
@@ -176,7 +176,7 @@ mod tests {
         let id = SpiffeId::new("east.mesh", "demo", "echo").unwrap();
         let svid = new.issue_local(&id, Duration::from_secs(600)).unwrap();
         let mut b = TrustBundles::new();
-        b.set("east.mesh", vec![old.cert_der().clone(), new.cert_der().clone()]);
+        b.set("east.mesh", vec![old.anchor_der().clone(), new.anchor_der().clone()]);
         assert!(b.verify(&svid.chain[0], &[], Usage::Server, UnixTime::now()).is_ok());
     }
 }

@@ -26,6 +26,8 @@ pub enum IdentityError {
     BadCertificate(String),
     #[error("PEM holds no certificate")]
     NoCertificate,
+    #[error("unusable CA: {0}")]
+    BadCa(String),
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
 }
@@ -210,11 +212,14 @@ impl WorkloadKey {
     }
 }
 
-/// A cluster's root certificate authority.
+/// A cluster's certificate authority: a root Isthmus generated, or one the
+/// user supplied (a root, or an intermediate signed by their own PKI).
 pub struct Ca {
     trust_domain: String,
-    cert_der: CertificateDer<'static>,
-    cert_pem: String,
+    /// The signing certificate first, then its issuers up to the trust anchor.
+    chain: Vec<CertificateDer<'static>>,
+    /// `chain` as PEM: what follows the leaf in every SVID this CA issues.
+    chain_pem: String,
     key: KeyPair,
 }
 
@@ -226,7 +231,11 @@ impl Ca {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Isthmus");
-        dn.push(DnType::CommonName, format!("Isthmus root CA {trust_domain}"));
+        // Roots of one trust domain differ by creation time (rotation).
+        dn.push(
+            DnType::CommonName,
+            format!("Isthmus root CA {trust_domain} {}", crate::unix_now()),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
@@ -242,37 +251,82 @@ impl Ca {
         let cert = params.self_signed(&key)?;
         Ok(Self {
             trust_domain: trust_domain.to_string(),
-            cert_der: cert.der().clone(),
-            cert_pem: cert.pem(),
+            chain: vec![cert.der().clone()],
+            chain_pem: cert.pem(),
             key,
         })
     }
 
-    pub fn load(trust_domain: &str, cert_pem: &str, key_pem: &str) -> Result<Self, IdentityError> {
-        let key = KeyPair::from_pem(key_pem)?;
-        let cert_der = certs_from_pem(cert_pem)?.remove(0);
+    /// Load a CA from PEM: `chain_pem` holds the signing certificate first,
+    /// then (for an intermediate) its issuers up to the root, which becomes
+    /// the trust anchor. The signing certificate must be a CA whose public
+    /// key is `key_pem`'s, and each certificate must be issued by the next.
+    pub fn load(trust_domain: &str, chain_pem: &str, key_pem: &str) -> Result<Self, IdentityError> {
+        validate_trust_domain(trust_domain)?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| IdentityError::BadCa(format!("private key: {e}")))?;
+        let chain = certs_from_pem(chain_pem)?;
+        let parsed: Vec<_> = chain
+            .iter()
+            .map(|c| x509_parser::parse_x509_certificate(c.as_ref()).map(|(_, c)| c))
+            .collect::<Result<_, _>>()
+            .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+        for (i, c) in parsed.iter().enumerate() {
+            if !c.is_ca() {
+                return Err(IdentityError::BadCa(format!(
+                    "certificate {} of the chain ({}) is not a CA certificate",
+                    i + 1,
+                    c.subject()
+                )));
+            }
+            let issuer = parsed.get(i + 1).unwrap_or(c);
+            if c.verify_signature(Some(issuer.public_key())).is_err() {
+                return Err(IdentityError::BadCa(format!(
+                    "certificate {} ({}) is not signed by {}: give the signing certificate first, then each issuer up to the root",
+                    i + 1,
+                    c.subject(),
+                    if i + 1 < parsed.len() {
+                        "the next one"
+                    } else {
+                        "itself (the last must be a root)"
+                    }
+                )));
+            }
+        }
+        if parsed[0].public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+            return Err(IdentityError::BadCa(
+                "the private key does not belong to the first certificate of the chain".into(),
+            ));
+        }
         Ok(Self {
             trust_domain: trust_domain.to_string(),
-            cert_der,
-            cert_pem: cert_pem.to_string(),
+            chain_pem: chain.iter().map(cert_to_pem).collect(),
+            chain,
             key,
         })
     }
 
-    pub fn cert_pem(&self) -> &str {
-        &self.cert_pem
+    /// The trust anchor: the root this CA's SVIDs chain to, which peers hold
+    /// in their bundle for this trust domain.
+    pub fn anchor_der(&self) -> &CertificateDer<'static> {
+        self.chain.last().expect("a CA chain is never empty")
+    }
+
+    pub fn anchor_pem(&self) -> String {
+        cert_to_pem(self.anchor_der())
+    }
+
+    /// The signing certificate and its issuers, as PEM.
+    pub fn chain_pem(&self) -> &str {
+        &self.chain_pem
     }
 
     pub fn key_pem(&self) -> String {
         self.key.serialize_pem()
     }
 
-    pub fn cert_der(&self) -> &CertificateDer<'static> {
-        &self.cert_der
-    }
-
+    /// SHA-256 of the trust anchor: what join tokens pin.
     pub fn fingerprint(&self) -> String {
-        fingerprint(&self.cert_der)
+        fingerprint(self.anchor_der())
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -289,7 +343,7 @@ impl Ca {
     ) -> Result<CertificateDer<'static>, IdentityError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
         csr.params = svid_params(id, ttl)?;
-        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
+        let issuer = Issuer::from_ca_cert_der(&self.chain[0], &self.key)?;
         Ok(csr.signed_by(&issuer)?.der().clone())
     }
 
@@ -298,9 +352,11 @@ impl Ca {
         let key = WorkloadKey::generate()?;
         let csr = key.csr_pem()?;
         let leaf = self.sign_csr(&csr, id, ttl)?;
+        let mut chain = vec![leaf];
+        chain.extend(self.chain.iter().cloned());
         Ok(Svid {
             id: id.clone(),
-            chain: vec![leaf, self.cert_der.clone()],
+            chain,
             key: key.private_key_der(),
         })
     }
@@ -386,7 +442,46 @@ mod tests {
         let now = crate::unix_now();
         assert!(not_after > now + 3500 && not_after <= now + 3601);
         // The root round-trips through PEM with the same fingerprint.
-        let reloaded = Ca::load("east.mesh", ca.cert_pem(), &ca.key_pem()).unwrap();
+        let reloaded = Ca::load("east.mesh", ca.chain_pem(), &ca.key_pem()).unwrap();
         assert_eq!(reloaded.fingerprint(), ca.fingerprint());
+        // A key that is not the certificate's is refused.
+        let other = Ca::generate("east.mesh").unwrap();
+        let err = Ca::load("east.mesh", ca.chain_pem(), &other.key_pem()).err().unwrap();
+        assert!(err.to_string().contains("does not belong"), "{err}");
+    }
+
+    /// An intermediate signed by the user's own root: SVIDs chain through it
+    /// to that root, which is the anchor peers trust.
+    #[test]
+    fn user_supplied_intermediate() {
+        crate::install_crypto_provider();
+        let root = Ca::generate("east.mesh").unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let issuer = Issuer::from_ca_cert_der(root.anchor_der(), &root.key).unwrap();
+        let inter = params.signed_by(&key, &issuer).unwrap();
+        let chain_pem = format!("{}{}", inter.pem(), root.anchor_pem());
+        let ca = Ca::load("east.mesh", &chain_pem, &key.serialize_pem()).unwrap();
+        assert_eq!(ca.fingerprint(), root.fingerprint());
+
+        let id = SpiffeId::new("east.mesh", "demo", "echo").unwrap();
+        let svid = ca.issue_local(&id, Duration::from_secs(600)).unwrap();
+        assert_eq!(svid.chain.len(), 3);
+        let mut b = crate::bundle::TrustBundles::new();
+        b.set("east.mesh", vec![root.anchor_der().clone()]);
+        b.verify(
+            &svid.chain[0],
+            &svid.chain[1..],
+            crate::bundle::Usage::Server,
+            rustls_pki_types::UnixTime::now(),
+        )
+        .unwrap();
+
+        // The chain in the wrong order is refused with a hint.
+        let reversed = format!("{}{}", root.anchor_pem(), inter.pem());
+        let err = Ca::load("east.mesh", &reversed, &key.serialize_pem()).err().unwrap();
+        assert!(err.to_string().contains("not signed by"), "{err}");
     }
 }

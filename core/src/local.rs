@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 
 use crate::bundle::TrustBundles;
 use crate::identity::SpiffeId;
-use crate::tls;
+use crate::tls::{self, SharedBundles};
 
 pub const CONTROLLER_FILE: &str = "controller.json";
 pub const CA_FILE: &str = "ca.pem";
@@ -126,9 +126,10 @@ impl ClusterDir {
                 path: self.file(CA_FILE).display().to_string(),
                 reason: e.to_string(),
             })?;
+        let bundles: SharedBundles = Arc::new(ArcSwap::from_pointee(bundles));
         let config = tls::client_config(
             None,
-            Arc::new(ArcSwap::from_pointee(bundles)),
+            bundles.clone(),
             tls::Expect::Id(SpiffeId::controller(&info.trust_domain)),
             &[tls::ALPN_H2],
         )?;
@@ -139,7 +140,12 @@ impl ClusterDir {
                 addr: info.control_addr.clone(),
                 reason: error_chain(&e),
             })?;
-        Ok(LocalClient { info, channel, token })
+        Ok(LocalClient {
+            info,
+            channel,
+            token,
+            bundles,
+        })
     }
 }
 
@@ -149,6 +155,10 @@ pub struct LocalClient {
     pub info: ControllerInfo,
     channel: Channel,
     token: String,
+    /// What the controller's certificate is verified against: `ca.pem` at
+    /// first, then the bundles of each config snapshot, so that a root
+    /// rotation does not cut a long-running component off its controller.
+    pub bundles: SharedBundles,
 }
 
 /// Adds the local token to every request.

@@ -66,6 +66,12 @@ impl SvidResolver {
         (**self.id.load()).clone()
     }
 
+    /// Fingerprint of the last certificate of the current chain: the root
+    /// the SVID was issued under.
+    pub fn anchor_fingerprint(&self) -> Option<String> {
+        self.current.load().cert.last().map(identity::fingerprint)
+    }
+
     /// Unix time at which the current leaf expires.
     pub fn not_after(&self) -> Option<i64> {
         self.current
@@ -388,8 +394,8 @@ mod tests {
         let server_svid = east.issue_local(&server_id, Duration::from_secs(600)).unwrap();
         let client_svid = west.issue_local(&client_id, Duration::from_secs(600)).unwrap();
         let mut b = TrustBundles::new();
-        b.set("east.mesh", vec![east.cert_der().clone()]);
-        b.set("west.mesh", vec![west.cert_der().clone()]);
+        b.set("east.mesh", vec![east.anchor_der().clone()]);
+        b.set("west.mesh", vec![west.anchor_der().clone()]);
         let bundles = shared(b);
 
         let server = server_config(

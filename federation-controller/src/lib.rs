@@ -6,6 +6,7 @@
 //! peering stream with each linked cluster to exchange trust bundles and
 //! service exports.
 
+mod ca;
 mod metrics;
 mod peering;
 mod service;
@@ -67,6 +68,9 @@ pub struct Config {
     pub import_lease: Duration,
     /// Admin endpoint (`/metrics`, `/ready`, `/live`), if any.
     pub admin_addr: Option<SocketAddr>,
+    /// A CA to use on first start instead of generating a root: PEM chain
+    /// (signing certificate first, up to the root) and PEM private key.
+    pub ca_files: Option<(PathBuf, PathBuf)>,
 }
 
 impl Config {
@@ -82,6 +86,7 @@ impl Config {
             heartbeat: Duration::from_secs(1),
             import_lease: Duration::from_secs(10),
             admin_addr: None,
+            ca_files: None,
         }
     }
 }
@@ -101,6 +106,8 @@ struct PeerRuntime {
     ever_connected: bool,
     last_heartbeat: Option<Instant>,
     imports: snapshot::PeerImports,
+    /// Fingerprints of our roots the peer last said it trusts.
+    holds_our_roots: Vec<String>,
 }
 
 impl PeerRuntime {
@@ -110,6 +117,7 @@ impl PeerRuntime {
             ever_connected: false,
             last_heartbeat: None,
             imports: Default::default(),
+            holds_our_roots: Vec::new(),
         }
     }
 }
@@ -125,7 +133,8 @@ struct Registry {
 pub(crate) struct Shared {
     cfg: Config,
     dir: ClusterDir,
-    ca: Ca,
+    /// This cluster's roots; replaced whole when a rotation moves on.
+    ca: ArcSwap<ca::Authority>,
     local_token: String,
     peering_advertised: String,
     state: Mutex<State>,
@@ -165,7 +174,7 @@ impl Shared {
     fn rebuild_bundles(&self) {
         let state = self.state.lock().expect("state lock");
         let mut b = TrustBundles::new();
-        b.set(&self.cfg.trust_domain, vec![self.ca.cert_der().clone()]);
+        b.set(&self.cfg.trust_domain, self.ca.load().anchors());
         for link in state.links.values() {
             if let Err(e) = b.set_pem(&link.trust_domain, &link.roots_pem) {
                 tracing::warn!(peer = %link.cluster, error = %e, "peer bundle unusable");
@@ -195,9 +204,10 @@ impl Shared {
             .collect();
         let reg = self.registry.lock().expect("registry lock");
         let services = snapshot::services(&state, reg.sidecars.values(), &imports);
+        let ca = self.ca.load();
         let mut bundles = vec![TrustBundle {
             trust_domain: self.cfg.trust_domain.clone(),
-            roots_pem: self.ca.cert_pem().to_string(),
+            roots_pem: ca.bundle_pem(),
         }];
         let mut peers = Vec::new();
         for link in state.links.values() {
@@ -223,12 +233,112 @@ impl Shared {
                 .map(|(_, g)| g.tunnel_addr.clone())
                 .unwrap_or_default(),
             peers,
+            signing_root: ca.signer().fingerprint(),
+        }
+    }
+
+    /// Move a root rotation on: promote a staged root once every linked
+    /// peer holds it, and drop retiring roots whose time has come.
+    fn advance_rotation(&self) {
+        let Some(staged) = self.ca.load().staged() else {
+            if self
+                .state
+                .lock()
+                .expect("state lock")
+                .roots
+                .iter()
+                .any(|r| r.retire_unix.is_some())
+            {
+                self.retire_roots();
+            }
+            return;
+        };
+        let waiting: Vec<String> = {
+            let state = self.state.lock().expect("state lock");
+            let peers = self.peers.lock().expect("peers lock");
+            state
+                .links
+                .keys()
+                .filter(|c| !peers.get(*c).is_some_and(|p| p.holds_our_roots.contains(&staged)))
+                .cloned()
+                .collect()
+        };
+        if !waiting.is_empty() {
+            return;
+        }
+        match self.update(|state| Ok(ca::promote(state, isthmus_core::unix_now()))) {
+            Ok(true) => {
+                tracing::info!(root = %staged, "every peer holds the new root: it signs from now on");
+                self.reload_ca();
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e.message(), "promoting the new root failed"),
+        }
+    }
+
+    fn retire_roots(&self) {
+        let now = isthmus_core::unix_now();
+        match self.update(|state| Ok(ca::retire_due(state, now))) {
+            Ok(gone) if !gone.is_empty() => {
+                self.reload_ca();
+                // The state no longer names them: their keys can go.
+                for f in gone {
+                    tracing::info!(key = %f, "old root retired");
+                    if let Err(e) = std::fs::remove_file(self.dir.file(&f)) {
+                        tracing::warn!(key = %f, error = %e, "could not delete a retired root's key");
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e.message(), "retiring the old root failed"),
+        }
+    }
+
+    /// The roots in the state changed: load them, publish the bundle, and
+    /// re-issue our own SVID if the signer moved.
+    fn reload_ca(&self) {
+        let roots = self.state.lock().expect("state lock").roots.clone();
+        let next = match ca::Authority::load(&self.dir, &self.cfg.trust_domain, &roots) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "loading the cluster's roots failed");
+                return;
+            }
+        };
+        if let Err(e) = self
+            .dir
+            .write_atomic(isthmus_core::local::CA_FILE, next.bundle_pem().as_bytes(), false)
+        {
+            tracing::error!(error = %e, "writing the bundle file failed");
+        }
+        let moved = next.signer().fingerprint() != self.ca.load().signer().fingerprint();
+        if let Ok(t) = isthmus_core::identity::not_after_of(next.signer().anchor_der()) {
+            // The rotation's point: an operator alerting on this sees it move.
+            self.metrics.root_expiry.set(t);
+        }
+        self.ca.store(Arc::new(next));
+        if moved {
+            self.renew_svid();
+        }
+        self.rebuild_bundles();
+        self.changed();
+    }
+
+    fn renew_svid(&self) {
+        let id = SpiffeId::controller(&self.cfg.trust_domain);
+        match self.ca.load().signer().issue_local(&id, self.cfg.svid_ttl) {
+            Ok(svid) => {
+                if let Err(e) = self.svid.update(&svid) {
+                    tracing::error!(error = %e, "renewing the controller SVID failed");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "renewing the controller SVID failed"),
         }
     }
 }
 
 /// Load or create the cluster's state and CA in `cfg.dir`.
-fn open(cfg: &Config) -> Result<(State, Ca), ControllerError> {
+fn open(cfg: &Config) -> Result<(State, ca::Authority), ControllerError> {
     isthmus_core::identity::validate_name(&cfg.cluster)
         .map_err(|e| ControllerError::Config(format!("cluster name: {e}")))?;
     isthmus_core::identity::validate_trust_domain(&cfg.trust_domain)?;
@@ -237,39 +347,59 @@ fn open(cfg: &Config) -> Result<(State, Ca), ControllerError> {
         source: e,
     })?;
     let dir = ClusterDir::new(&cfg.dir);
-    let key_path = dir.file("ca.key");
-    let state = State::load(&cfg.dir, &cfg.cluster, &cfg.trust_domain)?;
     let read = |p: PathBuf| {
         std::fs::read_to_string(&p).map_err(|e| ControllerError::Io {
             path: p.display().to_string(),
             source: e,
         })
     };
-    match state {
-        Some(state) => {
-            let ca = Ca::load(
-                &cfg.trust_domain,
-                &read(dir.file(isthmus_core::local::CA_FILE))?,
-                &read(key_path)?,
-            )?;
-            Ok((state, ca))
+    let bundle_file = dir.file(isthmus_core::local::CA_FILE);
+    let state = match State::load(&cfg.dir, &cfg.cluster, &cfg.trust_domain)? {
+        Some(mut state) => {
+            if cfg.ca_files.is_some() {
+                tracing::warn!("--ca-cert/--ca-key apply on first start only; this cluster has its CA already");
+            }
+            if state.roots.is_empty() {
+                // A cluster from before rotation existed: ca.pem and ca.key.
+                let ca = Ca::load(
+                    &cfg.trust_domain,
+                    &read(bundle_file.clone())?,
+                    &read(dir.file("ca.key"))?,
+                )?;
+                let mut root = ca::first_root(&ca);
+                root.key_file = "ca.key".into();
+                state.roots.push(root);
+                state.save(&cfg.dir)?;
+            }
+            state
         }
         None => {
-            if key_path.exists() {
+            // The bundle file is written after the state: if it is here, the
+            // state was lost, and starting over would silently change the root.
+            if bundle_file.exists() {
                 return Err(ControllerError::Config(format!(
                     "{} exists but {} does not: refusing to start over with a new CA; restore the state file or use an empty --dir",
-                    key_path.display(),
+                    bundle_file.display(),
                     State::path(&cfg.dir).display()
                 )));
             }
-            let ca = Ca::generate(&cfg.trust_domain)?;
-            dir.write_atomic("ca.key", ca.key_pem().as_bytes(), true)?;
-            dir.write_atomic(isthmus_core::local::CA_FILE, ca.cert_pem().as_bytes(), false)?;
-            let state = State::new(&cfg.cluster, &cfg.trust_domain);
+            let ca = match &cfg.ca_files {
+                Some((cert, key)) => Ca::load(&cfg.trust_domain, &read(cert.clone())?, &read(key.clone())?)
+                    .map_err(|e| ControllerError::Config(format!("{}: {e}", cert.display())))?,
+                None => Ca::generate(&cfg.trust_domain)?,
+            };
+            // Key first: a crash before the state is saved leaves only an
+            // unused key file, and the next start begins again.
+            dir.write_atomic(&ca::key_file(&ca), ca.key_pem().as_bytes(), true)?;
+            let mut state = State::new(&cfg.cluster, &cfg.trust_domain);
+            state.roots.push(ca::first_root(&ca));
             state.save(&cfg.dir)?;
-            Ok((state, ca))
+            state
         }
-    }
+    };
+    let authority = ca::Authority::load(&dir, &cfg.trust_domain, &state.roots)?;
+    dir.write_atomic(isthmus_core::local::CA_FILE, authority.bundle_pem().as_bytes(), false)?;
+    Ok((state, authority))
 }
 
 /// Start the controller: bind its ports, publish `controller.json`, serve
@@ -291,14 +421,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
-    if let Ok(t) = isthmus_core::identity::not_after_of(ca.cert_der()) {
+    if let Ok(t) = isthmus_core::identity::not_after_of(ca.signer().anchor_der()) {
         metrics.root_expiry.set(t);
     }
     metrics.exports.set(state.exports.len() as i64);
     let ready = isthmus_core::metrics::Ready::default();
     let admin_addr =
         isthmus_core::metrics::serve_admin(cfg.admin_addr, registry, ready.clone(), shutdown.clone()).await?;
-    let svid = ca.issue_local(&SpiffeId::controller(&cfg.trust_domain), cfg.svid_ttl)?;
+    let svid = ca
+        .signer()
+        .issue_local(&SpiffeId::controller(&cfg.trust_domain), cfg.svid_ttl)?;
     let shared = Arc::new(Shared {
         peering_advertised: cfg
             .advertise_peering
@@ -314,7 +446,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
         version: watch::channel(1).0,
         shutdown: shutdown.clone(),
         metrics,
-        ca,
+        ca: ArcSwap::from_pointee(ca),
         cfg,
     });
     shared.rebuild_bundles();
@@ -356,7 +488,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
         false,
     )?;
     tracing::info!(cluster = %info.cluster, trust_domain = %info.trust_domain, %control_addr, %peering_addr,
-        root = %shared.ca.fingerprint(), "controller ready");
+        root = %shared.ca.load().signer().fingerprint(), "controller ready");
 
     let done = tokio::spawn(async move {
         shutdown.cancelled().await;
@@ -378,16 +510,6 @@ async fn renew_own_svid(shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
             _ = tokio::time::sleep(shared.cfg.svid_ttl / 2) => {}
         }
-        match shared
-            .ca
-            .issue_local(&SpiffeId::controller(&shared.cfg.trust_domain), shared.cfg.svid_ttl)
-        {
-            Ok(svid) => {
-                if let Err(e) = shared.svid.update(&svid) {
-                    tracing::error!(error = %e, "renewing controller SVID failed");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "renewing controller SVID failed"),
-        }
+        shared.renew_svid();
     }
 }

@@ -36,6 +36,15 @@ pub struct Metrics {
     pub tokens_created: Counter,
     pub joins: Family<ResultLabels, Counter>,
     pub root_expiry: Gauge,
+    pub svid_expiry: Gauge,
+    pub roots: Family<StateLabels, Gauge>,
+    pub token_revocations: Counter,
+    pub unlinks: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
 }
 
 impl Metrics {
@@ -81,7 +90,41 @@ impl Metrics {
             "When this cluster's root CA expires (Unix time)",
             m.root_expiry.clone(),
         );
+        registry.register(
+            "isthmus_controller_svid_expiry_timestamp_seconds",
+            "When the controller's own SVID expires (Unix time)",
+            m.svid_expiry.clone(),
+        );
+        registry.register(
+            "isthmus_ca_roots",
+            "This cluster's roots by state (staged, signing, retiring): more than one only during a rotation",
+            m.roots.clone(),
+        );
+        registry.register(
+            "isthmus_join_tokens_revoked",
+            "Join tokens revoked",
+            m.token_revocations.clone(),
+        );
+        registry.register(
+            "isthmus_unlinks",
+            "Links ended (here or by the peer)",
+            m.unlinks.clone(),
+        );
         m
+    }
+
+    /// Drop the series of a link that no longer exists.
+    pub fn forget_link(&self, peer: &str) {
+        self.unlinks.inc();
+        for s in LINK_STATES {
+            self.link_state.remove(&LinkLabels {
+                peer: peer.to_string(),
+                state: s,
+            });
+        }
+        let p = PeerLabels { peer: peer.to_string() };
+        self.heartbeat_age.remove(&p);
+        self.imports.remove(&p);
     }
 
     pub fn join(&self, result: &'static str) {

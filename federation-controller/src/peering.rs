@@ -12,12 +12,13 @@ use isthmus_core::token::JoinToken;
 use isthmus_core::unix_now_ms;
 use isthmus_proto::peer_message::Msg;
 use isthmus_proto::peering_client::PeeringClient;
-use isthmus_proto::{BundleUpdate, ExportList, Heartbeat, JoinRequest, LinkResponse, PeerMessage};
+use isthmus_proto::{BundleUpdate, ExportList, Heartbeat, JoinRequest, LinkResponse, PeerMessage, Unlinked};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use crate::state::LinkRecord;
+use crate::metrics::StateLabels;
+use crate::state::{LinkRecord, RootPhase};
 use crate::{PeerRuntime, Shared, snapshot};
 
 /// The state of a link, as `isthmus status` shows it.
@@ -68,7 +69,7 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
             secret,
             cluster: shared.cfg.cluster.clone(),
             trust_domain: shared.cfg.trust_domain.clone(),
-            roots_pem: shared.ca.cert_pem().to_string(),
+            roots_pem: shared.ca.load().bundle_pem(),
             gateway_addr: quic,
         })
         .await
@@ -194,7 +195,7 @@ pub(crate) async fn session(
     out: mpsc::Sender<Result<PeerMessage, Status>>,
 ) {
     let (tx, rx) = mpsc::channel::<PeerMessage>(16);
-    let forward = tokio::spawn(async move {
+    let mut forward = tokio::spawn(async move {
         let mut rx = ReceiverStream::new(rx).map(Ok);
         while let Some(m) = rx.next().await {
             if out.send(m).await.is_err() {
@@ -203,7 +204,13 @@ pub(crate) async fn session(
         }
     });
     run_session(shared, peer, inbound, tx).await;
-    forward.abort();
+    // Let the last messages (an unlink notice) go out before the stream ends.
+    if tokio::time::timeout(Duration::from_secs(1), &mut forward)
+        .await
+        .is_err()
+    {
+        forward.abort();
+    }
 }
 
 fn mark(shared: &Shared, peer: &str, f: impl FnOnce(&mut PeerRuntime)) {
@@ -227,20 +234,30 @@ async fn run_session(
     let mut version = shared.version.subscribe();
     let mut heartbeat = tokio::time::interval(shared.cfg.heartbeat);
     let mut last_exports = None;
-    let mut last_gateway = None;
+    let mut last_bundle = None;
     loop {
+        let Some(link) = shared.state.lock().expect("state lock").links.get(&peer).cloned() else {
+            // Unlinked here: tell the peer, so it removes its side too.
+            let _ = tx
+                .send(PeerMessage {
+                    msg: Some(Msg::Unlinked(Unlinked {})),
+                })
+                .await;
+            break;
+        };
         // Announce what changed since the last round.
         let (_, quic) = shared.gateway_addrs();
-        if last_gateway.as_ref() != Some(&quic) {
-            let m = Msg::Bundle(BundleUpdate {
-                trust_domain: shared.cfg.trust_domain.clone(),
-                roots_pem: shared.ca.cert_pem().to_string(),
-                gateway_addr: quic.clone(),
-            });
+        let bundle = BundleUpdate {
+            trust_domain: shared.cfg.trust_domain.clone(),
+            roots_pem: shared.ca.load().bundle_pem(),
+            gateway_addr: quic,
+        };
+        if last_bundle.as_ref() != Some(&bundle) {
+            let m = Msg::Bundle(bundle.clone());
             if tx.send(PeerMessage { msg: Some(m) }).await.is_err() {
                 break;
             }
-            last_gateway = Some(quic);
+            last_bundle = Some(bundle);
         }
         let exports = {
             let state = shared.state.lock().expect("state lock");
@@ -259,11 +276,18 @@ async fn run_session(
         tokio::select! {
             _ = shared.shutdown.cancelled() => break,
             _ = heartbeat.tick() => {
-                let m = Msg::Heartbeat(Heartbeat { sent_unix_ms: unix_now_ms() });
+                let your_roots = identity::certs_from_pem(&link.roots_pem)
+                    .map(|c| c.iter().map(identity::fingerprint).collect())
+                    .unwrap_or_default();
+                let m = Msg::Heartbeat(Heartbeat { sent_unix_ms: unix_now_ms(), your_roots });
                 if tx.send(PeerMessage { msg: Some(m) }).await.is_err() { break; }
             }
             r = version.changed() => if r.is_err() { break },
             m = inbound.message() => match m {
+                Ok(Some(PeerMessage { msg: Some(Msg::Unlinked(_)) })) => {
+                    remove_link(&shared, &peer, "the peer unlinked");
+                    break;
+                }
                 Ok(Some(m)) => apply(&shared, &peer, m),
                 Ok(None) => break,
                 Err(e) => {
@@ -272,19 +296,20 @@ async fn run_session(
                 }
             },
         }
-        if !shared.state.lock().expect("state lock").links.contains_key(&peer) {
-            break;
-        }
     }
-    mark(&shared, &peer, |p| p.connected = false);
+    // Not `mark`: an unlinked peer's entry is gone and must stay gone.
+    if let Some(p) = shared.peers.lock().expect("peers lock").get_mut(&peer) {
+        p.connected = false;
+    }
     tracing::info!(%peer, "peering stream down");
 }
 
 fn apply(shared: &Shared, peer: &str, m: PeerMessage) {
     let mut changed = false;
     match m.msg {
-        Some(Msg::Heartbeat(_)) => mark(shared, peer, |p| {
+        Some(Msg::Heartbeat(h)) => mark(shared, peer, |p| {
             p.last_heartbeat = Some(Instant::now());
+            p.holds_our_roots = h.your_roots;
             if !p.imports.live {
                 p.imports.live = true;
                 changed = true;
@@ -334,10 +359,31 @@ fn apply(shared: &Shared, peer: &str, m: PeerMessage) {
                 Err(e) => tracing::error!(%peer, error = %e.message(), "saving bundle update failed"),
             }
         }
-        None => {}
+        Some(Msg::Unlinked(_)) | None => {}
     }
     if changed {
         shared.changed();
+    }
+}
+
+/// End the link with `peer` on this side: its bundle, imports and gateway
+/// go, so its workloads are refused from now on. False if it was not linked.
+pub(crate) fn remove_link(shared: &Shared, peer: &str, why: &str) -> bool {
+    let removed = shared.update(|state| Ok(state.links.remove(peer).is_some()));
+    match removed {
+        Ok(true) => {
+            shared.peers.lock().expect("peers lock").remove(peer);
+            shared.metrics.forget_link(peer);
+            shared.rebuild_bundles();
+            shared.changed();
+            tracing::warn!(%peer, reason = why, "link removed");
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            tracing::error!(%peer, error = %e.message(), "removing the link failed");
+            false
+        }
     }
 }
 
@@ -360,6 +406,7 @@ pub(crate) async fn lease_keeper(shared: Arc<Shared>) {
         for peer in &expired {
             tracing::warn!(%peer, "no heartbeat for the import lease: imports withdrawn");
         }
+        shared.advance_rotation();
         publish_metrics(&shared);
         if !expired.is_empty() {
             shared.changed();
@@ -371,6 +418,17 @@ pub(crate) async fn lease_keeper(shared: Arc<Shared>) {
 /// keeper's tick.
 fn publish_metrics(shared: &Shared) {
     let state = shared.state.lock().expect("state lock");
+    for phase in [RootPhase::Staged, RootPhase::Signing, RootPhase::Retiring] {
+        let n = state.roots.iter().filter(|r| r.phase == phase).count();
+        shared
+            .metrics
+            .roots
+            .get_or_create(&StateLabels { state: phase.as_str() })
+            .set(n as i64);
+    }
+    if let Some(t) = shared.svid.not_after() {
+        shared.metrics.svid_expiry.set(t);
+    }
     let peers = shared.peers.lock().expect("peers lock");
     for link in state.links.values() {
         let rt = peers.get(&link.cluster);

@@ -14,8 +14,10 @@ use isthmus_proto::control_server::{Control, ControlServer};
 use isthmus_proto::peering_server::{Peering, PeeringServer};
 use isthmus_proto::{
     CertificateRequest, CertificateResponse, ConfigSnapshot, CreateTokenRequest, CreateTokenResponse, ExportRequest,
-    ExportResponse, JoinRequest, JoinResponse, LinkRequest, LinkResponse, LinkStatus, PeerMessage, StatusRequest,
-    StatusResponse, WatchRequest, watch_request,
+    ExportResponse, JoinRequest, JoinResponse, LinkRequest, LinkResponse, LinkStatus, ListTokensRequest,
+    ListTokensResponse, PeerMessage, RevokeTokenRequest, RevokeTokenResponse, RootStatus, RotateCaRequest,
+    RotateCaResponse, StatusRequest, StatusResponse, TokenInfo, UnlinkRequest, UnlinkResponse, WatchRequest,
+    watch_request,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
@@ -100,16 +102,16 @@ impl Control for Svc {
                 "{id} is reserved for the controller"
             )));
         }
-        let leaf = self
-            .0
-            .ca
+        let ca = self.0.ca.load();
+        let leaf = ca
+            .signer()
             .sign_csr(&r.csr_pem, &id, self.0.cfg.svid_ttl)
             .map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
         let not_after = identity::not_after_of(&leaf).unwrap_or_default();
         self.0.metrics.svids_issued.inc();
         tracing::info!(%id, "issued SVID");
         Ok(Response::new(CertificateResponse {
-            cert_chain_pem: format!("{}{}", identity::cert_to_pem(&leaf), self.0.ca.cert_pem()),
+            cert_chain_pem: format!("{}{}", identity::cert_to_pem(&leaf), ca.signer().chain_pem()),
             spiffe_id: id.to_string(),
             not_after_unix: not_after,
         }))
@@ -195,7 +197,7 @@ impl Admin for Svc {
             trust_domain: self.0.cfg.trust_domain.clone(),
             peering: vec![self.0.peering_advertised.clone()],
             gateway: if quic.is_empty() { vec![] } else { vec![quic] },
-            root_fingerprint: self.0.ca.fingerprint(),
+            root_fingerprint: self.0.ca.load().signer().fingerprint(),
             id: id.clone(),
             secret,
             priority: None,
@@ -213,6 +215,7 @@ impl Admin for Svc {
                     expires_unix: expires,
                     uses_left: uses,
                     used_by: vec![],
+                    revoked: false,
                 },
             );
             Ok(())
@@ -285,6 +288,8 @@ impl Admin for Svc {
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         self.authorize(&req)?;
         let snap = self.0.snapshot();
+        let ca = self.0.ca.load();
+        let ours = ca.fingerprints();
         let state = self.0.state.lock().expect("state lock").clone();
         let peers = self.0.peers.lock().expect("peers lock").clone();
         let links = state
@@ -307,18 +312,131 @@ impl Admin for Svc {
                     heartbeat_age_ms: age,
                     gateway_addr: l.gateway_addr.clone(),
                     bundle_fingerprint: fp,
+                    peer_has_our_roots: rt.is_some_and(|p| ours.iter().all(|f| p.holds_our_roots.contains(f))),
+                    imports: rt
+                        .filter(|p| p.imports.live)
+                        .map(|p| p.imports.services.len() as u32)
+                        .unwrap_or(0),
                 }
+            })
+            .collect();
+        let roots = ca
+            .records()
+            .map(|(r, c)| RootStatus {
+                fingerprint: c.fingerprint(),
+                state: r.phase.as_str().to_string(),
+                not_after_unix: identity::not_after_of(c.anchor_der()).unwrap_or_default(),
+                retire_unix: r.retire_unix.unwrap_or_default(),
             })
             .collect();
         let (tunnel, quic) = self.0.gateway_addrs();
         Ok(Response::new(StatusResponse {
             cluster: self.0.cfg.cluster.clone(),
             trust_domain: self.0.cfg.trust_domain.clone(),
-            root_fingerprint: self.0.ca.fingerprint(),
+            root_fingerprint: ca.signer().fingerprint(),
             links,
             services: snap.services,
             gateway_tunnel_addr: tunnel,
             gateway_quic_addr: quic,
+            roots,
+            svid_expires_unix: self.0.svid.not_after().unwrap_or_default(),
+        }))
+    }
+
+    async fn list_tokens(&self, req: Request<ListTokensRequest>) -> Result<Response<ListTokensResponse>, Status> {
+        self.authorize(&req)?;
+        let now = unix_now();
+        let state = self.0.state.lock().expect("state lock");
+        let mut tokens: Vec<TokenInfo> = state
+            .tokens
+            .values()
+            .map(|t| TokenInfo {
+                id: t.id.clone(),
+                created_unix: t.created_unix,
+                expires_unix: t.expires_unix,
+                uses_left: t.uses_left,
+                used_by: t.used_by.clone(),
+                state: t.state(now).to_string(),
+            })
+            .collect();
+        tokens.sort_by_key(|t| t.created_unix);
+        Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(&self, req: Request<RevokeTokenRequest>) -> Result<Response<RevokeTokenResponse>, Status> {
+        self.authorize(&req)?;
+        let id = req.into_inner().id;
+        let now = unix_now();
+        self.0.update(|state| {
+            let t = state
+                .tokens
+                .get_mut(&id)
+                .ok_or_else(|| Status::not_found(format!("no join token {id:?} (`isthmus token list` shows them)")))?;
+            match t.state(now) {
+                "usable" => {
+                    t.revoked = true;
+                    Ok(())
+                }
+                other => Err(Status::failed_precondition(format!(
+                    "join token {id} is {other} already: it cannot be used to link"
+                ))),
+            }
+        })?;
+        self.0.metrics.token_revocations.inc();
+        tracing::info!(token_id = %id, "join token revoked");
+        Ok(Response::new(RevokeTokenResponse {}))
+    }
+
+    async fn unlink(&self, req: Request<UnlinkRequest>) -> Result<Response<UnlinkResponse>, Status> {
+        self.authorize(&req)?;
+        let peer = req.into_inner().cluster;
+        let connected = self
+            .0
+            .peers
+            .lock()
+            .expect("peers lock")
+            .get(&peer)
+            .is_some_and(|p| p.connected);
+        if !peering::remove_link(&self.0, &peer, "unlinked by an operator") {
+            let known: Vec<String> = self.0.state.lock().expect("state lock").links.keys().cloned().collect();
+            return Err(Status::not_found(format!(
+                "cluster {} has no link with {peer:?} (links: {})",
+                self.0.cfg.cluster,
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
+        // A live peering session notices on its next round and tells the
+        // peer before it ends; without one, the peer keeps its side.
+        Ok(Response::new(UnlinkResponse {
+            peer_notified: connected,
+        }))
+    }
+
+    async fn rotate_ca(&self, req: Request<RotateCaRequest>) -> Result<Response<RotateCaResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let grace = if r.retire_after_seconds == 0 {
+            self.0.cfg.svid_ttl
+        } else {
+            Duration::from_secs(r.retire_after_seconds)
+        };
+        let new = identity::Ca::generate(&self.0.cfg.trust_domain).map_err(|e| Status::internal(e.to_string()))?;
+        // The key is on disk before the state names it.
+        self.0
+            .dir
+            .write_atomic(&crate::ca::key_file(&new), new.key_pem().as_bytes(), true)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        self.0.update(|state| {
+            crate::ca::stage(state, &new, grace).map_err(|e| Status::failed_precondition(e.to_string()))
+        })?;
+        tracing::info!(root = %new.fingerprint(), retire_after_s = grace.as_secs(), "root rotation started: new root staged");
+        self.0.reload_ca();
+        Ok(Response::new(RotateCaResponse {
+            new_root_fingerprint: new.fingerprint(),
         }))
     }
 }
@@ -356,6 +474,12 @@ impl Peering for Svc {
                 return Err(self.refused(
                     "bad_secret",
                     Status::permission_denied("join token secret does not match: the token was altered"),
+                ));
+            }
+            if rec.revoked {
+                return Err(self.refused(
+                    "revoked",
+                    Status::failed_precondition("join token was revoked by its issuer; ask for a new one"),
                 ));
             }
             // Expiry is judged by the issuer's clock alone, so skew cannot matter.
@@ -414,7 +538,7 @@ impl Peering for Svc {
         Ok(Response::new(JoinResponse {
             cluster: shared.cfg.cluster.clone(),
             trust_domain: shared.cfg.trust_domain.clone(),
-            roots_pem: shared.ca.cert_pem().to_string(),
+            roots_pem: shared.ca.load().bundle_pem(),
             gateway_addr: quic,
         }))
     }

@@ -45,6 +45,46 @@ pub struct State {
     pub exports: BTreeMap<String, ExportRecord>,
     #[serde(default)]
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// This cluster's roots, oldest first (several only during a rotation).
+    #[serde(default)]
+    pub roots: Vec<RootRecord>,
+}
+
+/// One of this cluster's CAs. The private key lives in its own 0600 file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RootRecord {
+    /// The signing certificate, then its issuers up to the trust anchor.
+    pub chain_pem: String,
+    /// File name of the private key, in the cluster directory.
+    pub key_file: String,
+    pub phase: RootPhase,
+    /// For a retiring root: when it leaves the bundle.
+    #[serde(default)]
+    pub retire_unix: Option<i64>,
+    /// For a staged root: how long the root it replaces stays trusted.
+    #[serde(default)]
+    pub retire_after_secs: u64,
+}
+
+/// Where a root is in its life. A rotation takes a new root from `Staged`
+/// (trusted, not signing) to `Signing` once every peer holds it; the old
+/// one is then `Retiring` until it is dropped.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RootPhase {
+    Staged,
+    Signing,
+    Retiring,
+}
+
+impl RootPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RootPhase::Staged => "staged",
+            RootPhase::Signing => "signing",
+            RootPhase::Retiring => "retiring",
+        }
+    }
 }
 
 /// A link to a peer cluster.
@@ -76,6 +116,23 @@ pub struct TokenRecord {
     pub uses_left: u32,
     #[serde(default)]
     pub used_by: Vec<String>,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+impl TokenRecord {
+    /// "usable", "revoked", "used" or "expired", judged at `now`.
+    pub fn state(&self, now: i64) -> &'static str {
+        if self.revoked {
+            "revoked"
+        } else if self.uses_left == 0 {
+            "used"
+        } else if now >= self.expires_unix {
+            "expired"
+        } else {
+            "usable"
+        }
+    }
 }
 
 impl State {
@@ -87,6 +144,7 @@ impl State {
             links: BTreeMap::new(),
             exports: BTreeMap::new(),
             tokens: BTreeMap::new(),
+            roots: Vec::new(),
         }
     }
 

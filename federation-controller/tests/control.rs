@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use isthmus_core::local::{ClusterDir, LocalClient};
 use isthmus_proto::{
-    CreateTokenRequest, ExportRequest, LinkRequest, SidecarRegistration, StatusRequest, WatchRequest, watch_request,
+    CreateTokenRequest, ExportRequest, LinkRequest, ListTokensRequest, RevokeTokenRequest, RotateCaRequest,
+    SidecarRegistration, StatusRequest, StatusResponse, UnlinkRequest, WatchRequest, watch_request,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -146,16 +147,7 @@ async fn tokens_expire_by_the_issuers_clock_and_are_single_use() {
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("expired"), "{}", err.message());
 
-    let tok = east
-        .client
-        .admin()
-        .create_token(CreateTokenRequest {
-            ttl_seconds: 60,
-            uses: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let tok = token(&east).await;
     west.client
         .admin()
         .link(LinkRequest {
@@ -174,16 +166,7 @@ async fn tokens_expire_by_the_issuers_clock_and_are_single_use() {
 
     // A token for one cluster, pointed at another cluster's controller, is
     // caught by the pinned fingerprint.
-    let tok = east
-        .client
-        .admin()
-        .create_token(CreateTokenRequest {
-            ttl_seconds: 60,
-            uses: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let tok = token(&east).await;
     let mut decoded = isthmus_core::token::JoinToken::decode(&tok.token).unwrap();
     decoded.peering = vec![west.client.info.peering_addr.clone()];
     let err = north
@@ -198,16 +181,7 @@ async fn tokens_expire_by_the_issuers_clock_and_are_single_use() {
     assert!(err.message().contains("fingerprint mismatch"), "{}", err.message());
 
     // A wrong secret is refused by the issuer.
-    let tok = east
-        .client
-        .admin()
-        .create_token(CreateTokenRequest {
-            ttl_seconds: 60,
-            uses: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let tok = token(&east).await;
     let mut decoded = isthmus_core::token::JoinToken::decode(&tok.token).unwrap();
     decoded.secret = isthmus_core::token::new_secret().0;
     let err = north
@@ -231,4 +205,183 @@ async fn tokens_expire_by_the_issuers_clock_and_are_single_use() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(active, "link never became active");
+}
+
+async fn token(ctl: &Ctl) -> isthmus_proto::CreateTokenResponse {
+    ctl.client
+        .admin()
+        .create_token(CreateTokenRequest {
+            ttl_seconds: 60,
+            uses: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn status(ctl: &Ctl) -> StatusResponse {
+    ctl.client.admin().status(StatusRequest {}).await.unwrap().into_inner()
+}
+
+/// Poll `ctl`'s status until `f` holds (at most 20 s).
+async fn wait_status(ctl: &Ctl, what: &str, f: impl Fn(&StatusResponse) -> bool) -> StatusResponse {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(ctl).await;
+        if f(&s) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Link `joiner` to `issuer` with a fresh token.
+async fn link(joiner: &Ctl, issuer: &Ctl) {
+    joiner
+        .client
+        .admin()
+        .link(LinkRequest {
+            token: token(issuer).await.token,
+        })
+        .await
+        .unwrap();
+}
+
+fn active(s: &StatusResponse, peer: &str) -> bool {
+    s.links.iter().any(|l| l.cluster == peer && l.state == "active")
+}
+
+#[tokio::test]
+async fn revoked_tokens_are_refused_and_listed() {
+    let east = controller("east").await;
+    let west = controller("west").await;
+    let a = token(&east).await;
+    let b = token(&east).await;
+    east.client
+        .admin()
+        .revoke_token(RevokeTokenRequest { id: a.id.clone() })
+        .await
+        .unwrap();
+
+    let err = west
+        .client
+        .admin()
+        .link(LinkRequest { token: a.token })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("revoked"), "{}", err.message());
+
+    // Revoking twice, or a token that never existed, says so.
+    let again = east
+        .client
+        .admin()
+        .revoke_token(RevokeTokenRequest { id: a.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+    let unknown = east
+        .client
+        .admin()
+        .revoke_token(RevokeTokenRequest { id: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    west.client.admin().link(LinkRequest { token: b.token }).await.unwrap();
+    let list = east
+        .client
+        .admin()
+        .list_tokens(ListTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    let state_of = |id: &str| list.iter().find(|t| t.id == id).map(|t| t.state.clone());
+    assert_eq!(state_of(&a.id).as_deref(), Some("revoked"));
+    assert_eq!(state_of(&b.id).as_deref(), Some("used"));
+    assert_eq!(list.iter().find(|t| t.id == b.id).unwrap().used_by, ["west"]);
+}
+
+#[tokio::test]
+async fn unlink_ends_the_link_on_both_sides() {
+    let east = controller("east").await;
+    let west = controller("west").await;
+    link(&west, &east).await;
+    wait_status(&east, "east sees west active", |s| active(s, "west")).await;
+
+    let r = east
+        .client
+        .admin()
+        .unlink(UnlinkRequest { cluster: "west".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.peer_notified);
+    assert!(status(&east).await.links.is_empty());
+    wait_status(&west, "west drops east", |s| s.links.is_empty()).await;
+
+    // Unlinking what is not linked is NotFound; linking again works.
+    let err = east
+        .client
+        .admin()
+        .unlink(UnlinkRequest { cluster: "west".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    link(&west, &east).await;
+    wait_status(&east, "east sees west active again", |s| active(s, "west")).await;
+}
+
+/// The rotation's steps across a link: staged until the peer holds the new
+/// root, then signing, then the old root retired on both sides.
+#[tokio::test]
+async fn root_rotation_reaches_the_peer_before_it_signs() {
+    let east = controller("east").await;
+    let west = controller("west").await;
+    link(&west, &east).await;
+    wait_status(&east, "link active", |s| active(s, "west")).await;
+    let old = status(&east).await.root_fingerprint;
+
+    let new = east
+        .client
+        .admin()
+        .rotate_ca(RotateCaRequest {
+            retire_after_seconds: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .new_root_fingerprint;
+    assert_ne!(new, old);
+    // A second rotation while one is under way is refused.
+    let err = east
+        .client
+        .admin()
+        .rotate_ca(RotateCaRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+
+    let done = wait_status(&east, "rotation complete", |s| {
+        s.roots.len() == 1 && s.roots[0].fingerprint == new && s.roots[0].state == "signing"
+    })
+    .await;
+    assert_eq!(done.root_fingerprint, new);
+    assert!(active(&done, "west"), "the peering stream survives: {done:#?}");
+    // West's bundle for east ends up holding only the new root.
+    wait_status(&west, "west holds only east's new root", |s| {
+        s.links
+            .iter()
+            .any(|l| l.cluster == "east" && l.bundle_fingerprint == new)
+    })
+    .await;
+    let bundle = std::fs::read_to_string(ClusterDir::new(east._dir.path()).file("ca.pem")).unwrap();
+    let roots = isthmus_core::identity::certs_from_pem(&bundle).unwrap();
+    assert_eq!(roots.len(), 1);
+    assert_eq!(isthmus_core::identity::fingerprint(&roots[0]), new);
 }

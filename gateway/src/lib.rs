@@ -473,9 +473,21 @@ async fn serve_peer(gw: Arc<Gateway>, conn: quinn::Connection, stop: Cancellatio
         return;
     };
     tracing::info!(%peer, remote = %conn.remote_address(), "QUIC connection from peer gateway");
+    let mut config = gw.agent.config.clone();
     loop {
         let (send, recv) = tokio::select! {
             _ = stop.cancelled() => return,
+            // Unlinked: end the connection, and every tunnel in it, now;
+            // refusing only new streams would leave pooled sessions open.
+            r = config.changed() => {
+                let linked = r.is_ok() && config.borrow_and_update().peers.iter().any(|p| p.cluster == peer);
+                if !linked {
+                    tracing::warn!(%peer, "peer unlinked: closing its QUIC connection");
+                    conn.close(1u32.into(), b"unlinked");
+                    return;
+                }
+                continue;
+            }
             s = conn.accept_bi() => match s {
                 Ok(s) => s,
                 Err(e) => {

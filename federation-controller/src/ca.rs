@@ -1,0 +1,226 @@
+//! The cluster's certificate authorities, and root rotation.
+//!
+//! A rotation is three steps, each saved in the state before it applies:
+//! 1. `stage`: a new root joins this cluster's bundle but signs nothing, so
+//!    peers and local workloads learn to trust it first;
+//! 2. `promote`, once every linked peer reports holding it: it signs every
+//!    new SVID, workloads renew at once, and the old root starts retiring;
+//! 3. `retire_due`: after the grace period the old root leaves the bundle.
+//!
+//! Traffic keeps flowing throughout, because at every step each SVID in use
+//! chains to a root every verifier holds.
+
+use std::time::Duration;
+
+use isthmus_core::identity::{self, Ca};
+use isthmus_core::local::ClusterDir;
+use rustls::pki_types::CertificateDer;
+
+use crate::ControllerError;
+use crate::state::{RootPhase, RootRecord, State};
+
+/// The roots of the state, with their keys loaded.
+pub(crate) struct Authority {
+    roots: Vec<(RootRecord, Ca)>,
+}
+
+impl Authority {
+    pub(crate) fn load(dir: &ClusterDir, trust_domain: &str, records: &[RootRecord]) -> Result<Self, ControllerError> {
+        let mut roots = Vec::with_capacity(records.len());
+        for r in records {
+            let path = dir.file(&r.key_file);
+            let key = std::fs::read_to_string(&path).map_err(|e| ControllerError::Io {
+                path: path.display().to_string(),
+                source: e,
+            })?;
+            roots.push((r.clone(), Ca::load(trust_domain, &r.chain_pem, &key)?));
+        }
+        let signers = roots.iter().filter(|(r, _)| r.phase == RootPhase::Signing).count();
+        if signers != 1 {
+            return Err(ControllerError::Config(format!(
+                "the state names {signers} signing roots; exactly one is needed"
+            )));
+        }
+        Ok(Self { roots })
+    }
+
+    /// The CA that signs SVIDs now.
+    pub(crate) fn signer(&self) -> &Ca {
+        self.roots
+            .iter()
+            .find(|(r, _)| r.phase == RootPhase::Signing)
+            .map(|(_, ca)| ca)
+            .expect("checked at load")
+    }
+
+    /// Every trust anchor of this cluster, signing one first: its bundle.
+    pub(crate) fn anchors(&self) -> Vec<CertificateDer<'static>> {
+        let mut out: Vec<CertificateDer<'static>> = vec![self.signer().anchor_der().clone()];
+        for (_, ca) in &self.roots {
+            if !out.contains(ca.anchor_der()) {
+                out.push(ca.anchor_der().clone());
+            }
+        }
+        out
+    }
+
+    pub(crate) fn bundle_pem(&self) -> String {
+        self.anchors().iter().map(identity::cert_to_pem).collect()
+    }
+
+    pub(crate) fn fingerprints(&self) -> Vec<String> {
+        self.anchors().iter().map(identity::fingerprint).collect()
+    }
+
+    /// Fingerprint of a root that waits for peers before it may sign.
+    pub(crate) fn staged(&self) -> Option<String> {
+        self.roots
+            .iter()
+            .find(|(r, _)| r.phase == RootPhase::Staged)
+            .map(|(_, ca)| ca.fingerprint())
+    }
+
+    pub(crate) fn records(&self) -> impl Iterator<Item = (&RootRecord, &Ca)> {
+        self.roots.iter().map(|(r, ca)| (r, ca))
+    }
+}
+
+/// A new cluster's first root, or the one the user supplied.
+pub(crate) fn first_root(ca: &Ca) -> RootRecord {
+    RootRecord {
+        chain_pem: ca.chain_pem().to_string(),
+        key_file: key_file(ca),
+        phase: RootPhase::Signing,
+        retire_unix: None,
+        retire_after_secs: 0,
+    }
+}
+
+/// Where a CA's private key is kept: named by its fingerprint, so that two
+/// roots never share a file.
+pub(crate) fn key_file(ca: &Ca) -> String {
+    format!("ca-{}.key", &ca.fingerprint()[..16])
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub(crate) enum RotateError {
+    #[error("a rotation is already under way (root {0} is {1}); wait for it to finish (`isthmus status`)")]
+    InProgress(String, &'static str),
+}
+
+/// Step 1: add `new` as a staged root.
+pub(crate) fn stage(state: &mut State, new: &Ca, retire_after: Duration) -> Result<(), RotateError> {
+    if let Some(r) = state.roots.iter().find(|r| r.phase != RootPhase::Signing) {
+        let fp = identity::certs_from_pem(&r.chain_pem)
+            .ok()
+            .and_then(|c| c.last().map(identity::fingerprint))
+            .unwrap_or_default();
+        return Err(RotateError::InProgress(
+            fp[..16.min(fp.len())].to_string(),
+            r.phase.as_str(),
+        ));
+    }
+    state.roots.push(RootRecord {
+        chain_pem: new.chain_pem().to_string(),
+        key_file: key_file(new),
+        phase: RootPhase::Staged,
+        retire_unix: None,
+        retire_after_secs: retire_after.as_secs(),
+    });
+    Ok(())
+}
+
+/// Step 2: the staged root signs; the signing one retires after the grace
+/// period the rotation was started with. False if nothing is staged.
+pub(crate) fn promote(state: &mut State, now: i64) -> bool {
+    let Some(i) = state.roots.iter().position(|r| r.phase == RootPhase::Staged) else {
+        return false;
+    };
+    let grace = state.roots[i].retire_after_secs as i64;
+    for r in state.roots.iter_mut() {
+        if r.phase == RootPhase::Signing {
+            r.phase = RootPhase::Retiring;
+            r.retire_unix = Some(now + grace);
+        }
+    }
+    state.roots[i].phase = RootPhase::Signing;
+    true
+}
+
+/// Step 3: drop retiring roots whose time has come; returns their key files,
+/// to delete once the state without them is saved.
+pub(crate) fn retire_due(state: &mut State, now: i64) -> Vec<String> {
+    let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut state.roots)
+        .into_iter()
+        .partition(|r| r.phase == RootPhase::Retiring && r.retire_unix.is_some_and(|t| t <= now));
+    state.roots = keep;
+    gone.into_iter().map(|r| r.key_file).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phases(s: &State) -> Vec<RootPhase> {
+        s.roots.iter().map(|r| r.phase).collect()
+    }
+
+    #[test]
+    fn rotation_steps() {
+        isthmus_core::install_crypto_provider();
+        let mut s = State::new("east", "east.mesh");
+        let old = Ca::generate("east.mesh").unwrap();
+        s.roots.push(first_root(&old));
+        let new = Ca::generate("east.mesh").unwrap();
+
+        stage(&mut s, &new, Duration::from_secs(60)).unwrap();
+        assert_eq!(phases(&s), [RootPhase::Signing, RootPhase::Staged]);
+        // One rotation at a time.
+        let again = Ca::generate("east.mesh").unwrap();
+        assert!(matches!(
+            stage(&mut s, &again, Duration::ZERO),
+            Err(RotateError::InProgress(_, "staged"))
+        ));
+
+        assert!(promote(&mut s, 1000));
+        assert_eq!(phases(&s), [RootPhase::Retiring, RootPhase::Signing]);
+        assert_eq!(s.roots[0].retire_unix, Some(1060));
+        assert!(!promote(&mut s, 1001), "nothing staged any more");
+
+        assert!(retire_due(&mut s, 1059).is_empty());
+        assert_eq!(retire_due(&mut s, 1060), vec![key_file(&old)]);
+        assert_eq!(phases(&s), [RootPhase::Signing]);
+        assert_eq!(s.roots[0].key_file, key_file(&new));
+    }
+
+    #[test]
+    fn authority_bundle_and_signer() {
+        isthmus_core::install_crypto_provider();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = ClusterDir::new(tmp.path());
+        let mut s = State::new("east", "east.mesh");
+        let old = Ca::generate("east.mesh").unwrap();
+        let new = Ca::generate("east.mesh").unwrap();
+        for ca in [&old, &new] {
+            dir.write_atomic(&key_file(ca), ca.key_pem().as_bytes(), true).unwrap();
+        }
+        s.roots.push(first_root(&old));
+        stage(&mut s, &new, Duration::ZERO).unwrap();
+
+        let a = Authority::load(&dir, "east.mesh", &s.roots).unwrap();
+        assert_eq!(a.signer().fingerprint(), old.fingerprint());
+        assert_eq!(a.fingerprints(), [old.fingerprint(), new.fingerprint()]);
+        assert_eq!(a.staged(), Some(new.fingerprint()));
+
+        promote(&mut s, 0);
+        let a = Authority::load(&dir, "east.mesh", &s.roots).unwrap();
+        assert_eq!(a.signer().fingerprint(), new.fingerprint());
+        assert_eq!(a.fingerprints(), [new.fingerprint(), old.fingerprint()]);
+        assert_eq!(a.staged(), None);
+
+        // A state whose key file is gone is an error naming the file.
+        std::fs::remove_file(dir.file(&key_file(&new))).unwrap();
+        let err = Authority::load(&dir, "east.mesh", &s.roots).err().unwrap();
+        assert!(err.to_string().contains(&key_file(&new)), "{err}");
+    }
+}
