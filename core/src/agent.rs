@@ -6,6 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_proto::{CertificateRequest, ConfigSnapshot, WatchRequest, watch_request};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +35,58 @@ pub enum AgentError {
     Cancelled,
 }
 
+/// The SVID's health, for the component's `/metrics`.
+#[derive(Clone, Default)]
+pub struct SvidMetrics {
+    expiry: Gauge,
+    renewals: Family<ResultLabel, Counter>,
+    root: Family<RootLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RootLabel {
+    root: String,
+}
+
+impl SvidMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "isthmus_svid_expiry_timestamp_seconds",
+            "When this component's SVID expires (Unix time); it renews at half-life",
+            self.expiry.clone(),
+        );
+        registry.register(
+            "isthmus_svid_renewals",
+            "SVID renewals by result (ok, error)",
+            self.renewals.clone(),
+        );
+        registry.register(
+            "isthmus_svid_root",
+            "1 for the root (first 16 hex digits of its SHA-256) the current SVID chains to",
+            self.root.clone(),
+        );
+    }
+
+    fn observe(&self, resolver: &SvidResolver) {
+        if let Some(t) = resolver.not_after() {
+            self.expiry.set(t);
+        }
+        self.root.clear();
+        if let Some(fp) = resolver.anchor_fingerprint() {
+            self.root
+                .get_or_create(&RootLabel {
+                    root: fp[..16].to_string(),
+                })
+                .set(1);
+        }
+    }
+}
+
 /// A data-plane component's link to its controller.
 pub struct Agent {
     pub svid: Arc<SvidResolver>,
@@ -38,6 +95,7 @@ pub struct Agent {
     pub config: watch::Receiver<Arc<ConfigSnapshot>>,
     pub cluster: String,
     pub trust_domain: String,
+    pub svid_metrics: SvidMetrics,
 }
 
 impl Agent {
@@ -68,6 +126,8 @@ impl Agent {
         };
         let (svid, not_after) = request_svid(&client, namespace, service_account).await?;
         let resolver = SvidResolver::new(&svid)?;
+        let svid_metrics = SvidMetrics::default();
+        svid_metrics.observe(&resolver);
         tracing::info!(id = %svid.id, "SVID issued");
 
         let bundles = client.bundles.clone();
@@ -96,21 +156,21 @@ impl Agent {
             bundles.clone(),
             shutdown.clone(),
         ));
-        tokio::spawn(renew_loop(
+        let renewer = Renewer {
             client,
-            namespace.to_string(),
-            service_account.to_string(),
-            resolver.clone(),
-            not_after,
-            rx.clone(),
-            shutdown,
-        ));
+            ns: namespace.to_string(),
+            sa: service_account.to_string(),
+            resolver: resolver.clone(),
+            metrics: svid_metrics.clone(),
+        };
+        tokio::spawn(renewer.run(not_after, rx.clone(), shutdown));
         Ok(Self {
             svid: resolver,
             bundles,
             config: rx,
             cluster,
             trust_domain,
+            svid_metrics,
         })
     }
 
@@ -204,49 +264,66 @@ fn signer_moved(resolver: &SvidResolver, snap: &ConfigSnapshot) -> bool {
 /// Renew at half the SVID's remaining life, and at once when the cluster's
 /// signing root changes (a rotation), without dropping connections: the
 /// resolver hands the new certificate to new handshakes only.
-async fn renew_loop(
+struct Renewer {
     client: LocalClient,
     ns: String,
     sa: String,
     resolver: Arc<SvidResolver>,
-    mut not_after: i64,
-    mut config: watch::Receiver<Arc<ConfigSnapshot>>,
-    shutdown: CancellationToken,
-) {
-    let mut retry = Duration::from_millis(200);
-    loop {
-        let left = (not_after - crate::unix_now()).max(2) as u64;
-        let half_life = tokio::time::sleep(Duration::from_secs(left / 2));
-        tokio::pin!(half_life);
+    metrics: SvidMetrics,
+}
+
+impl Renewer {
+    async fn run(
+        self,
+        mut not_after: i64,
+        mut config: watch::Receiver<Arc<ConfigSnapshot>>,
+        shutdown: CancellationToken,
+    ) {
+        let Renewer {
+            client,
+            ns,
+            sa,
+            resolver,
+            metrics,
+        } = self;
+        let mut retry = Duration::from_millis(200);
         loop {
-            if signer_moved(&resolver, &config.borrow_and_update()) {
-                tracing::info!("the cluster's signing root changed: renewing now");
-                break;
+            let left = (not_after - crate::unix_now()).max(2) as u64;
+            let half_life = tokio::time::sleep(Duration::from_secs(left / 2));
+            tokio::pin!(half_life);
+            loop {
+                if signer_moved(&resolver, &config.borrow_and_update()) {
+                    tracing::info!("the cluster's signing root changed: renewing now");
+                    break;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = &mut half_life => break,
+                    r = config.changed() => if r.is_err() { return },
+                }
             }
+            match request_svid(&client, &ns, &sa).await {
+                Ok((svid, na)) => match resolver.update(&svid) {
+                    Ok(()) => {
+                        not_after = na;
+                        retry = Duration::from_millis(200);
+                        metrics.observe(&resolver);
+                        metrics.renewals.get_or_create(&ResultLabel { result: "ok" }).inc();
+                        tracing::info!(id = %svid.id, not_after = na, "SVID renewed");
+                        continue;
+                    }
+                    Err(e) => tracing::error!(error = %e, "renewed SVID unusable"),
+                },
+                Err(e) => tracing::warn!(error = %e, "SVID renewal failed; retrying"),
+            }
+            metrics.renewals.get_or_create(&ResultLabel { result: "error" }).inc();
+            // Back off before the next attempt, so a signer change that cannot
+            // be served yet is not asked for in a busy loop.
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = &mut half_life => break,
-                r = config.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(retry) => {}
             }
+            retry = (retry * 2).min(Duration::from_secs(10));
         }
-        match request_svid(&client, &ns, &sa).await {
-            Ok((svid, na)) => match resolver.update(&svid) {
-                Ok(()) => {
-                    not_after = na;
-                    retry = Duration::from_millis(200);
-                    tracing::info!(id = %svid.id, not_after = na, "SVID renewed");
-                    continue;
-                }
-                Err(e) => tracing::error!(error = %e, "renewed SVID unusable"),
-            },
-            Err(e) => tracing::warn!(error = %e, "SVID renewal failed; retrying"),
-        }
-        // Back off before the next attempt, so a signer change that cannot
-        // be served yet is not asked for in a busy loop.
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(retry) => {}
-        }
-        retry = (retry * 2).min(Duration::from_secs(10));
     }
 }

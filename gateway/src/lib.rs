@@ -131,6 +131,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(metrics::Metrics::register(&mut registry));
+    agent.svid_metrics.register(&mut registry);
     let ready = isthmus_core::metrics::Ready::default();
     let admin_addr =
         isthmus_core::metrics::serve_admin(cfg.admin_addr, registry, ready.clone(), shutdown.clone()).await?;

@@ -139,6 +139,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     http.set_nodelay(true);
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
+    agent.svid_metrics.register(&mut registry);
     let ready = isthmus_core::metrics::Ready::default();
     let admin_addr =
         isthmus_core::metrics::serve_admin(cfg.admin_addr, registry, ready.clone(), shutdown.clone()).await?;

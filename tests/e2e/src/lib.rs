@@ -304,3 +304,104 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             .then(|| value.trim().parse().ok())?
     })
 }
+
+/// Two clusters started component by component (as deploy/local/
+/// two-clusters.sh does), so a test can kill and restart any one of them:
+/// east (`127.0.<e>.0/24`) serves demo/echo, west (`127.0.<w>.0/24`) has a
+/// client sidecar. `controller_flags` are added to both controllers.
+pub struct Pair {
+    pub root: PathBuf,
+    pub east_dir: String,
+    pub west_dir: String,
+    pub east_ctl: Component,
+    pub east_gw: Component,
+    pub echo: Component,
+    pub east_sc: Component,
+    pub west_ctl: Component,
+    pub west_gw: Component,
+    pub client: Component,
+}
+
+pub const ECHO: &str = "http://echo.demo.svc.clusterset.local:8080/";
+
+impl Pair {
+    pub fn start(root: &Path, east_net: &str, west_net: &str, controller_flags: &str) -> Self {
+        let e = root.join("east").display().to_string();
+        let w = root.join("west").display().to_string();
+        let controller = |name: &str, dir: &str, net: &str| {
+            Component::start(
+                root,
+                &format!("{name}-controller"),
+                &format!(
+                    "controller --dir {dir} --cluster {name} --control-addr {net}.1:0 --peering-addr {net}.1:0 \
+                     --admin-addr {net}.1:0 {controller_flags}"
+                ),
+            )
+        };
+        let gateway = |name: &str, dir: &str, net: &str| {
+            Component::start(
+                root,
+                &format!("{name}-gateway"),
+                &format!("gateway --dir {dir} --tunnel-addr {net}.2:0 --quic-addr {net}.2:0 --admin-addr {net}.2:0"),
+            )
+        };
+        let east_ctl = controller("east", &e, east_net);
+        let east_gw = gateway("east", &e, east_net);
+        let echo = Component::start(
+            root,
+            "east-echo",
+            &format!("echo --cluster east --listen {east_net}.20:0"),
+        );
+        let east_sc = Component::start(
+            root,
+            "east-sidecar",
+            &format!(
+                "sidecar --dir {e} --namespace demo --service echo --port 8080 --app {} \
+                 --inbound-addr {east_net}.20:0 --outbound-addr {east_net}.20:0 --admin-addr {east_net}.20:0",
+                echo.addr("listen")
+            ),
+        );
+        let west_ctl = controller("west", &w, west_net);
+        let west_gw = gateway("west", &w, west_net);
+        let client = Self::client_sidecar(root, &w, west_net, "west-client");
+        Pair {
+            root: root.to_path_buf(),
+            east_dir: e,
+            west_dir: w,
+            east_ctl,
+            east_gw,
+            echo,
+            east_sc,
+            west_ctl,
+            west_gw,
+            client,
+        }
+    }
+
+    /// A client-only sidecar (demo/client) in the cluster at `dir`.
+    pub fn client_sidecar(root: &Path, dir: &str, net: &str, name: &str) -> Component {
+        Component::start(
+            root,
+            name,
+            &format!(
+                "sidecar --dir {dir} --namespace demo --service-account client \
+                 --inbound-addr {net}.30:0 --outbound-addr {net}.30:0 --admin-addr {net}.30:0"
+            ),
+        )
+    }
+
+    pub fn proxy(&self) -> String {
+        self.client.addr("outbound")
+    }
+
+    /// Link west to east, export demo/echo, and wait for a call to work.
+    pub fn link_and_export(&self) {
+        let token = ok(&["token", "create", "--dir", &self.east_dir]).trim().to_string();
+        ok(&["link", "--dir", &self.west_dir, &token]);
+        ok(&["export", "--dir", &self.east_dir, "demo/echo"]);
+        let proxy = self.proxy();
+        eventually("echo across clusters", Duration::from_secs(30), || {
+            get_via(&proxy, ECHO).ok().filter(|r| r.status == 200)
+        });
+    }
+}
