@@ -387,6 +387,9 @@ pub async fn status(dir: &Path, json: bool) -> Result<(), CliError> {
             if svc.exported { "exported" } else { "" },
             backends.join(" ")
         );
+        for c in &svc.conditions {
+            println!("    condition: {c}");
+        }
     }
     Ok(())
 }
@@ -423,6 +426,7 @@ pub fn status_json(s: &StatusResponse) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "services": s.services.iter().map(|svc| serde_json::json!({
             "namespace": svc.namespace, "name": svc.name, "port": svc.port, "exported": svc.exported,
+            "conditions": svc.conditions,
             "backends": svc.backends.iter().map(|b| serde_json::json!({
                 "cluster": b.cluster, "endpoints": b.healthy_endpoints, "identities": b.identities,
             })).collect::<Vec<_>>(),
@@ -514,6 +518,15 @@ fn findings(s: &StatusResponse, now: i64) -> Vec<Finding> {
             format!("link {} holds our current roots", l.cluster),
             "bundle updates travel on the peering stream; they arrive once the link is active",
         );
+    }
+    for svc in &s.services {
+        for c in &svc.conditions {
+            add(
+                false,
+                format!("{}/{}: {c}", svc.namespace, svc.name),
+                "export the service on the same port in every cluster (KEP-1645 keeps the oldest export's port)",
+            );
+        }
     }
     for svc in s.services.iter().filter(|svc| svc.exported) {
         let local = svc

@@ -47,6 +47,8 @@ pub fn services<'a>(
     imports: &BTreeMap<String, PeerImports>,
 ) -> Vec<Service> {
     let mut out: BTreeMap<String, (Service, i64)> = BTreeMap::new();
+    // Clusters left out of a service for exporting it on another port.
+    let mut excluded: BTreeMap<String, Vec<(String, u32)>> = BTreeMap::new();
     for (key, (port, eps)) in local_services(regs) {
         let mut addresses: Vec<String> = eps.iter().map(|r| r.inbound_addr.clone()).collect();
         addresses.sort();
@@ -57,6 +59,7 @@ pub fn services<'a>(
             name: eps[0].service.clone(),
             port,
             exported: exported.is_some(),
+            conditions: Vec::new(),
             backends: vec![Backend {
                 cluster: state.cluster.clone(),
                 healthy_endpoints: addresses.len() as u32,
@@ -88,6 +91,7 @@ pub fn services<'a>(
                         port: e.port,
                         exported: false,
                         backends: vec![backend],
+                        conditions: Vec::new(),
                     };
                     out.insert(key, (svc, e.exported_unix));
                 }
@@ -97,13 +101,29 @@ pub fn services<'a>(
                     } else if e.exported_unix < *since {
                         // Between importers, the older export defines the
                         // port (KEP-1645); the others are left out.
+                        let out_now = excluded.entry(key.clone()).or_default();
+                        out_now.extend(svc.backends.drain(..).map(|b| (b.cluster, svc.port)));
                         svc.port = e.port;
-                        svc.backends.clear();
                         svc.backends.push(backend);
                         *since = e.exported_unix;
+                    } else {
+                        excluded.entry(key.clone()).or_default().push((peer.clone(), e.port));
                     }
                 }
             }
+        }
+    }
+    for (key, clusters) in excluded {
+        if let Some((svc, _)) = out.get_mut(&key) {
+            svc.conditions = clusters
+                .into_iter()
+                .map(|(cluster, port)| {
+                    format!(
+                        "PortConflict: cluster {cluster} exports port {port}, the service uses port {} (the oldest export wins); {cluster}'s endpoints are left out",
+                        svc.port
+                    )
+                })
+                .collect();
         }
     }
     out.into_values().map(|(s, _)| s).collect()
@@ -286,5 +306,13 @@ mod tests {
         assert_eq!(svcs[0].port, 9090);
         assert_eq!(svcs[0].backends.len(), 1);
         assert_eq!(svcs[0].backends[0].cluster, "west");
+        // The loser is reported as a condition of the service.
+        assert_eq!(svcs[0].conditions.len(), 1);
+        assert!(
+            svcs[0].conditions[0]
+                .starts_with("PortConflict: cluster north exports port 8080, the service uses port 9090"),
+            "{:?}",
+            svcs[0].conditions
+        );
     }
 }

@@ -651,6 +651,7 @@ mod tests {
                     name: "echo".into(),
                     port: 8080,
                     exported: true,
+                    conditions: vec![],
                     backends: vec![Backend {
                         cluster: "east".into(),
                         addresses: vec!["127.0.1.10:1".into()],
@@ -663,6 +664,7 @@ mod tests {
                     name: "secret".into(),
                     port: 8080,
                     exported: false,
+                    conditions: vec![],
                     backends: vec![Backend {
                         cluster: "east".into(),
                         addresses: vec!["127.0.1.11:1".into()],

@@ -128,6 +128,7 @@ mod tests {
                 name: "echo".into(),
                 port: 8080,
                 exported: false,
+                conditions: vec![],
                 backends: vec![
                     Backend {
                         cluster: "east".into(),
