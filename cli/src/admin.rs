@@ -91,6 +91,67 @@ pub enum TokenCmd {
 }
 
 #[derive(Subcommand)]
+pub enum WorkloadCmd {
+    /// Create a credential for one identity (namespace and service account):
+    /// give it to that workload's sidecar (`--credential-file`). It allows
+    /// SVIDs for that identity only, and nothing else.
+    Credential {
+        #[command(flatten)]
+        dir: crate::DirArg,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        /// Write it to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+}
+
+pub async fn workload(cmd: WorkloadCmd) -> Result<(), CliError> {
+    let WorkloadCmd::Credential {
+        dir,
+        namespace,
+        service_account,
+        out,
+    } = cmd;
+    let r = create_credential(&dir.dir, &namespace, &service_account).await?;
+    match out {
+        Some(path) => {
+            write_private(&path, &r.credential)?;
+            println!("credential for {} written to {}", r.spiffe_id, path.display());
+        }
+        None => println!("{}", r.credential),
+    }
+    Ok(())
+}
+
+pub async fn create_credential(
+    dir: &Path,
+    namespace: &str,
+    service_account: &str,
+) -> Result<isthmus_proto::WorkloadCredentialResponse, CliError> {
+    let c = connect(dir).await?;
+    Ok(c.admin()
+        .create_workload_credential(isthmus_proto::WorkloadCredentialRequest {
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+        })
+        .await?
+        .into_inner())
+}
+
+/// Write a secret to `path`, mode 0600, crash-safely.
+pub fn write_private(path: &Path, secret: &str) -> Result<(), CliError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| CliError::new(exit::FAILURE, format!("{}: {e}", parent.display())))?;
+    }
+    isthmus_core::local::write_atomic(path, secret.as_bytes(), true)
+        .map_err(|e| CliError::new(exit::FAILURE, format!("{}: {e}", path.display())))
+}
+
+#[derive(Subcommand)]
 pub enum CaCmd {
     /// Rotate the cluster's root: add a new root, switch signing to it once
     /// every linked cluster holds it (workloads renew at once), then retire

@@ -29,6 +29,27 @@ pub struct Common {
     pub exit_with_parent: bool,
 }
 
+/// How a sidecar or gateway proves to its controller who it is.
+#[derive(clap::Args, Clone)]
+pub struct Credential {
+    /// File holding this workload's credential (`isthmus workload
+    /// credential`); it allows SVIDs for this identity only. Without it the
+    /// cluster directory's admin token is used.
+    #[arg(long, env = "ISTHMUS_CREDENTIAL_FILE")]
+    pub credential_file: Option<PathBuf>,
+}
+
+impl Credential {
+    fn read(&self) -> Result<Option<String>, CliError> {
+        let Some(path) = &self.credential_file else {
+            return Ok(None);
+        };
+        let s = std::fs::read_to_string(path)
+            .map_err(|e| CliError::new(exit::BAD_INPUT, format!("--credential-file {}: {e}", path.display())))?;
+        Ok(Some(s.trim().to_string()))
+    }
+}
+
 #[derive(clap::Args)]
 pub struct ControllerArgs {
     /// Cluster directory: state, CA and the files local components read.
@@ -75,6 +96,8 @@ pub struct GatewayArgs {
     /// Cluster directory of this cluster's controller.
     #[arg(long, env = "ISTHMUS_DIR")]
     pub dir: PathBuf,
+    #[command(flatten)]
+    pub credential: Credential,
     /// TCP address where local sidecars open tunnels (mTLS).
     #[arg(long, default_value = "127.0.0.1:15008")]
     pub tunnel_addr: SocketAddr,
@@ -99,6 +122,8 @@ pub struct SidecarArgs {
     /// Cluster directory of this cluster's controller.
     #[arg(long, env = "ISTHMUS_DIR")]
     pub dir: PathBuf,
+    #[command(flatten)]
+    pub credential: Credential,
     /// Namespace of the workload.
     #[arg(long)]
     pub namespace: String,
@@ -208,6 +233,7 @@ pub async fn gateway(a: GatewayArgs, log: &str) -> Result<(), CliError> {
     init_logging(log);
     let shutdown = shutdown_token(a.common.exit_with_parent);
     let cfg = isthmus_gateway::Config {
+        credential: a.credential.read()?,
         dir: a.dir,
         tunnel_addr: a.tunnel_addr,
         quic_addr: a.quic_addr,
@@ -242,6 +268,7 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
         .or_else(|| a.service.clone())
         .unwrap_or_else(|| "default".to_string());
     let cfg = isthmus_sidecar::Config {
+        credential: a.credential.read()?,
         dir: a.dir,
         namespace: a.namespace,
         service_account: sa,

@@ -85,6 +85,10 @@ enum Cmd {
         /// The linked cluster's name (`isthmus status` lists them).
         cluster: String,
     },
+    /// Workload credentials: what a sidecar or gateway presents to get
+    /// SVIDs for its own identity.
+    #[command(subcommand)]
+    Workload(admin::WorkloadCmd),
     /// The cluster's certificate authority: root rotation.
     #[command(subcommand)]
     Ca(admin::CaCmd),
@@ -138,6 +142,7 @@ fn main() -> ExitCode {
             Cmd::Link { dir, token } => admin::link(&dir.dir, &token).await,
             Cmd::Unlink { dir, cluster } => admin::unlink(&dir.dir, &cluster).await,
             Cmd::Ca(c) => admin::ca(c).await,
+            Cmd::Workload(w) => admin::workload(w).await,
             Cmd::Check { dir } => admin::check(&dir.dir).await,
             Cmd::Export { dir, service } => admin::export(&dir.dir, &service).await,
             Cmd::Status { dir, json } => admin::status(&dir.dir, json).await,

@@ -131,6 +131,11 @@ impl LocalCluster {
         c.info.peering = str_of(&r, "peering");
         c.info.controller_admin = str_of(&r, "admin");
 
+        // Each component gets a credential for its own identity only, not
+        // the cluster's admin token.
+        let gw_cred = c
+            .credential("gateway", isthmus_core::identity::SYSTEM_NAMESPACE, "gateway")
+            .await?;
         let r = c
             .spawn(
                 "gateway",
@@ -138,6 +143,8 @@ impl LocalCluster {
                     "gateway".into(),
                     "--dir".into(),
                     dir.clone(),
+                    "--credential-file".into(),
+                    gw_cred,
                     "--tunnel-addr".into(),
                     format!("{net}.2:{}", port(15008)),
                     "--quic-addr".into(),
@@ -169,7 +176,10 @@ impl LocalCluster {
                 )
                 .await?;
             let app = str_of(&r, "listen");
+            let cred = c.credential("echo-sidecar", "demo", "echo").await?;
             let serve = [
+                "--credential-file",
+                &cred,
                 "--service",
                 "echo",
                 "--port",
@@ -191,7 +201,12 @@ impl LocalCluster {
                     &dir,
                     &format!("{net}.30"),
                     &port,
-                    &["--service-account", "client"],
+                    &[
+                        "--service-account",
+                        "client",
+                        "--credential-file",
+                        &c.credential("client-sidecar", "demo", "client").await?,
+                    ],
                     log,
                 )
                 .await?;
@@ -229,6 +244,17 @@ impl LocalCluster {
             args.extend([flag.to_string(), format!("{ip}:{}", port(p))]);
         }
         self.spawn(name, args, log).await
+    }
+
+    /// The credential file of component `name` (identity `ns`/`sa`): made
+    /// once by the controller, kept 0600 in `<dir>/creds/` and reused.
+    async fn credential(&self, name: &str, ns: &str, sa: &str) -> Result<String, CliError> {
+        let path = self.dir.join("creds").join(format!("{name}.cred"));
+        if !path.exists() {
+            let r = crate::admin::create_credential(&self.dir, ns, sa).await?;
+            crate::admin::write_private(&path, &r.credential)?;
+        }
+        Ok(path.display().to_string())
     }
 
     /// Start `isthmus <args>` and wait for its ready file.

@@ -101,9 +101,12 @@ pub struct Agent {
 impl Agent {
     /// Connect (waiting up to `wait` for the controller to come up), get an
     /// SVID for `namespace/service_account`, register and receive a first
-    /// config snapshot.
+    /// config snapshot. `credential` is the workload credential the
+    /// controller issued for that identity; without one, the cluster
+    /// directory's admin token is used (a component the operator runs).
     pub async fn start(
         dir: &ClusterDir,
+        credential: Option<&str>,
         namespace: &str,
         service_account: &str,
         node: watch_request::Node,
@@ -112,7 +115,11 @@ impl Agent {
     ) -> Result<Self, AgentError> {
         let deadline = tokio::time::Instant::now() + wait;
         let client = loop {
-            match dir.connect().await {
+            let connected = match credential {
+                Some(c) => dir.connect_with(c.to_string()).await,
+                None => dir.connect().await,
+            };
+            match connected {
                 Ok(c) => break c,
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "controller not ready yet");

@@ -117,8 +117,12 @@ impl ClusterDir {
     /// Connect to this cluster's controller, authenticated both ways: the
     /// controller by its SVID under the cluster root, we by the local token.
     pub async fn connect(&self) -> Result<LocalClient, LocalError> {
+        self.connect_with(self.local_token()?).await
+    }
+
+    /// Connect presenting `token`: the admin token, or a workload credential.
+    pub async fn connect_with(&self, token: String) -> Result<LocalClient, LocalError> {
         let info = self.controller_info()?;
-        let token = self.local_token()?;
         let mut bundles = TrustBundles::new();
         bundles
             .set_pem(&info.trust_domain, &self.roots_pem()?)

@@ -135,7 +135,8 @@ pub(crate) struct Shared {
     dir: ClusterDir,
     /// This cluster's roots; replaced whole when a rotation moves on.
     ca: ArcSwap<ca::Authority>,
-    local_token: String,
+    /// Hash of the admin token in the cluster directory (`local.token`).
+    local_token_hash: String,
     peering_advertised: String,
     state: Mutex<State>,
     registry: Mutex<Registry>,
@@ -437,7 +438,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
             .clone()
             .unwrap_or_else(|| peering_addr.to_string()),
         dir: dir.clone(),
-        local_token,
+        local_token_hash: isthmus_core::token::hash_secret(local_token.as_bytes()),
         state: Mutex::new(state),
         registry: Mutex::new(Registry::default()),
         peers: Mutex::new(BTreeMap::new()),

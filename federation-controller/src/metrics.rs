@@ -39,6 +39,7 @@ pub struct Metrics {
     pub svid_expiry: Gauge,
     pub roots: Family<StateLabels, Gauge>,
     pub token_revocations: Counter,
+    pub link_attempts: Family<ResultLabels, Counter>,
     pub unlinks: Counter,
 }
 
@@ -106,6 +107,11 @@ impl Metrics {
             m.token_revocations.clone(),
         );
         registry.register(
+            "isthmus_link_attempts",
+            "Attempts of this cluster to link with a token, by result",
+            m.link_attempts.clone(),
+        );
+        registry.register(
             "isthmus_unlinks",
             "Links ended (here or by the peer)",
             m.unlinks.clone(),
@@ -125,6 +131,10 @@ impl Metrics {
         let p = PeerLabels { peer: peer.to_string() };
         self.heartbeat_age.remove(&p);
         self.imports.remove(&p);
+    }
+
+    pub fn link_attempt(&self, result: &'static str) {
+        self.link_attempts.get_or_create(&ResultLabels { result }).inc();
     }
 
     pub fn join(&self, result: &'static str) {

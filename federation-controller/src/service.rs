@@ -17,7 +17,7 @@ use isthmus_proto::{
     ExportResponse, JoinRequest, JoinResponse, LinkRequest, LinkResponse, LinkStatus, ListTokensRequest,
     ListTokensResponse, PeerMessage, RevokeTokenRequest, RevokeTokenResponse, RootStatus, RotateCaRequest,
     RotateCaResponse, StatusRequest, StatusResponse, TokenInfo, UnlinkRequest, UnlinkResponse, WatchRequest,
-    watch_request,
+    WorkloadCredentialRequest, WorkloadCredentialResponse, watch_request,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
@@ -63,22 +63,93 @@ impl Svc {
         status
     }
 
-    /// Local callers present the cluster's local token.
-    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    /// Who is calling: the operator (the admin token in the cluster
+    /// directory) or a workload (a credential bound to one identity).
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let presented = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("missing local token"))?;
-        let want = &self.0.local_token;
-        let same = presented.len() == want.len()
-            && presented.bytes().zip(want.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
-        if same {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("wrong local token"))
+            .ok_or_else(|| Status::unauthenticated("missing credential"))?;
+        if token::secret_matches(presented.as_bytes(), &self.0.local_token_hash) {
+            return Ok(Caller::Admin);
         }
+        let wrong = || Status::unauthenticated("unknown or altered credential");
+        let (id, secret) = credential::parse(presented).ok_or_else(wrong)?;
+        let state = self.0.state.lock().expect("state lock");
+        let rec = state.workloads.get(id).ok_or_else(wrong)?;
+        if !token::secret_matches(&secret, &rec.secret_hash) {
+            return Err(wrong());
+        }
+        Ok(Caller::Workload {
+            namespace: rec.namespace.clone(),
+            service_account: rec.service_account.clone(),
+        })
+    }
+
+    /// The identity a workload may hold. The controller's is what peers
+    /// trust for peering: only the controller itself holds it, never
+    /// anything that asks for it by CSR or credential.
+    fn workload_id(&self, namespace: &str, service_account: &str) -> Result<SpiffeId, Status> {
+        let id = SpiffeId::new(&self.0.cfg.trust_domain, namespace, service_account)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if id == SpiffeId::controller(&self.0.cfg.trust_domain) {
+            return Err(Status::permission_denied(format!(
+                "{id} is reserved for the controller"
+            )));
+        }
+        Ok(id)
+    }
+
+    /// The Admin service is the operator's alone.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match self.caller(req)? {
+            Caller::Admin => Ok(()),
+            Caller::Workload { .. } => Err(Status::permission_denied(
+                "a workload credential cannot use the Admin service; use the cluster's admin token",
+            )),
+        }
+    }
+
+    /// A workload may act only as the identity its credential is bound to.
+    fn authorize_as<T>(&self, req: &Request<T>, namespace: &str, service_account: &str) -> Result<(), Status> {
+        match self.caller(req)? {
+            Caller::Admin => Ok(()),
+            Caller::Workload {
+                namespace: ns,
+                service_account: sa,
+            } if ns == namespace && sa == service_account => Ok(()),
+            Caller::Workload {
+                namespace: ns,
+                service_account: sa,
+            } => Err(Status::permission_denied(format!(
+                "this credential is for {ns}/{sa}, not {namespace}/{service_account}"
+            ))),
+        }
+    }
+}
+
+enum Caller {
+    Admin,
+    Workload { namespace: String, service_account: String },
+}
+
+/// Workload credentials: `iwc1.<id>.<secret>`.
+pub(crate) mod credential {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    const PREFIX: &str = "iwc1.";
+
+    pub(crate) fn format(id: &str, secret_b64: &str) -> String {
+        format!("{PREFIX}{id}.{secret_b64}")
+    }
+
+    /// The id and the secret's bytes, if `s` has the credential's form.
+    pub(crate) fn parse(s: &str) -> Option<(&str, Vec<u8>)> {
+        let (id, secret) = s.strip_prefix(PREFIX)?.split_once('.')?;
+        Some((id, URL_SAFE_NO_PAD.decode(secret).ok()?))
     }
 }
 
@@ -91,17 +162,9 @@ impl Control for Svc {
         &self,
         req: Request<CertificateRequest>,
     ) -> Result<Response<CertificateResponse>, Status> {
-        self.authorize(&req)?;
+        self.authorize_as(&req, &req.get_ref().namespace, &req.get_ref().service_account)?;
         let r = req.into_inner();
-        let id = SpiffeId::new(&self.0.cfg.trust_domain, &r.namespace, &r.service_account)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        // The controller's identity is what peers trust for peering; only the
-        // controller itself holds it, never anything that asks by CSR.
-        if id == SpiffeId::controller(&self.0.cfg.trust_domain) {
-            return Err(Status::permission_denied(format!(
-                "{id} is reserved for the controller"
-            )));
-        }
+        let id = self.workload_id(&r.namespace, &r.service_account)?;
         let ca = self.0.ca.load();
         let leaf = ca
             .signer()
@@ -120,7 +183,16 @@ impl Control for Svc {
     type WatchConfigStream = SnapshotStream;
 
     async fn watch_config(&self, req: Request<WatchRequest>) -> Result<Response<SnapshotStream>, Status> {
-        self.authorize(&req)?;
+        // A sidecar registers as its own identity; only the gateway's may
+        // register the gateway, whose address every tunnel goes through.
+        match &req.get_ref().node {
+            Some(watch_request::Node::Sidecar(s)) => self.authorize_as(&req, &s.namespace, &s.service_account)?,
+            Some(watch_request::Node::Gateway(_)) => {
+                let gw = SpiffeId::gateway(&self.0.cfg.trust_domain);
+                self.authorize_as(&req, &gw.namespace, &gw.service_account)?
+            }
+            None => {}
+        }
         let node = req
             .into_inner()
             .node
@@ -231,9 +303,24 @@ impl Admin for Svc {
 
     async fn link(&self, req: Request<LinkRequest>) -> Result<Response<LinkResponse>, Status> {
         self.authorize(&req)?;
-        let tok = JoinToken::decode(&req.into_inner().token).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let r = peering::join(self.0.clone(), &tok).await?;
-        Ok(Response::new(r))
+        let joined = match JoinToken::decode(&req.into_inner().token) {
+            Ok(tok) => peering::join(self.0.clone(), &tok).await,
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        };
+        // The joining side's view of token failures, by reason.
+        let result = match &joined {
+            Ok(_) => "linked",
+            Err(s) if s.message().contains("fingerprint mismatch") => "fingerprint_mismatch",
+            Err(s) => match s.code() {
+                tonic::Code::InvalidArgument => "malformed",
+                tonic::Code::Unavailable => "unreachable",
+                tonic::Code::AlreadyExists => "already_linked",
+                tonic::Code::FailedPrecondition | tonic::Code::PermissionDenied | tonic::Code::NotFound => "refused",
+                _ => "error",
+            },
+        };
+        self.0.metrics.link_attempt(result);
+        Ok(Response::new(joined?))
     }
 
     async fn export(&self, req: Request<ExportRequest>) -> Result<Response<ExportResponse>, Status> {
@@ -413,6 +500,35 @@ impl Admin for Svc {
         // peer before it ends; without one, the peer keeps its side.
         Ok(Response::new(UnlinkResponse {
             peer_notified: connected,
+        }))
+    }
+
+    async fn create_workload_credential(
+        &self,
+        req: Request<WorkloadCredentialRequest>,
+    ) -> Result<Response<WorkloadCredentialResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let id = self.workload_id(&r.namespace, &r.service_account)?;
+        let (secret, hash) = token::new_secret();
+        let cred_id = format!("{:016x}", rand::random::<u64>());
+        self.0.update(|state| {
+            state.workloads.insert(
+                cred_id.clone(),
+                crate::state::WorkloadRecord {
+                    id: cred_id.clone(),
+                    namespace: r.namespace.clone(),
+                    service_account: r.service_account.clone(),
+                    secret_hash: hash,
+                    created_unix: unix_now(),
+                },
+            );
+            Ok(())
+        })?;
+        tracing::info!(%id, credential = %cred_id, "workload credential created");
+        Ok(Response::new(WorkloadCredentialResponse {
+            credential: credential::format(&cred_id, &secret),
+            spiffe_id: id.to_string(),
         }))
     }
 

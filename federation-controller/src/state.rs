@@ -45,9 +45,23 @@ pub struct State {
     pub exports: BTreeMap<String, ExportRecord>,
     #[serde(default)]
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// Workload credentials by id, each bound to one identity.
+    #[serde(default)]
+    pub workloads: BTreeMap<String, WorkloadRecord>,
     /// This cluster's roots, oldest first (several only during a rotation).
     #[serde(default)]
     pub roots: Vec<RootRecord>,
+}
+
+/// A credential that lets a workload ask for SVIDs of one identity; kept
+/// only as a hash of its secret.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct WorkloadRecord {
+    pub id: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub secret_hash: String,
+    pub created_unix: i64,
 }
 
 /// One of this cluster's CAs. The private key lives in its own 0600 file.
@@ -144,6 +158,7 @@ impl State {
             links: BTreeMap::new(),
             exports: BTreeMap::new(),
             tokens: BTreeMap::new(),
+            workloads: BTreeMap::new(),
             roots: Vec::new(),
         }
     }

@@ -385,3 +385,95 @@ async fn root_rotation_reaches_the_peer_before_it_signs() {
     assert_eq!(roots.len(), 1);
     assert_eq!(isthmus_core::identity::fingerprint(&roots[0]), new);
 }
+
+/// A workload credential gets SVIDs for its own identity and nothing else:
+/// not another identity, not the gateway's registration, not the Admin API.
+#[tokio::test]
+async fn workload_credentials_are_bound_to_one_identity() {
+    let east = controller("east").await;
+    let cred = east
+        .client
+        .admin()
+        .create_workload_credential(isthmus_proto::WorkloadCredentialRequest {
+            namespace: "demo".into(),
+            service_account: "echo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cred.spiffe_id, "spiffe://east.mesh/ns/demo/sa/echo");
+    let dir = ClusterDir::new(east._dir.path());
+    let echo = dir.connect_with(cred.credential.clone()).await.unwrap();
+    let csr = |sa: &str| isthmus_proto::CertificateRequest {
+        csr_pem: isthmus_core::identity::WorkloadKey::generate()
+            .unwrap()
+            .csr_pem()
+            .unwrap(),
+        namespace: "demo".into(),
+        service_account: sa.into(),
+    };
+
+    let ok = echo
+        .control()
+        .issue_certificate(csr("echo"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.spiffe_id, cred.spiffe_id);
+    let err = echo.control().issue_certificate(csr("client")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    let gateway = WatchRequest {
+        node: Some(watch_request::Node::Gateway(Default::default())),
+    };
+    let err = echo.control().watch_config(gateway).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    echo.control().watch_config(echo_sidecar()).await.unwrap();
+
+    let err = echo.admin().status(StatusRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    // One changed character of the secret, and it is nobody's.
+    let mut altered = cred.credential.clone().into_bytes();
+    let i = altered.len() - 10;
+    altered[i] = if altered[i] == b'A' { b'B' } else { b'A' };
+    let altered = String::from_utf8(altered).unwrap();
+    let forged = dir.connect_with(altered).await.unwrap();
+    let err = forged.control().issue_certificate(csr("echo")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+}
+
+/// Links are pairwise: with east-west and west-north linked, west imports
+/// what east exports, and north (not linked to east) does not.
+#[tokio::test]
+async fn exports_reach_directly_linked_peers_only() {
+    let east = controller("east").await;
+    let west = controller("west").await;
+    let north = controller("north").await;
+    link(&west, &east).await;
+    link(&north, &west).await;
+    let _echo = east
+        .client
+        .control()
+        .watch_config(echo_sidecar())
+        .await
+        .unwrap()
+        .into_inner();
+    east.client
+        .admin()
+        .export(ExportRequest {
+            namespace: "demo".into(),
+            name: "echo".into(),
+        })
+        .await
+        .unwrap();
+    let has_echo = |s: &StatusResponse| s.services.iter().any(|svc| svc.name == "echo");
+    wait_status(&west, "west imports echo from east", has_echo).await;
+    wait_status(&north, "north linked to west", |s| active(s, "west")).await;
+    // Give north the time west took, and more: it must still not see echo.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !has_echo(&status(&north).await),
+        "north must not import east's export through west"
+    );
+}

@@ -56,6 +56,8 @@ pub enum GatewayError {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub dir: std::path::PathBuf,
+    /// Workload credential for the gateway identity (else the admin token).
+    pub credential: Option<String>,
     /// TCP address for local sidecars' tunnels.
     pub tunnel_addr: SocketAddr,
     /// UDP address for peer gateways.
@@ -100,6 +102,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
     let dir = ClusterDir::new(&cfg.dir);
     let agent = Agent::start(
         &dir,
+        cfg.credential.as_deref(),
         SYSTEM_NAMESPACE,
         "gateway",
         node,

@@ -60,6 +60,8 @@ pub enum SidecarError {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub dir: std::path::PathBuf,
+    /// Workload credential for this identity (else the admin token).
+    pub credential: Option<String>,
     pub namespace: String,
     pub service_account: String,
     /// The service this workload serves, with the port clients call and
@@ -121,6 +123,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     });
     let agent = Agent::start(
         &dir,
+        cfg.credential.as_deref(),
         &cfg.namespace,
         &cfg.service_account,
         node,

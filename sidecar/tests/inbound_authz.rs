@@ -70,6 +70,7 @@ async fn remote_callers_reach_only_exported_services() {
     let sidecar = isthmus_sidecar::run(
         isthmus_sidecar::Config {
             dir: east_dir.path().to_path_buf(),
+            credential: None,
             namespace: "demo".into(),
             service_account: "echo".into(),
             serve: Some(isthmus_sidecar::Serve {
