@@ -72,6 +72,10 @@ pub enum TokenCmd {
         /// How many clusters may link with it.
         #[arg(long, default_value_t = 1)]
         uses: u32,
+        /// Failover priority the joining cluster gives this one (lower is
+        /// preferred); used by traffic policies.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        priority: Option<u32>,
     },
     /// List this cluster's join tokens and what became of them.
     List {
@@ -175,8 +179,13 @@ pub async fn connect(dir: &Path) -> Result<LocalClient, CliError> {
 
 pub async fn token(cmd: TokenCmd) -> Result<(), CliError> {
     match cmd {
-        TokenCmd::Create { dir, ttl, uses } => {
-            let t = create_token(&dir.dir, ttl, uses).await?;
+        TokenCmd::Create {
+            dir,
+            ttl,
+            uses,
+            priority,
+        } => {
+            let t = create_token(&dir.dir, ttl, uses, priority).await?;
             println!("{t}");
             Ok(())
         }
@@ -314,7 +323,7 @@ pub async fn ca(cmd: CaCmd) -> Result<(), CliError> {
     }
 }
 
-pub async fn create_token(dir: &Path, ttl: Duration, uses: u32) -> Result<String, CliError> {
+pub async fn create_token(dir: &Path, ttl: Duration, uses: u32, priority: Option<u32>) -> Result<String, CliError> {
     if uses == 0 {
         return Err(CliError::new(exit::BAD_INPUT, "--uses must be at least 1"));
     }
@@ -327,6 +336,7 @@ pub async fn create_token(dir: &Path, ttl: Duration, uses: u32) -> Result<String
         .create_token(CreateTokenRequest {
             ttl_seconds: ttl.as_secs(),
             uses,
+            priority: priority.unwrap_or(0),
         })
         .await?
         .into_inner();
@@ -416,7 +426,7 @@ pub async fn status(dir: &Path, json: bool) -> Result<(), CliError> {
             format!("{:.1}s ago", l.heartbeat_age_ms as f64 / 1000.0)
         };
         println!(
-            "  {:<12} {:<12} heartbeat {:<10} imports {:<3} trust domain {}  root sha256 {}{}  gateway {}",
+            "  {:<12} {:<12} heartbeat {:<10} imports {:<3} trust domain {}  root sha256 {}{}{}  gateway {}",
             l.cluster,
             l.state,
             hb,
@@ -427,6 +437,11 @@ pub async fn status(dir: &Path, json: bool) -> Result<(), CliError> {
                 ""
             } else {
                 " (lacks our newest root)"
+            },
+            if l.priority > 0 {
+                format!(" priority {}", l.priority)
+            } else {
+                String::new()
             },
             or_none(&l.gateway_addr)
         );
@@ -483,6 +498,7 @@ pub fn status_json(s: &StatusResponse) -> serde_json::Value {
             "cluster": l.cluster, "trust_domain": l.trust_domain, "state": l.state,
             "heartbeat_age_ms": l.heartbeat_age_ms, "gateway": l.gateway_addr,
             "bundle_fingerprint": l.bundle_fingerprint, "peer_has_our_roots": l.peer_has_our_roots,
+            "priority": l.priority,
             "imports": l.imports,
         })).collect::<Vec<_>>(),
         "services": s.services.iter().map(|svc| serde_json::json!({

@@ -192,7 +192,7 @@ async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster
     );
 
     r.start("create a join token on east");
-    let token = admin::create_token(&east_dir, Duration::from_secs(900), 1).await?;
+    let token = admin::create_token(&east_dir, Duration::from_secs(900), 1, None).await?;
     println!("{token}");
 
     r.start("link west to east with the token");

@@ -111,6 +111,7 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
                     resp.gateway_addr
                 },
                 dial: Some(addr.clone()),
+                priority: tok.priority,
                 created_unix: isthmus_core::unix_now(),
             },
         );

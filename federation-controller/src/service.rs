@@ -272,7 +272,7 @@ impl Admin for Svc {
             root_fingerprint: self.0.ca.load().signer().fingerprint(),
             id: id.clone(),
             secret,
-            priority: None,
+            priority: (r.priority > 0).then_some(r.priority),
         };
         let expires = now + ttl.as_secs() as i64;
         self.0.update(|state| {
@@ -399,6 +399,7 @@ impl Admin for Svc {
                     heartbeat_age_ms: age,
                     gateway_addr: l.gateway_addr.clone(),
                     bundle_fingerprint: fp,
+                    priority: l.priority.unwrap_or(0),
                     peer_has_our_roots: rt.is_some_and(|p| ours.iter().all(|f| p.holds_our_roots.contains(f))),
                     imports: rt
                         .filter(|p| p.imports.live)
@@ -641,6 +642,7 @@ impl Peering for Svc {
                     roots_pem: r.roots_pem.clone(),
                     gateway_addr: r.gateway_addr.clone(),
                     dial: None,
+                    priority: None,
                     created_unix: now,
                 },
             );

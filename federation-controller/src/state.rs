@@ -110,6 +110,10 @@ pub struct LinkRecord {
     pub gateway_addr: String,
     /// Set on the joining side, which dials the peering stream.
     pub dial: Option<String>,
+    /// Failover priority of this peer, from the join token (lower is
+    /// preferred).
+    #[serde(default)]
+    pub priority: Option<u32>,
     pub created_unix: i64,
 }
 

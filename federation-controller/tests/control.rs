@@ -23,17 +23,27 @@ impl Drop for Ctl {
 }
 
 async fn controller(name: &str) -> Ctl {
-    isthmus_core::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let stop = CancellationToken::new();
-    let cfg = isthmus_controller::Config::new(dir.path(), name, &format!("{name}.mesh"));
-    isthmus_controller::run(cfg, stop.clone()).await.unwrap();
-    let client = ClusterDir::new(dir.path()).connect().await.unwrap();
+    let (client, stop) = start_in(dir.path(), name, |_| {}).await;
     Ctl {
         _dir: dir,
         client,
         stop,
     }
+}
+
+/// Start a controller in `dir`, with `tweak` applied to its config.
+async fn start_in(
+    dir: &std::path::Path,
+    name: &str,
+    tweak: impl FnOnce(&mut isthmus_controller::Config),
+) -> (LocalClient, CancellationToken) {
+    isthmus_core::install_crypto_provider();
+    let stop = CancellationToken::new();
+    let mut cfg = isthmus_controller::Config::new(dir, name, &format!("{name}.mesh"));
+    tweak(&mut cfg);
+    isthmus_controller::run(cfg, stop.clone()).await.unwrap();
+    (ClusterDir::new(dir).connect().await.unwrap(), stop)
 }
 
 fn echo_sidecar() -> WatchRequest {
@@ -81,14 +91,7 @@ async fn registration_gets_the_identity_the_ca_issues() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(err.message().contains("services here: demo/echo"), "{}", err.message());
-    east.client
-        .admin()
-        .export(ExportRequest {
-            namespace: "demo".into(),
-            name: "echo".into(),
-        })
-        .await
-        .unwrap();
+    export_echo(&east.client).await;
 
     // The registration lives as long as the stream.
     drop(stream);
@@ -127,16 +130,7 @@ async fn tokens_expire_by_the_issuers_clock_and_are_single_use() {
     let west = controller("west").await;
     let north = controller("north").await;
 
-    let short = east
-        .client
-        .admin()
-        .create_token(CreateTokenRequest {
-            ttl_seconds: 1,
-            uses: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let short = create_token(&east.client, 1, 0).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let err = west
         .client
@@ -208,15 +202,29 @@ async fn tokens_expire_by_the_issuers_clock_and_are_single_use() {
 }
 
 async fn token(ctl: &Ctl) -> isthmus_proto::CreateTokenResponse {
-    ctl.client
-        .admin()
+    create_token(&ctl.client, 60, 0).await
+}
+
+async fn create_token(c: &LocalClient, ttl_seconds: u64, priority: u32) -> isthmus_proto::CreateTokenResponse {
+    c.admin()
         .create_token(CreateTokenRequest {
-            ttl_seconds: 60,
+            ttl_seconds,
             uses: 1,
+            priority,
         })
         .await
         .unwrap()
         .into_inner()
+}
+
+async fn export_echo(c: &LocalClient) {
+    c.admin()
+        .export(ExportRequest {
+            namespace: "demo".into(),
+            name: "echo".into(),
+        })
+        .await
+        .unwrap();
 }
 
 async fn status(ctl: &Ctl) -> StatusResponse {
@@ -459,14 +467,7 @@ async fn exports_reach_directly_linked_peers_only() {
         .await
         .unwrap()
         .into_inner();
-    east.client
-        .admin()
-        .export(ExportRequest {
-            namespace: "demo".into(),
-            name: "echo".into(),
-        })
-        .await
-        .unwrap();
+    export_echo(&east.client).await;
     let has_echo = |s: &StatusResponse| s.services.iter().any(|svc| svc.name == "echo");
     wait_status(&west, "west imports echo from east", has_echo).await;
     wait_status(&north, "north linked to west", |s| active(s, "west")).await;
@@ -476,4 +477,62 @@ async fn exports_reach_directly_linked_peers_only() {
         !has_echo(&status(&north).await),
         "north must not import east's export through west"
     );
+}
+
+#[tokio::test]
+async fn token_priority_reaches_the_joiner() {
+    let east = controller("east").await;
+    let west = controller("west").await;
+    let tok = create_token(&east.client, 60, 2).await;
+    west.client
+        .admin()
+        .link(LinkRequest { token: tok.token })
+        .await
+        .unwrap();
+    let s = status(&west).await;
+    assert_eq!(s.links[0].priority, 2, "{s:#?}");
+}
+
+/// A peer that stops heartbeating has its imports withdrawn when the lease
+/// runs out, and restored when it comes back (same directory, same address).
+#[tokio::test]
+async fn imports_follow_the_lease() {
+    let west_dir = tempfile::tempdir().unwrap();
+    let (west, _west_stop) = start_in(west_dir.path(), "west", |c| {
+        c.import_lease = Duration::from_millis(1500);
+    })
+    .await;
+    let east_dir = tempfile::tempdir().unwrap();
+    let (east, east_stop) = start_in(east_dir.path(), "east", |_| {}).await;
+    let peering = east.info.peering_addr.clone();
+    let register = |c: LocalClient| async move { c.control().watch_config(echo_sidecar()).await.unwrap().into_inner() };
+    let _echo = register(east.clone()).await;
+    let tok = create_token(&east, 60, 0).await;
+    west.admin().link(LinkRequest { token: tok.token }).await.unwrap();
+    export_echo(&east).await;
+    let imports = |west: LocalClient| async move {
+        let s = west.admin().status(StatusRequest {}).await.unwrap().into_inner();
+        s.services.iter().any(|svc| svc.name == "echo")
+    };
+    let wait = |want: bool, what: &'static str| {
+        let west = west.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while imports(west.clone()).await != want {
+                assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait(true, "echo imported").await;
+
+    east_stop.cancel();
+    wait(false, "echo withdrawn after the lease").await;
+
+    let (east, _east_stop) = start_in(east_dir.path(), "east", |c| {
+        c.peering_addr = peering.parse().unwrap();
+    })
+    .await;
+    let _echo = register(east).await;
+    wait(true, "echo restored").await;
 }

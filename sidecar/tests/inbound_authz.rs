@@ -94,6 +94,7 @@ async fn remote_callers_reach_only_exported_services() {
         .create_token(CreateTokenRequest {
             ttl_seconds: 60,
             uses: 1,
+            ..Default::default()
         })
         .await
         .unwrap()
