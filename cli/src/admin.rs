@@ -106,6 +106,10 @@ pub enum WorkloadCmd {
         namespace: String,
         #[arg(long)]
         service_account: String,
+        /// The one service the workload may serve [default: the service
+        /// account's name].
+        #[arg(long)]
+        service: Option<String>,
         /// Write it to this file (mode 0600) instead of printing it.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
@@ -117,9 +121,10 @@ pub async fn workload(cmd: WorkloadCmd) -> Result<(), CliError> {
         dir,
         namespace,
         service_account,
+        service,
         out,
     } = cmd;
-    let r = create_credential(&dir.dir, &namespace, &service_account).await?;
+    let r = create_credential(&dir.dir, &namespace, &service_account, service.as_deref()).await?;
     match out {
         Some(path) => {
             write_private(&path, &r.credential)?;
@@ -134,12 +139,14 @@ pub async fn create_credential(
     dir: &Path,
     namespace: &str,
     service_account: &str,
+    service: Option<&str>,
 ) -> Result<isthmus_proto::WorkloadCredentialResponse, CliError> {
     let c = connect(dir).await?;
     Ok(c.admin()
         .create_workload_credential(isthmus_proto::WorkloadCredentialRequest {
             namespace: namespace.to_string(),
             service_account: service_account.to_string(),
+            service: service.unwrap_or_default().to_string(),
         })
         .await?
         .into_inner())
@@ -216,12 +223,9 @@ pub async fn token(cmd: TokenCmd) -> Result<(), CliError> {
             );
             for t in &tokens {
                 let expires = if t.expires_unix > now {
-                    format!(
-                        "in {}",
-                        humantime::format_duration(Duration::from_secs((t.expires_unix - now) as u64))
-                    )
+                    format!("in {}", until(now, t.expires_unix))
                 } else {
-                    format!("{}s ago", now - t.expires_unix)
+                    until(now, t.expires_unix)
                 };
                 println!(
                     "{:<18} {:<8} {:<16} {:<9} {}",
@@ -473,9 +477,19 @@ pub async fn status(dir: &Path, json: bool) -> Result<(), CliError> {
 /// `at` as time from `now`, for humans.
 fn until(now: i64, at: i64) -> String {
     if at <= now {
-        format!("-{}s (past)", now - at)
+        format!("{} ago", span(now - at))
     } else {
-        humantime::format_duration(Duration::from_secs((at - now) as u64)).to_string()
+        span(at - now)
+    }
+}
+
+/// A duration to the precision a reader needs: `3650d`, `5h07m`, `4m30s`.
+fn span(secs: i64) -> String {
+    match secs {
+        s if s >= 2 * 86400 => format!("{}d", s / 86400),
+        s if s >= 3600 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
     }
 }
 
@@ -542,7 +556,8 @@ fn findings(s: &StatusResponse, now: i64) -> Vec<Finding> {
         format!("gateway registered (quic {})", or_none(&s.gateway_quic_addr)),
         "start the gateway: `isthmus gateway --dir <cluster dir>` (or `isthmus up`); without it no call crosses clusters",
     );
-    for r in &s.roots {
+    // A retiring root is on its way out: its expiry is no longer a concern.
+    for r in s.roots.iter().filter(|r| r.state != "retiring") {
         const MONTH: i64 = 30 * 24 * 3600;
         add(
             r.not_after_unix - now > MONTH,
@@ -555,12 +570,15 @@ fn findings(s: &StatusResponse, now: i64) -> Vec<Finding> {
             "rotate it before it expires: `isthmus ca rotate`",
         );
     }
-    if let Some(staged) = s.roots.iter().find(|r| r.state == "staged") {
+    let lacking = lacking_our_roots(s);
+    if let Some(staged) = s.roots.iter().find(|r| r.state == "staged")
+        && !lacking.is_empty()
+    {
         add(
             false,
             format!(
                 "root rotation waits for {} to receive new root {}",
-                lacking_our_roots(s).join(", "),
+                lacking.join(", "),
                 &staged.fingerprint[..16]
             ),
             "the new root signs once every linked cluster holds it: bring those links back up (or unlink them)",
@@ -590,11 +608,14 @@ fn findings(s: &StatusResponse, now: i64) -> Vec<Finding> {
                 }
             },
         );
-        add(
-            l.peer_has_our_roots || l.state != "active",
-            format!("link {} holds our current roots", l.cluster),
-            "bundle updates travel on the peering stream; they arrive once the link is active",
-        );
+        // Only an active link reports what it holds.
+        if l.state == "active" {
+            add(
+                l.peer_has_our_roots,
+                format!("link {} holds our current roots", l.cluster),
+                "bundle updates travel on the peering stream and arrive within a heartbeat; if this persists, check the peer's controller log",
+            );
+        }
     }
     for svc in &s.services {
         for c in &svc.conditions {
@@ -604,19 +625,6 @@ fn findings(s: &StatusResponse, now: i64) -> Vec<Finding> {
                 "export the service on the same port in every cluster (KEP-1645 keeps the oldest export's port)",
             );
         }
-    }
-    for svc in s.services.iter().filter(|svc| svc.exported) {
-        let local = svc
-            .backends
-            .iter()
-            .find(|b| b.cluster == s.cluster)
-            .map(|b| b.healthy_endpoints)
-            .unwrap_or(0);
-        add(
-            local > 0,
-            format!("exported {}/{} has {local} local endpoints", svc.namespace, svc.name),
-            "start a workload of that service here, or linked clusters get no answer from this one",
-        );
     }
     out
 }
@@ -709,9 +717,21 @@ mod tests {
 
         let mut s = healthy(now);
         s.gateway_quic_addr.clear();
-        s.services[0].backends[0].healthy_endpoints = 0;
         s.roots[0].not_after_unix = now + 86400;
+        s.services[0].conditions = vec!["PortConflict: cluster west exports port 9090".into()];
         assert_eq!(failed(&s, now).len(), 3);
+        // A retiring root near its end is not a problem; a staged root that
+        // every peer holds is about to sign, not stuck.
+        let mut s = healthy(now);
+        s.roots[0].state = "retiring".into();
+        s.roots[0].not_after_unix = now + 86400;
+        s.roots.push(RootStatus {
+            fingerprint: "cd".repeat(32),
+            state: "staged".into(),
+            not_after_unix: now + 3650 * 86400,
+            retire_unix: 0,
+        });
+        assert!(failed(&s, now).is_empty(), "{:?}", failed(&s, now));
 
         let mut s = healthy(now);
         s.roots.push(RootStatus {

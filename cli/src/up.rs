@@ -251,7 +251,7 @@ impl LocalCluster {
     async fn credential(&self, name: &str, ns: &str, sa: &str) -> Result<String, CliError> {
         let path = self.dir.join("creds").join(format!("{name}.cred"));
         if !path.exists() {
-            let r = crate::admin::create_credential(&self.dir, ns, sa).await?;
+            let r = crate::admin::create_credential(&self.dir, ns, sa, None).await?;
             crate::admin::write_private(&path, &r.credential)?;
         }
         Ok(path.display().to_string())

@@ -214,6 +214,10 @@ impl WorkloadKey {
 
 /// A cluster's certificate authority: a root Isthmus generated, or one the
 /// user supplied (a root, or an intermediate signed by their own PKI).
+///
+/// The signing certificate itself is the trust anchor peers hold, even when
+/// it is an intermediate: trust in a trust domain is confined to this CA,
+/// not extended to everything else the user's root has signed.
 pub struct Ca {
     trust_domain: String,
     /// The signing certificate first, then its issuers up to the trust anchor.
@@ -305,14 +309,11 @@ impl Ca {
         })
     }
 
-    /// The trust anchor: the root this CA's SVIDs chain to, which peers hold
-    /// in their bundle for this trust domain.
+    /// The trust anchor peers hold in their bundle for this trust domain:
+    /// the signing certificate. Its issuers travel in SVID chains (for
+    /// verifiers that know the user's PKI) but vouch for nothing here.
     pub fn anchor_der(&self) -> &CertificateDer<'static> {
-        self.chain.last().expect("a CA chain is never empty")
-    }
-
-    pub fn anchor_pem(&self) -> String {
-        cert_to_pem(self.anchor_der())
+        &self.chain[0]
     }
 
     /// The signing certificate and its issuers, as PEM.
@@ -342,6 +343,9 @@ impl Ca {
         ttl: Duration,
     ) -> Result<CertificateDer<'static>, IdentityError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        // An SVID never outlives the CA that signs it.
+        let ca_left = not_after_of(&self.chain[0])? - crate::unix_now();
+        let ttl = ttl.min(Duration::from_secs(ca_left.max(0) as u64));
         csr.params = svid_params(id, ttl)?;
         let issuer = Issuer::from_ca_cert_der(&self.chain[0], &self.key)?;
         Ok(csr.signed_by(&issuer)?.der().clone())
@@ -462,25 +466,31 @@ mod tests {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
         let issuer = Issuer::from_ca_cert_der(root.anchor_der(), &root.key).unwrap();
         let inter = params.signed_by(&key, &issuer).unwrap();
-        let chain_pem = format!("{}{}", inter.pem(), root.anchor_pem());
+        let chain_pem = format!("{}{}", inter.pem(), root.chain_pem());
         let ca = Ca::load("east.mesh", &chain_pem, &key.serialize_pem()).unwrap();
-        assert_eq!(ca.fingerprint(), root.fingerprint());
+        // The intermediate is the anchor: the user's root vouches for nothing.
+        assert_eq!(ca.fingerprint(), fingerprint(inter.der()));
 
         let id = SpiffeId::new("east.mesh", "demo", "echo").unwrap();
         let svid = ca.issue_local(&id, Duration::from_secs(600)).unwrap();
         assert_eq!(svid.chain.len(), 3);
-        let mut b = crate::bundle::TrustBundles::new();
-        b.set("east.mesh", vec![root.anchor_der().clone()]);
-        b.verify(
-            &svid.chain[0],
-            &svid.chain[1..],
-            crate::bundle::Usage::Server,
-            rustls_pki_types::UnixTime::now(),
-        )
-        .unwrap();
+        let verify = |anchor: &CertificateDer<'static>, leaf: &Svid| {
+            let mut b = crate::bundle::TrustBundles::new();
+            b.set("east.mesh", vec![anchor.clone()]);
+            b.verify(
+                &leaf.chain[0],
+                &leaf.chain[1..],
+                crate::bundle::Usage::Server,
+                rustls_pki_types::UnixTime::now(),
+            )
+        };
+        verify(ca.anchor_der(), &svid).unwrap();
+        // Another CA under the same user root cannot mint east identities.
+        let sibling = root.issue_local(&id, Duration::from_secs(600)).unwrap();
+        assert!(verify(ca.anchor_der(), &sibling).is_err());
 
         // The chain in the wrong order is refused with a hint.
-        let reversed = format!("{}{}", root.anchor_pem(), inter.pem());
+        let reversed = format!("{}{}", root.chain_pem(), inter.pem());
         let err = Ca::load("east.mesh", &reversed, &key.serialize_pem()).err().unwrap();
         assert!(err.to_string().contains("not signed by"), "{err}");
     }

@@ -93,8 +93,18 @@ pub(crate) fn first_root(ca: &Ca) -> RootRecord {
         phase: RootPhase::Signing,
         retire_unix: None,
         retire_after_secs: 0,
+        staged_unix: 0,
     }
 }
+
+/// A staged root waits at least this long before it signs, even when every
+/// peer already holds it: local components get the new bundle in their next
+/// snapshot, and one whose config stream is being re-established gets time
+/// to catch up.
+pub(crate) const MIN_STAGED_SECS: i64 = 3;
+
+/// The longest grace period accepted for an old root.
+pub(crate) const MAX_RETIRE_AFTER: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Where a CA's private key is kept: named by its fingerprint, so that two
 /// roots never share a file.
@@ -102,45 +112,54 @@ pub(crate) fn key_file(ca: &Ca) -> String {
     format!("ca-{}.key", &ca.fingerprint()[..16])
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub(crate) enum RotateError {
-    #[error("a rotation is already under way (root {0} is {1}); wait for it to finish (`isthmus status`)")]
-    InProgress(String, &'static str),
+/// Refuse a rotation while another is under way, naming it.
+pub(crate) fn no_rotation_under_way(state: &State) -> Result<(), String> {
+    match state.roots.iter().find(|r| r.phase != RootPhase::Signing) {
+        Some(r) => {
+            let fp = identity::certs_from_pem(&r.chain_pem)
+                .ok()
+                .and_then(|c| c.first().map(identity::fingerprint))
+                .unwrap_or_default();
+            Err(format!(
+                "a rotation is already under way (root {} is {}); wait for it to finish (`isthmus status`)",
+                &fp[..16.min(fp.len())],
+                r.phase.as_str()
+            ))
+        }
+        None => Ok(()),
+    }
 }
 
 /// Step 1: add `new` as a staged root.
-pub(crate) fn stage(state: &mut State, new: &Ca, retire_after: Duration) -> Result<(), RotateError> {
-    if let Some(r) = state.roots.iter().find(|r| r.phase != RootPhase::Signing) {
-        let fp = identity::certs_from_pem(&r.chain_pem)
-            .ok()
-            .and_then(|c| c.last().map(identity::fingerprint))
-            .unwrap_or_default();
-        return Err(RotateError::InProgress(
-            fp[..16.min(fp.len())].to_string(),
-            r.phase.as_str(),
-        ));
-    }
+pub(crate) fn stage(state: &mut State, new: &Ca, retire_after: Duration, now: i64) -> Result<(), String> {
+    no_rotation_under_way(state)?;
     state.roots.push(RootRecord {
         chain_pem: new.chain_pem().to_string(),
         key_file: key_file(new),
         phase: RootPhase::Staged,
         retire_unix: None,
-        retire_after_secs: retire_after.as_secs(),
+        retire_after_secs: retire_after.min(MAX_RETIRE_AFTER).as_secs(),
+        staged_unix: now,
     });
     Ok(())
 }
 
 /// Step 2: the staged root signs; the signing one retires after the grace
-/// period the rotation was started with. False if nothing is staged.
+/// period the rotation was started with. False if nothing is staged, or it
+/// was staged less than [`MIN_STAGED_SECS`] ago.
 pub(crate) fn promote(state: &mut State, now: i64) -> bool {
-    let Some(i) = state.roots.iter().position(|r| r.phase == RootPhase::Staged) else {
+    let Some(i) = state
+        .roots
+        .iter()
+        .position(|r| r.phase == RootPhase::Staged && now - r.staged_unix >= MIN_STAGED_SECS)
+    else {
         return false;
     };
-    let grace = state.roots[i].retire_after_secs as i64;
+    let grace = state.roots[i].retire_after_secs.min(MAX_RETIRE_AFTER.as_secs()) as i64;
     for r in state.roots.iter_mut() {
         if r.phase == RootPhase::Signing {
             r.phase = RootPhase::Retiring;
-            r.retire_unix = Some(now + grace);
+            r.retire_unix = Some(now.saturating_add(grace));
         }
     }
     state.roots[i].phase = RootPhase::Signing;
@@ -173,15 +192,15 @@ mod tests {
         s.roots.push(first_root(&old));
         let new = Ca::generate("east.mesh").unwrap();
 
-        stage(&mut s, &new, Duration::from_secs(60)).unwrap();
+        stage(&mut s, &new, Duration::from_secs(60), 990).unwrap();
         assert_eq!(phases(&s), [RootPhase::Signing, RootPhase::Staged]);
         // One rotation at a time.
         let again = Ca::generate("east.mesh").unwrap();
-        assert!(matches!(
-            stage(&mut s, &again, Duration::ZERO),
-            Err(RotateError::InProgress(_, "staged"))
-        ));
+        let err = stage(&mut s, &again, Duration::ZERO, 991).unwrap_err();
+        assert!(err.contains("is staged"), "{err}");
 
+        // Not before the minimum staging time.
+        assert!(!promote(&mut s, 990 + MIN_STAGED_SECS - 1));
         assert!(promote(&mut s, 1000));
         assert_eq!(phases(&s), [RootPhase::Retiring, RootPhase::Signing]);
         assert_eq!(s.roots[0].retire_unix, Some(1060));
@@ -205,14 +224,14 @@ mod tests {
             dir.write_atomic(&key_file(ca), ca.key_pem().as_bytes(), true).unwrap();
         }
         s.roots.push(first_root(&old));
-        stage(&mut s, &new, Duration::ZERO).unwrap();
+        stage(&mut s, &new, Duration::ZERO, 0).unwrap();
 
         let a = Authority::load(&dir, "east.mesh", &s.roots).unwrap();
         assert_eq!(a.signer().fingerprint(), old.fingerprint());
         assert_eq!(a.fingerprints(), [old.fingerprint(), new.fingerprint()]);
         assert_eq!(a.staged(), Some(new.fingerprint()));
 
-        promote(&mut s, 0);
+        assert!(promote(&mut s, MIN_STAGED_SECS));
         let a = Authority::load(&dir, "east.mesh", &s.roots).unwrap();
         assert_eq!(a.signer().fingerprint(), new.fingerprint());
         assert_eq!(a.fingerprints(), [new.fingerprint(), old.fingerprint()]);

@@ -241,17 +241,15 @@ impl Shared {
     /// Move a root rotation on: promote a staged root once every linked
     /// peer holds it, and drop retiring roots whose time has come.
     fn advance_rotation(&self) {
+        // The state leads; the loaded roots follow. If loading failed after
+        // a step was saved, try again rather than stall the rotation.
+        let saved: Vec<_> = self.state.lock().expect("state lock").roots.clone();
+        let loaded: Vec<_> = self.ca.load().records().map(|(r, _)| r.clone()).collect();
+        if saved != loaded {
+            self.reload_ca();
+        }
         let Some(staged) = self.ca.load().staged() else {
-            if self
-                .state
-                .lock()
-                .expect("state lock")
-                .roots
-                .iter()
-                .any(|r| r.retire_unix.is_some())
-            {
-                self.retire_roots();
-            }
+            self.retire_roots();
             return;
         };
         let waiting: Vec<String> = {
@@ -279,6 +277,17 @@ impl Shared {
 
     fn retire_roots(&self) {
         let now = isthmus_core::unix_now();
+        // Cheap check first: this runs on every tick of the lease keeper.
+        let due = self
+            .state
+            .lock()
+            .expect("state lock")
+            .roots
+            .iter()
+            .any(|r| r.retire_unix.is_some_and(|t| t <= now));
+        if !due {
+            return;
+        }
         match self.update(|state| Ok(ca::retire_due(state, now))) {
             Ok(gone) if !gone.is_empty() => {
                 self.reload_ca();
@@ -385,8 +394,15 @@ fn open(cfg: &Config) -> Result<(State, ca::Authority), ControllerError> {
                 )));
             }
             let ca = match &cfg.ca_files {
-                Some((cert, key)) => Ca::load(&cfg.trust_domain, &read(cert.clone())?, &read(key.clone())?)
-                    .map_err(|e| ControllerError::Config(format!("{}: {e}", cert.display())))?,
+                Some((cert, key)) => {
+                    Ca::load(&cfg.trust_domain, &read(cert.clone())?, &read(key.clone())?).map_err(|e| {
+                        ControllerError::Config(format!(
+                            "--ca-cert {} / --ca-key {}: {e}",
+                            cert.display(),
+                            key.display()
+                        ))
+                    })?
+                }
                 None => Ca::generate(&cfg.trust_domain)?,
             };
             // Key first: a crash before the state is saved leaves only an

@@ -52,7 +52,7 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
         let chain = error_chain(&e);
         if chain.contains("fingerprint mismatch") || chain.contains("not the expected") {
             Status::failed_precondition(format!(
-                "fingerprint mismatch: the server at {addr} is not the controller of cluster {} named by the token (its root CA does not match the token's pin)",
+                "fingerprint mismatch: the server at {addr} does not present the root CA the token pins for cluster {}. Either it is not that cluster's controller, or that cluster rotated its root since the token was made (`isthmus token list` there shows it as stale): ask for a new token",
                 tok.cluster
             ))
         } else {
@@ -214,7 +214,13 @@ pub(crate) async fn session(
     }
 }
 
+/// Update a linked peer's runtime state. A message that arrives after the
+/// link was removed must not bring the peer's entry back.
 fn mark(shared: &Shared, peer: &str, f: impl FnOnce(&mut PeerRuntime)) {
+    let state = shared.state.lock().expect("state lock");
+    if !state.links.contains_key(peer) {
+        return;
+    }
     let mut peers = shared.peers.lock().expect("peers lock");
     f(peers.entry(peer.to_string()).or_insert_with(PeerRuntime::new));
 }

@@ -85,6 +85,7 @@ impl Svc {
         Ok(Caller::Workload {
             namespace: rec.namespace.clone(),
             service_account: rec.service_account.clone(),
+            service: rec.service.clone(),
         })
     }
 
@@ -113,26 +114,29 @@ impl Svc {
     }
 
     /// A workload may act only as the identity its credential is bound to.
-    fn authorize_as<T>(&self, req: &Request<T>, namespace: &str, service_account: &str) -> Result<(), Status> {
-        match self.caller(req)? {
-            Caller::Admin => Ok(()),
+    fn authorize_as<T>(&self, req: &Request<T>, namespace: &str, service_account: &str) -> Result<Caller, Status> {
+        let caller = self.caller(req)?;
+        match &caller {
             Caller::Workload {
                 namespace: ns,
                 service_account: sa,
-            } if ns == namespace && sa == service_account => Ok(()),
-            Caller::Workload {
-                namespace: ns,
-                service_account: sa,
-            } => Err(Status::permission_denied(format!(
+                ..
+            } if ns != namespace || sa != service_account => Err(Status::permission_denied(format!(
                 "this credential is for {ns}/{sa}, not {namespace}/{service_account}"
             ))),
+            _ => Ok(caller),
         }
     }
 }
 
 enum Caller {
     Admin,
-    Workload { namespace: String, service_account: String },
+    Workload {
+        namespace: String,
+        service_account: String,
+        /// The one service it may register as a backend of.
+        service: String,
+    },
 }
 
 /// Workload credentials: `iwc1.<id>.<secret>`.
@@ -186,10 +190,22 @@ impl Control for Svc {
         // A sidecar registers as its own identity; only the gateway's may
         // register the gateway, whose address every tunnel goes through.
         match &req.get_ref().node {
-            Some(watch_request::Node::Sidecar(s)) => self.authorize_as(&req, &s.namespace, &s.service_account)?,
+            Some(watch_request::Node::Sidecar(s)) => {
+                // Serving a service means receiving its traffic: a
+                // credential allows one service, not any in its namespace.
+                if let Caller::Workload { service, .. } = self.authorize_as(&req, &s.namespace, &s.service_account)?
+                    && !s.service.is_empty()
+                    && s.service != service
+                {
+                    return Err(Status::permission_denied(format!(
+                        "this credential may serve {}/{service}, not {}/{}",
+                        s.namespace, s.namespace, s.service
+                    )));
+                }
+            }
             Some(watch_request::Node::Gateway(_)) => {
                 let gw = SpiffeId::gateway(&self.0.cfg.trust_domain);
-                self.authorize_as(&req, &gw.namespace, &gw.service_account)?
+                self.authorize_as(&req, &gw.namespace, &gw.service_account)?;
             }
             None => {}
         }
@@ -288,6 +304,7 @@ impl Admin for Svc {
                     uses_left: uses,
                     used_by: vec![],
                     revoked: false,
+                    root_fingerprint: tok.root_fingerprint.clone(),
                 },
             );
             Ok(())
@@ -435,6 +452,7 @@ impl Admin for Svc {
         self.authorize(&req)?;
         let now = unix_now();
         let state = self.0.state.lock().expect("state lock");
+        let signer = self.0.ca.load().signer().fingerprint();
         let mut tokens: Vec<TokenInfo> = state
             .tokens
             .values()
@@ -444,7 +462,7 @@ impl Admin for Svc {
                 expires_unix: t.expires_unix,
                 uses_left: t.uses_left,
                 used_by: t.used_by.clone(),
-                state: t.state(now).to_string(),
+                state: t.state(now, &signer).to_string(),
             })
             .collect();
         tokens.sort_by_key(|t| t.created_unix);
@@ -455,12 +473,13 @@ impl Admin for Svc {
         self.authorize(&req)?;
         let id = req.into_inner().id;
         let now = unix_now();
+        let signer = self.0.ca.load().signer().fingerprint();
         self.0.update(|state| {
             let t = state
                 .tokens
                 .get_mut(&id)
                 .ok_or_else(|| Status::not_found(format!("no join token {id:?} (`isthmus token list` shows them)")))?;
-            match t.state(now) {
+            match t.state(now, &signer) {
                 "usable" => {
                     t.revoked = true;
                     Ok(())
@@ -511,6 +530,9 @@ impl Admin for Svc {
         self.authorize(&req)?;
         let r = req.into_inner();
         let id = self.workload_id(&r.namespace, &r.service_account)?;
+        if !r.service.is_empty() {
+            identity::validate_name(&r.service).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
         let (secret, hash) = token::new_secret();
         let cred_id = format!("{:016x}", rand::random::<u64>());
         self.0.update(|state| {
@@ -520,6 +542,11 @@ impl Admin for Svc {
                     id: cred_id.clone(),
                     namespace: r.namespace.clone(),
                     service_account: r.service_account.clone(),
+                    service: if r.service.is_empty() {
+                        r.service_account.clone()
+                    } else {
+                        r.service.clone()
+                    },
                     secret_hash: hash,
                     created_unix: unix_now(),
                 },
@@ -541,15 +568,23 @@ impl Admin for Svc {
         } else {
             Duration::from_secs(r.retire_after_seconds)
         };
+        // Checked first, so a refused rotation leaves no key behind.
+        crate::ca::no_rotation_under_way(&self.0.state.lock().expect("state lock"))
+            .map_err(Status::failed_precondition)?;
         let new = identity::Ca::generate(&self.0.cfg.trust_domain).map_err(|e| Status::internal(e.to_string()))?;
         // The key is on disk before the state names it.
+        let key_file = crate::ca::key_file(&new);
         self.0
             .dir
-            .write_atomic(&crate::ca::key_file(&new), new.key_pem().as_bytes(), true)
+            .write_atomic(&key_file, new.key_pem().as_bytes(), true)
             .map_err(|e| Status::internal(e.to_string()))?;
-        self.0.update(|state| {
-            crate::ca::stage(state, &new, grace).map_err(|e| Status::failed_precondition(e.to_string()))
-        })?;
+        let staged = self
+            .0
+            .update(|state| crate::ca::stage(state, &new, grace, unix_now()).map_err(Status::failed_precondition));
+        if let Err(e) = staged {
+            let _ = std::fs::remove_file(self.0.dir.file(&key_file));
+            return Err(e);
+        }
         tracing::info!(root = %new.fingerprint(), retire_after_s = grace.as_secs(), "root rotation started: new root staged");
         self.0.reload_ca();
         Ok(Response::new(RotateCaResponse {
@@ -583,7 +618,7 @@ impl Peering for Svc {
             let Some(rec) = state.tokens.get(&r.token_id).cloned() else {
                 return Err(self.refused(
                     "unknown_token",
-                    Status::not_found("unknown join token: it was never issued by this cluster, or was revoked"),
+                    Status::not_found("unknown join token: it was never issued by this cluster (or is long expired)"),
                 ));
             };
             if !token::secret_matches(&r.secret, &rec.secret_hash) {
@@ -607,6 +642,14 @@ impl Peering for Svc {
                         "join token expired {}s ago (by the issuer's clock); create a new one",
                         now - rec.expires_unix
                     )),
+                ));
+            }
+            // A cluster that used this token and was unlinked since does not
+            // get back in with the same (multi-use) token.
+            if rec.used_by.contains(&r.cluster) {
+                return Err(self.refused(
+                    "used",
+                    Status::failed_precondition(format!("join token already used by {}; ask for a new one", r.cluster)),
                 ));
             }
             if rec.uses_left == 0 {

@@ -47,8 +47,6 @@ pub fn services<'a>(
     imports: &BTreeMap<String, PeerImports>,
 ) -> Vec<Service> {
     let mut out: BTreeMap<String, (Service, i64)> = BTreeMap::new();
-    // Clusters left out of a service for exporting it on another port.
-    let mut excluded: BTreeMap<String, Vec<(String, u32)>> = BTreeMap::new();
     for (key, (port, eps)) in local_services(regs) {
         let mut addresses: Vec<String> = eps.iter().map(|r| r.inbound_addr.clone()).collect();
         addresses.sort();
@@ -71,59 +69,52 @@ pub fn services<'a>(
         // port or displace its endpoints.
         out.insert(key, (svc, i64::MIN));
     }
-    for (peer, imp) in imports {
-        if !imp.live {
-            continue;
-        }
+    // Imports grouped by service, then each service's port decided once:
+    // the local one if it runs here, else the oldest export's (KEP-1645).
+    // Exporters on any other port are left out, and reported.
+    let mut by_service: BTreeMap<String, Vec<(&String, &ExportedService)>> = BTreeMap::new();
+    for (peer, imp) in imports.iter().filter(|(_, i)| i.live) {
         for e in &imp.services {
-            let key = format!("{}/{}", e.namespace, e.name);
-            let backend = Backend {
-                cluster: peer.clone(),
-                addresses: Vec::new(),
-                identities: e.identities.clone(),
-                healthy_endpoints: e.healthy_endpoints,
-            };
-            match out.get_mut(&key) {
-                None => {
-                    let svc = Service {
-                        namespace: e.namespace.clone(),
-                        name: e.name.clone(),
-                        port: e.port,
-                        exported: false,
-                        backends: vec![backend],
-                        conditions: Vec::new(),
-                    };
-                    out.insert(key, (svc, e.exported_unix));
-                }
-                Some((svc, since)) => {
-                    if svc.port == e.port {
-                        svc.backends.push(backend);
-                    } else if e.exported_unix < *since {
-                        // Between importers, the older export defines the
-                        // port (KEP-1645); the others are left out.
-                        let out_now = excluded.entry(key.clone()).or_default();
-                        out_now.extend(svc.backends.drain(..).map(|b| (b.cluster, svc.port)));
-                        svc.port = e.port;
-                        svc.backends.push(backend);
-                        *since = e.exported_unix;
-                    } else {
-                        excluded.entry(key.clone()).or_default().push((peer.clone(), e.port));
-                    }
-                }
-            }
+            by_service
+                .entry(format!("{}/{}", e.namespace, e.name))
+                .or_default()
+                .push((peer, e));
         }
     }
-    for (key, clusters) in excluded {
-        if let Some((svc, _)) = out.get_mut(&key) {
-            svc.conditions = clusters
-                .into_iter()
-                .map(|(cluster, port)| {
-                    format!(
-                        "PortConflict: cluster {cluster} exports port {port}, the service uses port {} (the oldest export wins); {cluster}'s endpoints are left out",
-                        svc.port
-                    )
-                })
-                .collect();
+    for (key, exporters) in by_service {
+        let (svc, reason) = match out.get_mut(&key) {
+            Some((svc, _)) => (svc, "it runs in this cluster on that port".to_string()),
+            None => {
+                let (oldest, e) = *exporters
+                    .iter()
+                    .min_by_key(|(_, e)| e.exported_unix)
+                    .expect("non-empty");
+                let svc = Service {
+                    namespace: e.namespace.clone(),
+                    name: e.name.clone(),
+                    port: e.port,
+                    exported: false,
+                    backends: Vec::new(),
+                    conditions: Vec::new(),
+                };
+                let reason = format!("the oldest export, from {oldest}, sets it (KEP-1645)");
+                (&mut out.entry(key).or_insert((svc, e.exported_unix)).0, reason)
+            }
+        };
+        for (peer, e) in exporters {
+            if e.port == svc.port {
+                svc.backends.push(Backend {
+                    cluster: peer.clone(),
+                    addresses: Vec::new(),
+                    identities: e.identities.clone(),
+                    healthy_endpoints: e.healthy_endpoints,
+                });
+            } else {
+                svc.conditions.push(format!(
+                    "PortConflict: cluster {peer} exports port {}, but the service uses port {}: {reason}; {peer}'s endpoints are left out",
+                    e.port, svc.port
+                ));
+            }
         }
     }
     out.into_values().map(|(s, _)| s).collect()
@@ -310,9 +301,28 @@ mod tests {
         assert_eq!(svcs[0].conditions.len(), 1);
         assert!(
             svcs[0].conditions[0]
-                .starts_with("PortConflict: cluster north exports port 8080, the service uses port 9090"),
+                .starts_with("PortConflict: cluster north exports port 8080, but the service uses port 9090"),
             "{:?}",
             svcs[0].conditions
         );
+
+        // The winner is decided before anyone is left out: an exporter seen
+        // before the oldest one, on the oldest one's port, is kept.
+        let mut imports = BTreeMap::new();
+        for (peer, port, since) in [("a", 80, 100), ("b", 90, 50), ("c", 80, 10)] {
+            imports.insert(
+                peer.to_string(),
+                PeerImports {
+                    services: vec![imported("echo", port, since)],
+                    live: true,
+                },
+            );
+        }
+        let svcs = services(&state, std::iter::empty(), &imports);
+        assert_eq!(svcs[0].port, 80);
+        let kept: Vec<&str> = svcs[0].backends.iter().map(|b| b.cluster.as_str()).collect();
+        assert_eq!(kept, ["a", "c"]);
+        assert_eq!(svcs[0].conditions.len(), 1);
+        assert!(svcs[0].conditions[0].contains("cluster b exports port 90"));
     }
 }

@@ -60,6 +60,9 @@ pub struct WorkloadRecord {
     pub id: String,
     pub namespace: String,
     pub service_account: String,
+    /// The service it may serve (register as a backend of).
+    #[serde(default)]
+    pub service: String,
     pub secret_hash: String,
     pub created_unix: i64,
 }
@@ -78,6 +81,9 @@ pub struct RootRecord {
     /// For a staged root: how long the root it replaces stays trusted.
     #[serde(default)]
     pub retire_after_secs: u64,
+    /// For a staged root: when it was staged.
+    #[serde(default)]
+    pub staged_unix: i64,
 }
 
 /// Where a root is in its life. A rotation takes a new root from `Staged`
@@ -136,17 +142,24 @@ pub struct TokenRecord {
     pub used_by: Vec<String>,
     #[serde(default)]
     pub revoked: bool,
+    /// Fingerprint of the root the token pins.
+    #[serde(default)]
+    pub root_fingerprint: String,
 }
 
 impl TokenRecord {
-    /// "usable", "revoked", "used" or "expired", judged at `now`.
-    pub fn state(&self, now: i64) -> &'static str {
+    /// "usable", "revoked", "used", "expired", or "stale" (it pins a root
+    /// that no longer signs, so the issuer cannot be verified with it),
+    /// judged at `now` with `signing_root` the current signer's fingerprint.
+    pub fn state(&self, now: i64, signing_root: &str) -> &'static str {
         if self.revoked {
             "revoked"
         } else if self.uses_left == 0 {
             "used"
         } else if now >= self.expires_unix {
             "expired"
+        } else if !self.root_fingerprint.is_empty() && self.root_fingerprint != signing_root {
+            "stale"
         } else {
             "usable"
         }

@@ -405,6 +405,7 @@ async fn workload_credentials_are_bound_to_one_identity() {
         .create_workload_credential(isthmus_proto::WorkloadCredentialRequest {
             namespace: "demo".into(),
             service_account: "echo".into(),
+            service: String::new(),
         })
         .await
         .unwrap()
@@ -437,6 +438,14 @@ async fn workload_credentials_are_bound_to_one_identity() {
     let err = echo.control().watch_config(gateway).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     echo.control().watch_config(echo_sidecar()).await.unwrap();
+    // Its identity, but another service's backend: that would be taking
+    // the other service's traffic.
+    let mut other = echo_sidecar();
+    if let Some(watch_request::Node::Sidecar(s)) = other.node.as_mut() {
+        s.service = "billing".into();
+    }
+    let err = echo.control().watch_config(other).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 
     let err = echo.admin().status(StatusRequest {}).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");

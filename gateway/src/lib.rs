@@ -360,10 +360,7 @@ async fn try_open_stream(gw: &Gateway, req: &TunnelRequest) -> Result<QuicStream
 /// DNS name that moves is followed.
 async fn peer_connection(gw: &Gateway, cluster: &str) -> Result<quinn::Connection, TunnelResponse> {
     let refuse = TunnelResponse::refused;
-    let existing = gw.conns.lock().expect("conns lock").get(cluster).cloned();
-    if let Some(c) = existing.filter(|c| c.close_reason().is_none()) {
-        return Ok(c);
-    }
+    // Linked first: a cached connection must not outlive the link.
     let snap: Arc<ConfigSnapshot> = gw.agent.config.borrow().clone();
     let peer = snap.peers.iter().find(|p| p.cluster == cluster).ok_or_else(|| {
         refuse(
@@ -371,6 +368,10 @@ async fn peer_connection(gw: &Gateway, cluster: &str) -> Result<quinn::Connectio
             format!("cluster {cluster} is not linked with cluster {}", gw.cluster),
         )
     })?;
+    let existing = gw.conns.lock().expect("conns lock").get(cluster).cloned();
+    if let Some(c) = existing.filter(|c| c.close_reason().is_none()) {
+        return Ok(c);
+    }
     if peer.gateway_addr.is_empty() {
         return Err(refuse(
             RefuseCode::PeerUnreachable,
