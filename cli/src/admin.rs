@@ -114,23 +114,66 @@ pub enum WorkloadCmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// List workload credentials (ids and identities; never the secrets).
+    List {
+        #[command(flatten)]
+        dir: crate::DirArg,
+    },
+    /// Revoke a workload credential: the workload keeps its current SVID
+    /// until it expires, but cannot renew it or register again.
+    Revoke {
+        #[command(flatten)]
+        dir: crate::DirArg,
+        /// The credential's id (`isthmus workload list`).
+        id: String,
+    },
 }
 
 pub async fn workload(cmd: WorkloadCmd) -> Result<(), CliError> {
-    let WorkloadCmd::Credential {
-        dir,
-        namespace,
-        service_account,
-        service,
-        out,
-    } = cmd;
-    let r = create_credential(&dir.dir, &namespace, &service_account, service.as_deref()).await?;
-    match out {
-        Some(path) => {
-            write_private(&path, &r.credential)?;
-            println!("credential for {} written to {}", r.spiffe_id, path.display());
+    match cmd {
+        WorkloadCmd::Credential {
+            dir,
+            namespace,
+            service_account,
+            service,
+            out,
+        } => {
+            let r = create_credential(&dir.dir, &namespace, &service_account, service.as_deref()).await?;
+            match out {
+                Some(path) => {
+                    write_private(&path, &r.credential)?;
+                    println!("credential {} for {} written to {}", r.id, r.spiffe_id, path.display());
+                }
+                None => println!("{}", r.credential),
+            }
         }
-        None => println!("{}", r.credential),
+        WorkloadCmd::List { dir } => {
+            let c = connect(&dir.dir).await?;
+            let list = c
+                .admin()
+                .list_workload_credentials(isthmus_proto::ListWorkloadCredentialsRequest {})
+                .await?
+                .into_inner()
+                .credentials;
+            let now = isthmus_core::unix_now();
+            println!("{:<18} {:<50} {:<16} CREATED", "ID", "IDENTITY", "SERVICE");
+            for w in list {
+                println!(
+                    "{:<18} {:<50} {:<16} {}",
+                    w.id,
+                    w.spiffe_id,
+                    w.service,
+                    until(now, w.created_unix)
+                );
+            }
+        }
+        WorkloadCmd::Revoke { dir, id } => {
+            let c = connect(&dir.dir).await?;
+            c.admin()
+                .revoke_workload_credential(isthmus_proto::RevokeWorkloadCredentialRequest { id: id.clone() })
+                .await?;
+            println!("revoked workload credential {id}: renewals and registrations with it are refused");
+        }
     }
     Ok(())
 }

@@ -15,9 +15,11 @@ use isthmus_proto::peering_server::{Peering, PeeringServer};
 use isthmus_proto::{
     CertificateRequest, CertificateResponse, ConfigSnapshot, CreateTokenRequest, CreateTokenResponse, ExportRequest,
     ExportResponse, JoinRequest, JoinResponse, LinkRequest, LinkResponse, LinkStatus, ListTokensRequest,
-    ListTokensResponse, PeerMessage, RevokeTokenRequest, RevokeTokenResponse, RootStatus, RotateCaRequest,
-    RotateCaResponse, StatusRequest, StatusResponse, TokenInfo, UnlinkRequest, UnlinkResponse, WatchRequest,
-    WorkloadCredentialRequest, WorkloadCredentialResponse, watch_request,
+    ListTokensResponse, ListWorkloadCredentialsRequest, ListWorkloadCredentialsResponse, PeerMessage,
+    RevokeTokenRequest, RevokeTokenResponse, RevokeWorkloadCredentialRequest, RevokeWorkloadCredentialResponse,
+    RootStatus, RotateCaRequest, RotateCaResponse, StatusRequest, StatusResponse, TokenInfo, UnlinkRequest,
+    UnlinkResponse, WatchRequest, WorkloadCredentialInfo, WorkloadCredentialRequest, WorkloadCredentialResponse,
+    watch_request,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
@@ -557,7 +559,46 @@ impl Admin for Svc {
         Ok(Response::new(WorkloadCredentialResponse {
             credential: credential::format(&cred_id, &secret),
             spiffe_id: id.to_string(),
+            id: cred_id,
         }))
+    }
+
+    async fn list_workload_credentials(
+        &self,
+        req: Request<ListWorkloadCredentialsRequest>,
+    ) -> Result<Response<ListWorkloadCredentialsResponse>, Status> {
+        self.authorize(&req)?;
+        let td = &self.0.cfg.trust_domain;
+        let state = self.0.state.lock().expect("state lock");
+        let mut credentials: Vec<WorkloadCredentialInfo> = state
+            .workloads
+            .values()
+            .map(|w| WorkloadCredentialInfo {
+                id: w.id.clone(),
+                spiffe_id: format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account),
+                service: w.service.clone(),
+                created_unix: w.created_unix,
+            })
+            .collect();
+        credentials.sort_by_key(|c| c.created_unix);
+        Ok(Response::new(ListWorkloadCredentialsResponse { credentials }))
+    }
+
+    async fn revoke_workload_credential(
+        &self,
+        req: Request<RevokeWorkloadCredentialRequest>,
+    ) -> Result<Response<RevokeWorkloadCredentialResponse>, Status> {
+        self.authorize(&req)?;
+        let id = req.into_inner().id;
+        self.0.update(|state| {
+            state.workloads.remove(&id).map(|_| ()).ok_or_else(|| {
+                Status::not_found(format!(
+                    "no workload credential {id:?} (`isthmus workload list` shows them)"
+                ))
+            })
+        })?;
+        tracing::info!(credential = %id, "workload credential revoked");
+        Ok(Response::new(RevokeWorkloadCredentialResponse {}))
     }
 
     async fn rotate_ca(&self, req: Request<RotateCaRequest>) -> Result<Response<RotateCaResponse>, Status> {

@@ -458,6 +458,28 @@ async fn workload_credentials_are_bound_to_one_identity() {
     let forged = dir.connect_with(altered).await.unwrap();
     let err = forged.control().issue_certificate(csr("echo")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+
+    // Listed (without its secret), then revoked: renewals are refused.
+    let list = east
+        .client
+        .admin()
+        .list_workload_credentials(isthmus_proto::ListWorkloadCredentialsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .credentials;
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (list[0].id.as_str(), list[0].service.as_str()),
+        (cred.id.as_str(), "echo")
+    );
+    east.client
+        .admin()
+        .revoke_workload_credential(isthmus_proto::RevokeWorkloadCredentialRequest { id: cred.id.clone() })
+        .await
+        .unwrap();
+    let err = echo.control().issue_certificate(csr("echo")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
 }
 
 /// Links are pairwise: with east-west and west-north linked, west imports
