@@ -9,13 +9,14 @@
 //!   its own trust domain, and hands the request to the app with the
 //!   client's SPIFFE ID in `x-isthmus-client-id`.
 
+pub mod balance;
 pub mod metrics;
 pub mod route;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -97,8 +98,12 @@ struct Sidecar {
     cfg: Config,
     agent: Agent,
     app_client: hyper_util::client::legacy::Client<HttpConnector, Incoming>,
-    /// One HTTP/2 session per destination, shared by concurrent requests.
+    /// One HTTP/2 session per destination (a local endpoint, or a remote
+    /// cluster's service), shared by concurrent requests.
     pool: Mutex<HashMap<String, H2Sender>>,
+    /// Endpoint choice for each local service.
+    balancers: Mutex<HashMap<String, balance::Balancer>>,
+    retry_budget: Mutex<balance::RetryBudget>,
     metrics: metrics::Metrics,
 }
 
@@ -150,6 +155,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
         metrics,
         app_client: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(http),
         pool: Mutex::new(HashMap::new()),
+        balancers: Mutex::new(HashMap::new()),
+        retry_budget: Mutex::new(balance::RetryBudget::new(Instant::now())),
         agent,
         cfg,
     });
@@ -408,11 +415,51 @@ async fn forward(
     let (host, port) = authority(&req).ok_or(ProxyError::NoHost)?;
     let name = ServiceName::parse(&host).ok_or_else(|| ProxyError::NotMeshName(host.clone()))?;
     labels.destination_service = name.key();
-    let target = {
+    let mut target = {
         let snap = sc.agent.config.borrow();
         route::route(&snap, &name, port, rand::random_range(0..1024))?
     };
     labels.destination_cluster = target.cluster.clone();
+    // A local service: this request's endpoint, by power of two choices
+    // (a remote cluster's gateway chooses among that cluster's endpoints).
+    let endpoint = if target.is_local() {
+        let now = Instant::now();
+        let mut all = sc.balancers.lock().expect("balancers lock");
+        let b = all.entry(service_key(&target)).or_default();
+        let addr = b
+            .pick(&target.addresses, now, |n| rand::random_range(0..n))
+            .map(str::to_string);
+        if let Some(a) = &addr {
+            b.start(a, now);
+            target.addresses = vec![a.clone()];
+        }
+        addr
+    } else {
+        None
+    };
+    sc.retry_budget.lock().expect("budget lock").deposit(Instant::now());
+    let started = Instant::now();
+    let sent = send(sc, &target, req, labels).await;
+    if let Some(a) = &endpoint {
+        let ok = matches!(&sent, Ok(r) if !r.status().is_server_error());
+        let mut all = sc.balancers.lock().expect("balancers lock");
+        if let Some(b) = all.get_mut(&service_key(&target)) {
+            b.finish(a, started.elapsed(), ok, Instant::now());
+        }
+    }
+    let (mut parts, body) = sent?.into_parts();
+    parts.version = http::Version::HTTP_11;
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// Send `req` to `target` over a pooled session.
+async fn send(
+    sc: &Arc<Sidecar>,
+    target: &Target,
+    req: Request<Incoming>,
+    labels: &metrics::RouteLabels,
+) -> Result<Response<Incoming>, ProxyError> {
+    let (host, port) = authority(&req).ok_or(ProxyError::NoHost)?;
     let (mut parts, body) = req.into_parts();
     let path = path_and_query(&parts.uri);
     let authority = match port {
@@ -438,18 +485,20 @@ async fn forward(
         *r.headers_mut() = parts.headers.clone();
         r
     });
-    let key = pool_key(&target);
-    let (sender, pooled) = session(sc, &target, &key, false).await?;
+    let key = pool_key(target);
+    let (sender, pooled) = session(sc, target, &key, false).await?;
     let resp = match sender
         .clone()
         .send_request(Request::from_parts(parts, body.boxed()))
         .await
     {
         Ok(r) => r,
-        Err(e) if again.is_some() && pooled => {
+        Err(e)
+            if again.is_some() && pooled && sc.retry_budget.lock().expect("budget lock").withdraw(Instant::now()) =>
+        {
             tracing::debug!(error = %e, "pooled session failed; retrying on a new one");
             sc.metrics.retries.get_or_create(labels).inc();
-            let (sender, _) = session(sc, &target, &key, true).await?;
+            let (sender, _) = session(sc, target, &key, true).await?;
             let req = again.expect("checked");
             sender
                 .clone()
@@ -467,9 +516,7 @@ async fn forward(
             return Err(ProxyError::Upstream(isthmus_core::local::error_chain(&e)));
         }
     };
-    let (mut parts, body) = resp.into_parts();
-    parts.version = http::Version::HTTP_11;
-    Ok(Response::from_parts(parts, body.boxed()))
+    Ok(resp)
 }
 
 fn empty() -> Body {
@@ -502,8 +549,17 @@ fn path_and_query(uri: &http::Uri) -> String {
     uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string()
 }
 
-fn pool_key(t: &Target) -> String {
+fn service_key(t: &Target) -> String {
     format!("{}/{}/{}/{}", t.cluster, t.namespace, t.service, t.port)
+}
+
+/// A session per local endpoint (the balancer chose it), or per remote
+/// cluster's service.
+fn pool_key(t: &Target) -> String {
+    match t.addresses.as_slice() {
+        [endpoint] => format!("{}@{endpoint}", service_key(t)),
+        _ => service_key(t),
+    }
 }
 
 fn strip_hop_by_hop(h: &mut http::HeaderMap) {
