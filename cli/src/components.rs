@@ -151,6 +151,13 @@ pub struct SidecarArgs {
     /// Admin endpoint: /metrics (Prometheus), /ready, /live.
     #[arg(long, default_value = "127.0.0.1:15020")]
     pub admin_addr: SocketAddr,
+    /// How long an outbound request may wait for its response headers
+    /// before the sidecar answers 504.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Print one JSON line per request (outbound and inbound) on stdout.
+    #[arg(long, env = "ISTHMUS_ACCESS_LOG")]
+    pub access_log: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -277,6 +284,8 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
         outbound_addr: a.outbound_addr,
         instance: a.instance.unwrap_or_else(|| a.inbound_addr.to_string()),
         admin_addr: Some(a.admin_addr),
+        request_timeout: a.request_timeout,
+        access_log: a.access_log,
     };
     let running = isthmus_sidecar::run(cfg, shutdown.clone()).await.map_err(|e| {
         let code = if matches!(e, isthmus_sidecar::SidecarError::Config(_)) {

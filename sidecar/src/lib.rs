@@ -12,6 +12,7 @@
 pub mod balance;
 pub mod metrics;
 pub mod route;
+pub mod trace;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -74,6 +75,10 @@ pub struct Config {
     pub instance: String,
     /// Admin endpoint (`/metrics`, `/ready`, `/live`), if any.
     pub admin_addr: Option<SocketAddr>,
+    /// How long an outbound request may wait for its response headers.
+    pub request_timeout: Duration,
+    /// Print one JSON line per request on stdout.
+    pub access_log: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -233,9 +238,22 @@ async fn serve_inbound(
                 let route = route.clone();
                 async move {
                     let start = std::time::Instant::now();
+                    let line = sc.cfg.access_log.then(|| {
+                        let trace = req
+                            .headers()
+                            .get(trace::TRACEPARENT)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(trace::TraceContext::parse)
+                            .map(|t| t.trace_id_hex())
+                            .unwrap_or_default();
+                        (AccessLine::of(&req), trace)
+                    });
                     let resp = inbound(sc.clone(), client, remote, req).await;
-                    sc.metrics
-                        .observe(route, resp.status().as_u16(), start.elapsed().as_secs_f64());
+                    let elapsed = start.elapsed();
+                    if let Some((line, trace)) = line {
+                        line.print(&route, &resp, elapsed, &trace);
+                    }
+                    sc.metrics.observe(route, resp.status().as_u16(), elapsed.as_secs_f64());
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
@@ -332,6 +350,8 @@ enum ProxyError {
     },
     #[error("upstream: {0}")]
     Upstream(String),
+    #[error("no response within {0:?} (the sidecar's --request-timeout)")]
+    Timeout(Duration),
 }
 
 impl ProxyError {
@@ -347,12 +367,13 @@ impl ProxyError {
             ProxyError::Connect(_) => (StatusCode::BAD_GATEWAY, "connect-failed"),
             ProxyError::Refused { .. } => (StatusCode::BAD_GATEWAY, "tunnel-refused"),
             ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream-failed"),
+            ProxyError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
         };
         error(status, kind, self.to_string())
     }
 }
 
-async fn outbound(sc: Arc<Sidecar>, req: Request<Incoming>) -> Response<Body> {
+async fn outbound(sc: Arc<Sidecar>, mut req: Request<Incoming>) -> Response<Body> {
     let start = std::time::Instant::now();
     let mut route = metrics::RouteLabels {
         direction: "outbound",
@@ -360,16 +381,86 @@ async fn outbound(sc: Arc<Sidecar>, req: Request<Incoming>) -> Response<Body> {
         destination_cluster: "unknown".into(),
         destination_service: "unknown".into(),
     };
-    let resp = match forward(&sc, req, &mut route).await {
-        Ok(r) => r,
-        Err(e) => {
+    // Continue the caller's trace with this hop's span, or start one.
+    let parent = req
+        .headers()
+        .get(trace::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(trace::TraceContext::parse);
+    let ctx = match parent {
+        Some(p) => p.child(rand::random()),
+        None => trace::TraceContext::start(rand::random(), rand::random()),
+    };
+    req.headers_mut().insert(
+        trace::TRACEPARENT,
+        HeaderValue::from_str(&ctx.to_string()).expect("hex is ASCII"),
+    );
+    let line = sc.cfg.access_log.then(|| AccessLine::of(&req));
+    let timeout = sc.cfg.request_timeout;
+    let resp = match tokio::time::timeout(timeout, forward(&sc, req, &mut route)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
             tracing::info!(error = %e, "outbound request failed");
             e.response()
         }
+        Err(_) => ProxyError::Timeout(timeout).response(),
     };
-    sc.metrics
-        .observe(route, resp.status().as_u16(), start.elapsed().as_secs_f64());
+    let elapsed = start.elapsed();
+    if let Some(line) = line {
+        line.print(&route, &resp, elapsed, &ctx.trace_id_hex());
+    }
+    sc.metrics.observe(route, resp.status().as_u16(), elapsed.as_secs_f64());
     resp
+}
+
+/// What the access log says of a request, taken before it is sent on.
+struct AccessLine {
+    method: String,
+    authority: String,
+    path: String,
+}
+
+impl AccessLine {
+    fn of<B>(req: &Request<B>) -> Self {
+        Self {
+            method: req.method().to_string(),
+            authority: req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(|| Some(req.headers().get(http::header::HOST)?.to_str().ok()?.to_string()))
+                .unwrap_or_default(),
+            path: path_and_query(req.uri()),
+        }
+    }
+
+    /// One JSON line on stdout.
+    fn print(self, route: &metrics::RouteLabels, resp: &Response<Body>, elapsed: Duration, trace_id: &str) {
+        println!("{}", self.render(route, resp, elapsed, trace_id));
+    }
+
+    fn render(
+        self,
+        route: &metrics::RouteLabels,
+        resp: &Response<Body>,
+        elapsed: Duration,
+        trace_id: &str,
+    ) -> serde_json::Value {
+        serde_json::json!({
+            "time_unix_ms": isthmus_core::unix_now_ms(),
+            "direction": route.direction,
+            "method": self.method,
+            "authority": self.authority,
+            "path": self.path,
+            "status": resp.status().as_u16(),
+            "error": resp.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()),
+            "duration_ms": elapsed.as_secs_f64() * 1000.0,
+            "source_cluster": route.source_cluster,
+            "destination_cluster": route.destination_cluster,
+            "destination_service": route.destination_service,
+            "trace_id": trace_id,
+        })
+    }
 }
 
 impl Sidecar {
@@ -684,5 +775,33 @@ async fn tunnel(sc: &Sidecar, target: &Target) -> Result<impl Io + use<>, ProxyE
             code: code.as_str().to_string(),
             reason,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_line_has_the_request_and_its_outcome() {
+        let req = Request::get("http://echo.demo.svc.clusterset.local:8080/a?b=1")
+            .body(())
+            .unwrap();
+        let route = metrics::RouteLabels {
+            direction: "outbound",
+            source_cluster: "west".into(),
+            destination_cluster: "east".into(),
+            destination_service: "demo/echo".into(),
+        };
+        let resp = ProxyError::Timeout(Duration::from_secs(1)).response();
+        let v = AccessLine::of(&req).render(&route, &resp, Duration::from_millis(12), "ab");
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["authority"], "echo.demo.svc.clusterset.local:8080");
+        assert_eq!(v["path"], "/a?b=1");
+        assert_eq!(v["status"], 504);
+        assert_eq!(v["error"], "timeout");
+        assert_eq!(v["destination_cluster"], "east");
+        assert_eq!(v["trace_id"], "ab");
+        assert_eq!(v["duration_ms"], 12.0);
     }
 }

@@ -82,6 +82,8 @@ async fn remote_callers_reach_only_exported_services() {
             outbound_addr: "127.0.0.1:0".parse().unwrap(),
             instance: "echo-1".into(),
             admin_addr: None,
+            request_timeout: Duration::from_secs(15),
+            access_log: false,
         },
         stop.clone(),
     )

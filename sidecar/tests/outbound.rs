@@ -1,0 +1,211 @@
+//! Outbound behaviour with real sidecars beside a real controller: endpoint
+//! choice and outlier ejection, request timeouts, and trace context.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use isthmus_core::local::ClusterDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+/// An HTTP/1.1 app answering `status` with `body` after `delay`; it echoes
+/// the `traceparent` it received in `x-seen-traceparent`.
+async fn app(status: u16, body: &'static str, delay: Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
+                    tokio::time::sleep(delay).await;
+                    let mut resp = hyper::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                    if let Some(t) = req.headers().get("traceparent") {
+                        resp.headers_mut().insert("x-seen-traceparent", t.clone());
+                    }
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn sidecar(dir: &std::path::Path, app: Option<SocketAddr>, stop: &CancellationToken) -> isthmus_sidecar::Running {
+    sidecar_with(dir, app, Duration::from_secs(15), stop).await
+}
+
+async fn sidecar_with(
+    dir: &std::path::Path,
+    app: Option<SocketAddr>,
+    request_timeout: Duration,
+    stop: &CancellationToken,
+) -> isthmus_sidecar::Running {
+    isthmus_sidecar::run(
+        isthmus_sidecar::Config {
+            dir: dir.to_path_buf(),
+            credential: None,
+            namespace: "demo".into(),
+            service_account: if app.is_some() { "echo" } else { "client" }.into(),
+            serve: app.map(|app| isthmus_sidecar::Serve {
+                service: "echo".into(),
+                port: 8080,
+                app,
+            }),
+            inbound_addr: "127.0.0.1:0".parse().unwrap(),
+            outbound_addr: "127.0.0.1:0".parse().unwrap(),
+            instance: app.map(|a| a.to_string()).unwrap_or_else(|| "client".into()),
+            admin_addr: None,
+            request_timeout,
+            access_log: false,
+        },
+        stop.clone(),
+    )
+    .await
+    .unwrap()
+}
+
+/// GET echo through the client sidecar's proxy: status and body.
+async fn get(proxy: SocketAddr) -> (u16, String) {
+    let (status, _, body) = get_with(proxy, "").await;
+    (status, body)
+}
+
+/// GET echo with `extra` header lines: status, response head, body.
+async fn get_with(proxy: SocketAddr, extra: &str) -> (u16, String, String) {
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let req = format!(
+        "GET http://echo.demo.svc.clusterset.local:8080/ HTTP/1.1\r\nhost: echo.demo.svc.clusterset.local:8080\r\n{extra}connection: close\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    let status = raw[9..12].parse().unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    (status, head.to_lowercase(), body.to_string())
+}
+
+/// A controller for cluster east in `dir`.
+async fn east(dir: &std::path::Path, stop: &CancellationToken) {
+    isthmus_core::install_crypto_provider();
+    let cfg = isthmus_controller::Config::new(dir, "east", "east.mesh");
+    isthmus_controller::run(cfg, stop.clone()).await.unwrap();
+    ClusterDir::new(dir).connect().await.unwrap();
+}
+
+/// Poll `f` until it holds (at most 10 s).
+async fn until_ok<F: std::future::Future<Output = bool>>(mut f: impl FnMut() -> F) {
+    for _ in 0..500 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("condition not met in 10 s");
+}
+
+#[tokio::test]
+async fn fast_failing_endpoint_is_ejected_and_the_healthy_one_serves() {
+    let stop = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    east(dir.path(), &stop).await;
+
+    let healthy = app(200, "healthy", Duration::from_millis(5)).await;
+    let broken = app(503, "broken", Duration::ZERO).await;
+    let _a = sidecar(dir.path(), Some(healthy), &stop).await;
+    let _b = sidecar(dir.path(), Some(broken), &stop).await;
+    let client = sidecar(dir.path(), None, &stop).await;
+
+    // Wait until the client's config holds both endpoints.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        seen.insert(get(client.outbound_addr).await.1);
+        if seen.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen.len(), 2, "both endpoints should answer at first: {seen:?}");
+
+    // From here: at most EJECT_AFTER more failures, then only the healthy one.
+    let mut failed = 0;
+    let mut last_failure = 0;
+    for i in 0..60 {
+        let (status, body) = get(client.outbound_addr).await;
+        if status != 200 {
+            failed += 1;
+            last_failure = i;
+        } else {
+            assert_eq!(body, "healthy");
+        }
+    }
+    assert!(
+        failed <= isthmus_sidecar::balance::EJECT_AFTER as usize,
+        "{failed} failures: the broken endpoint should be ejected after {} in a row",
+        isthmus_sidecar::balance::EJECT_AFTER
+    );
+    assert!(
+        last_failure < 20,
+        "failures should stop early, last at request {last_failure}"
+    );
+    stop.cancel();
+}
+
+/// An app slower than the sidecar's request timeout gets the caller a 504
+/// that says so, in about the timeout.
+#[tokio::test]
+async fn slow_answer_times_out_with_504() {
+    let stop = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    east(dir.path(), &stop).await;
+    let slow = app(200, "slow", Duration::from_secs(5)).await;
+    let _echo = sidecar(dir.path(), Some(slow), &stop).await;
+    let client = sidecar_with(dir.path(), None, Duration::from_millis(300), &stop).await;
+    // Until the client knows echo, it answers 503 unknown-service at once.
+    until_ok(|| async { get(client.outbound_addr).await.0 != 503 }).await;
+    let t = std::time::Instant::now();
+    let (status, head, _) = get_with(client.outbound_addr, "").await;
+    assert_eq!(status, 504, "{head}");
+    assert!(head.contains("x-isthmus-error: timeout"), "{head}");
+    assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+    stop.cancel();
+}
+
+/// The app sees the caller's trace continued under the sidecar's span, or a
+/// new valid trace when the caller sent none.
+#[tokio::test]
+async fn trace_context_is_continued_or_started() {
+    let stop = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    east(dir.path(), &stop).await;
+    let echo = app(200, "ok", Duration::ZERO).await;
+    let _echo = sidecar(dir.path(), Some(echo), &stop).await;
+    let client = sidecar(dir.path(), None, &stop).await;
+    until_ok(|| async { get(client.outbound_addr).await.0 == 200 }).await;
+
+    let seen = |head: &str| -> isthmus_sidecar::trace::TraceContext {
+        let v = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-seen-traceparent: "))
+            .expect("the app saw a traceparent");
+        isthmus_sidecar::trace::TraceContext::parse(v).expect("a valid traceparent")
+    };
+    let sent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (_, head, _) = get_with(client.outbound_addr, &format!("traceparent: {sent}\r\n")).await;
+    let got = seen(&head);
+    assert_eq!(got.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(got.to_string(), sent, "the sidecar's own span is the new parent");
+
+    let (_, head, _) = get_with(client.outbound_addr, "").await;
+    let fresh = seen(&head);
+    assert_ne!(fresh.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    stop.cancel();
+}
