@@ -8,6 +8,7 @@
 //! port) and relays it to a local sidecar. Gateways never see plaintext: the
 //! bytes they relay are the two sidecars' own end-to-end mTLS session.
 
+mod counted;
 mod metrics;
 
 use std::collections::HashMap;
@@ -27,6 +28,8 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+
+use crate::counted::Counted;
 use tokio_util::task::TaskTracker;
 
 /// How long a peer has to send a stream's header or answer ours.
@@ -287,7 +290,7 @@ async fn outbound_tunnel(gw: Arc<Gateway>, acceptor: tokio_rustls::TlsAcceptor, 
         .await
         .map_err(|_| "header timed out".to_string())?
         .map_err(|e| e.to_string())?;
-    let mut quic = match open_stream(&gw, &req).await {
+    let quic = match open_stream(&gw, &req).await {
         Ok(s) => s,
         Err(refusal) => {
             gw.metrics.stream("outbound", &req.cluster, refusal.result());
@@ -300,9 +303,10 @@ async fn outbound_tunnel(gw: Arc<Gateway>, acceptor: tokio_rustls::TlsAcceptor, 
     let _open = gw.metrics.open("outbound");
     TunnelResponse::Ok.write(&mut tls).await.map_err(|e| e.to_string())?;
     tracing::debug!(%client, to = %req.cluster, service = %format!("{}/{}", req.namespace, req.service), "tunnel open");
-    if let Ok((to_peer, from_peer)) = tokio::io::copy_bidirectional(&mut tls, &mut quic).await {
-        gw.metrics.relayed(&req.cluster, to_peer, from_peer);
-    }
+    let (to_peer, from_peer) = gw.metrics.byte_counters(&req.cluster);
+    let mut tls = Counted::new(tls, to_peer);
+    let mut quic = Counted::new(quic, from_peer);
+    let _ = tokio::io::copy_bidirectional(&mut tls, &mut quic).await;
     Ok(())
 }
 
@@ -559,7 +563,7 @@ async fn inbound_stream(
         }
         Err(r) => Err(r),
     };
-    let mut upstream = match target {
+    let upstream = match target {
         Ok(s) => s,
         Err(refusal) => {
             gw.metrics.stream("inbound", peer, refusal.result());
@@ -573,10 +577,10 @@ async fn inbound_stream(
     gw.metrics.stream("inbound", peer, "ok");
     let _open = gw.metrics.open("inbound");
     TunnelResponse::Ok.write(&mut send).await.map_err(|e| e.to_string())?;
-    let mut stream = tokio::io::join(recv, send);
-    if let Ok((from_peer, to_peer)) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
-        gw.metrics.relayed(peer, to_peer, from_peer);
-    }
+    let (to_peer, from_peer) = gw.metrics.byte_counters(peer);
+    let mut stream = Counted::new(tokio::io::join(recv, send), from_peer);
+    let mut upstream = Counted::new(upstream, to_peer);
+    let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
     Ok(())
 }
 

@@ -90,14 +90,18 @@ impl Metrics {
             .inc();
     }
 
-    /// Count relayed bytes once a stream ends.
-    pub fn relayed(&self, peer: &str, to_peer: u64, from_peer: u64) {
+    /// The byte counters of a peer: (to_peer, from_peer), counted as
+    /// bytes are relayed.
+    pub fn byte_counters(&self, peer: &str) -> (Counter, Counter) {
         let labels = |direction| BytesLabels {
             peer: peer.to_string(),
             direction,
         };
-        self.bytes.get_or_create(&labels("to_peer")).inc_by(to_peer);
-        self.bytes.get_or_create(&labels("from_peer")).inc_by(from_peer);
+        // One at a time: a family's guard must be dropped before the next
+        // get_or_create, which may need its write lock.
+        let to_peer = self.bytes.get_or_create(&labels("to_peer")).clone();
+        let from_peer = self.bytes.get_or_create(&labels("from_peer")).clone();
+        (to_peer, from_peer)
     }
 
     /// Track an open stream until the guard drops.

@@ -105,6 +105,12 @@ fn link_export_and_call_across_clusters() {
         sample(&gw_metrics, "isthmus_gateway_streams_total", &streams).unwrap_or(0.0) >= 1.0,
         "{gw_metrics}"
     );
+    // Bytes count while the pooled tunnel is still open, not only when it ends.
+    let from_west = [("peer", "west"), ("direction", "from_peer")];
+    assert!(
+        sample(&gw_metrics, "isthmus_gateway_stream_bytes_total", &from_west).unwrap_or(0.0) > 0.0,
+        "{gw_metrics}"
+    );
     let ctl_metrics = metrics(east.info["controller_admin"].as_str().unwrap());
     assert!(
         ctl_metrics.lines().any(|l| l == "isthmus_exported_services 1"),
