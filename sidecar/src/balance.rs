@@ -51,8 +51,13 @@ impl Stats {
         self.ejected_until.is_some_and(|t| now < t)
     }
 
-    fn cost(&self) -> f64 {
-        self.ewma_ns * f64::from(self.pending + 1)
+    /// Latency estimate decayed by the time since the last sample, times
+    /// requests in flight + 1. Decaying here (not only on a sample) lets an
+    /// endpoint that looked slow once, and so got no traffic since, be tried
+    /// again after a while instead of never.
+    fn cost(&self, now: Instant) -> f64 {
+        let idle = now.saturating_duration_since(self.stamp).as_secs_f64();
+        self.ewma_ns * (-idle / DECAY.as_secs_f64()).exp() * f64::from(self.pending + 1)
     }
 }
 
@@ -63,6 +68,16 @@ pub struct Balancer {
 }
 
 impl Balancer {
+    /// Forget endpoints that are no longer among `addrs`; returns them, so
+    /// their pooled sessions can be dropped too.
+    pub fn retain(&mut self, addrs: &[String]) -> Vec<String> {
+        let gone: Vec<String> = self.stats.keys().filter(|a| !addrs.contains(a)).cloned().collect();
+        for a in &gone {
+            self.stats.remove(a);
+        }
+        gone
+    }
+
     /// Pick an endpoint of `addrs`; `rand(n)` must return a number below n.
     pub fn pick<'a>(
         &mut self,
@@ -70,8 +85,6 @@ impl Balancer {
         now: Instant,
         mut rand: impl FnMut(usize) -> usize,
     ) -> Option<&'a str> {
-        // Endpoints that left the service take their history with them.
-        self.stats.retain(|a, _| addrs.contains(a));
         let live: Vec<&String> = addrs.iter().filter(|a| !self.is_ejected(a, now)).collect();
         // If every endpoint is ejected, ejection has nothing better to offer.
         let pool: Vec<&String> = if live.is_empty() { addrs.iter().collect() } else { live };
@@ -135,11 +148,17 @@ impl Balancer {
     }
 
     fn cost_of(&self, addr: &str, now: Instant) -> f64 {
-        self.stats.get(addr).map_or_else(|| Stats::new(now).cost(), Stats::cost)
+        self.stats
+            .get(addr)
+            .map_or_else(|| Stats::new(now).cost(now), |s| s.cost(now))
     }
 
     fn entry(&mut self, addr: &str, now: Instant) -> &mut Stats {
-        self.stats.entry(addr.to_string()).or_insert_with(|| Stats::new(now))
+        // No allocation on the common path, where the endpoint is known.
+        if !self.stats.contains_key(addr) {
+            self.stats.insert(addr.to_string(), Stats::new(now));
+        }
+        self.stats.get_mut(addr).expect("just inserted")
     }
 }
 
@@ -247,9 +266,35 @@ mod tests {
         assert_eq!(b.pick(&a, t1, seq(&[0, 0])), Some(a[1].as_str()));
         // ...but a long quiet spell lets it decay towards the new samples.
         let t2 = t0 + Duration::from_secs(60);
-        b.start(&a[0], t2);
-        b.finish(&a[0], Duration::from_millis(1), true, t2);
+        for (addr, ms) in [(&a[0], 1), (&a[1], 10)] {
+            b.start(addr, t2);
+            b.finish(addr, Duration::from_millis(ms), true, t2);
+        }
         assert_eq!(b.pick(&a, t2, seq(&[0, 0])), Some(a[0].as_str()));
+    }
+
+    #[test]
+    fn an_endpoint_that_looked_slow_once_is_tried_again() {
+        let t0 = Instant::now();
+        let a = addrs(2);
+        let mut b = Balancer::default();
+        b.start(&a[0], t0);
+        b.finish(&a[0], Duration::from_secs(1), true, t0);
+        let mut picked_slow = None;
+        // The fast one keeps serving (and keeps its estimate fresh) while
+        // the slow one's estimate decays, until it is worth a try again.
+        for s in 0..120 {
+            let now = t0 + Duration::from_secs(s);
+            let p = b.pick(&a, now, seq(&[0, 0])).unwrap().to_string();
+            if p == a[0] {
+                picked_slow = Some(s);
+                break;
+            }
+            b.start(&p, now);
+            b.finish(&p, Duration::from_millis(2), true, now);
+        }
+        let s = picked_slow.expect("the slow endpoint is never tried again");
+        assert!((40..100).contains(&s), "tried again after {s}s");
     }
 
     #[test]

@@ -389,7 +389,11 @@ async fn outbound(sc: Arc<Sidecar>, mut req: Request<Incoming>) -> Response<Body
         .and_then(trace::TraceContext::parse);
     let ctx = match parent {
         Some(p) => p.child(rand::random()),
-        None => trace::TraceContext::start(rand::random(), rand::random()),
+        None => {
+            // A new trace: vendor state of a trace we do not continue goes.
+            req.headers_mut().remove(trace::TRACESTATE);
+            trace::TraceContext::start(rand::random(), rand::random())
+        }
     };
     req.headers_mut().insert(
         trace::TRACEPARENT,
@@ -513,34 +517,69 @@ async fn forward(
     labels.destination_cluster = target.cluster.clone();
     // A local service: this request's endpoint, by power of two choices
     // (a remote cluster's gateway chooses among that cluster's endpoints).
-    let endpoint = if target.is_local() {
+    let mut in_flight = None;
+    if target.is_local() {
         let now = Instant::now();
-        let mut all = sc.balancers.lock().expect("balancers lock");
-        let b = all.entry(service_key(&target)).or_default();
-        let addr = b
-            .pick(&target.addresses, now, |n| rand::random_range(0..n))
-            .map(str::to_string);
-        if let Some(a) = &addr {
-            b.start(a, now);
-            target.addresses = vec![a.clone()];
+        let service = service_key(&target);
+        let (addr, gone) = {
+            let mut all = sc.balancers.lock().expect("balancers lock");
+            let b = all.entry(service.clone()).or_default();
+            let gone = b.retain(&target.addresses);
+            let addr = b
+                .pick(&target.addresses, now, |n| rand::random_range(0..n))
+                .map(str::to_string);
+            if let Some(a) = &addr {
+                b.start(a, now);
+            }
+            (addr, gone)
+        };
+        // Endpoints that left the service take their pooled sessions along.
+        if !gone.is_empty() {
+            let mut pool = sc.pool.lock().expect("pool lock");
+            for g in gone {
+                pool.remove(&format!("{service}@{g}"));
+            }
         }
-        addr
-    } else {
-        None
-    };
-    sc.retry_budget.lock().expect("budget lock").deposit(Instant::now());
-    let started = Instant::now();
-    let sent = send(sc, &target, req, labels).await;
-    if let Some(a) = &endpoint {
-        let ok = matches!(&sent, Ok(r) if !r.status().is_server_error());
-        let mut all = sc.balancers.lock().expect("balancers lock");
-        if let Some(b) = all.get_mut(&service_key(&target)) {
-            b.finish(a, started.elapsed(), ok, Instant::now());
+        if let Some(addr) = addr {
+            target.addresses = vec![addr.clone()];
+            in_flight = Some(InFlight {
+                sc,
+                service,
+                addr,
+                start: now,
+                ok: false,
+            });
         }
     }
+    sc.retry_budget.lock().expect("budget lock").deposit(Instant::now());
+    let sent = send(sc, &target, req, labels).await;
+    if let Some(f) = in_flight.as_mut() {
+        f.ok = matches!(&sent, Ok(r) if !r.status().is_server_error());
+    }
+    drop(in_flight);
     let (mut parts, body) = sent?.into_parts();
     parts.version = http::Version::HTTP_11;
     Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// A request in flight to a local endpoint. It reports to the balancer when
+/// dropped, so a request that never got an answer (timed out, or its caller
+/// went away) counts as a failure and no longer as in flight.
+struct InFlight<'a> {
+    sc: &'a Sidecar,
+    service: String,
+    addr: String,
+    start: Instant,
+    ok: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut all = self.sc.balancers.lock().expect("balancers lock");
+        if let Some(b) = all.get_mut(&self.service) {
+            b.finish(&self.addr, self.start.elapsed(), self.ok, Instant::now());
+        }
+    }
 }
 
 /// Send `req` to `target` over a pooled session.

@@ -5,6 +5,7 @@
 use std::fmt;
 
 pub const TRACEPARENT: &str = "traceparent";
+pub const TRACESTATE: &str = "tracestate";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TraceContext {
@@ -19,7 +20,7 @@ impl TraceContext {
     /// and version `ff` are invalid.
     pub fn parse(v: &str) -> Option<Self> {
         let mut parts = v.trim().split('-');
-        let version = u8::from_str_radix(parts.next().filter(|p| p.len() == 2)?, 16).ok()?;
+        let [version]: [u8; 1] = hex(parts.next()?)?;
         let trace_id: [u8; 16] = hex(parts.next()?)?;
         let span_id: [u8; 8] = hex(parts.next()?)?;
         let [flags]: [u8; 1] = hex(parts.next()?)?;
@@ -54,15 +55,32 @@ impl TraceContext {
     }
 
     pub fn trace_id_hex(&self) -> String {
-        self.trace_id.iter().map(|b| format!("{b:02x}")).collect()
+        to_hex(&self.trace_id)
     }
 }
 
+/// Lowercase hex, without a formatting call per byte (this runs per request).
+fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
+}
+
 impl fmt::Display for TraceContext {
-    /// The `traceparent` header value (version 00).
+    /// The `traceparent` header value (version 00, which defines only the
+    /// sampled flag; other bits are sent as zero).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let span: String = self.span_id.iter().map(|b| format!("{b:02x}")).collect();
-        write!(f, "00-{}-{span}-{:02x}", self.trace_id_hex(), self.flags)
+        write!(
+            f,
+            "00-{}-{}-{:02x}",
+            to_hex(&self.trace_id),
+            to_hex(&self.span_id),
+            self.flags & 1
+        )
     }
 }
 
@@ -111,6 +129,8 @@ mod tests {
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "+0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "0A-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ] {
             assert_eq!(TraceContext::parse(bad), None, "{bad:?}");
         }

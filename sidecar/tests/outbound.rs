@@ -125,15 +125,19 @@ async fn fast_failing_endpoint_is_ejected_and_the_healthy_one_serves() {
     let client = sidecar(dir.path(), None, &stop).await;
 
     // Wait until the client's config holds both endpoints.
+    let both = std::collections::BTreeSet::from(["broken".to_string(), "healthy".to_string()]);
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..200 {
-        seen.insert(get(client.outbound_addr).await.1);
-        if seen.len() == 2 {
+        let (status, body) = get(client.outbound_addr).await;
+        if status == 200 || status == 503 && body == "broken" {
+            seen.insert(body);
+        }
+        if seen == both {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(seen.len(), 2, "both endpoints should answer at first: {seen:?}");
+    assert_eq!(seen, both, "both endpoints should answer at first");
 
     // From here: at most EJECT_AFTER more failures, then only the healthy one.
     let mut failed = 0;
