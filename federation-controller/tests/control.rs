@@ -132,12 +132,7 @@ async fn tokens_expire_by_the_issuers_clock_and_are_single_use() {
 
     let short = create_token(&east.client, 1, 0).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let err = west
-        .client
-        .admin()
-        .link(LinkRequest { token: short.token })
-        .await
-        .unwrap_err();
+    let err = link_fails(&west, short.token).await;
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("expired"), "{}", err.message());
 
@@ -149,12 +144,7 @@ async fn tokens_expire_by_the_issuers_clock_and_are_single_use() {
         })
         .await
         .unwrap();
-    let err = north
-        .client
-        .admin()
-        .link(LinkRequest { token: tok.token })
-        .await
-        .unwrap_err();
+    let err = link_fails(&north, tok.token).await;
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(err.message().contains("already used"), "{}", err.message());
 
@@ -163,14 +153,7 @@ async fn tokens_expire_by_the_issuers_clock_and_are_single_use() {
     let tok = token(&east).await;
     let mut decoded = isthmus_core::token::JoinToken::decode(&tok.token).unwrap();
     decoded.peering = vec![west.client.info.peering_addr.clone()];
-    let err = north
-        .client
-        .admin()
-        .link(LinkRequest {
-            token: decoded.encode(),
-        })
-        .await
-        .unwrap_err();
+    let err = link_fails(&north, decoded.encode()).await;
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("fingerprint mismatch"), "{}", err.message());
 
@@ -178,14 +161,7 @@ async fn tokens_expire_by_the_issuers_clock_and_are_single_use() {
     let tok = token(&east).await;
     let mut decoded = isthmus_core::token::JoinToken::decode(&tok.token).unwrap();
     decoded.secret = isthmus_core::token::new_secret().0;
-    let err = north
-        .client
-        .admin()
-        .link(LinkRequest {
-            token: decoded.encode(),
-        })
-        .await
-        .unwrap_err();
+    let err = link_fails(&north, decoded.encode()).await;
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 
     // West sees east active within a few heartbeats.
@@ -247,6 +223,11 @@ async fn wait_status(ctl: &Ctl, what: &str, f: impl Fn(&StatusResponse) -> bool)
     }
 }
 
+/// Try to link `joiner` with `token`, which must fail: the error.
+async fn link_fails(joiner: &Ctl, token: String) -> tonic::Status {
+    joiner.client.admin().link(LinkRequest { token }).await.unwrap_err()
+}
+
 /// Link `joiner` to `issuer` with a fresh token.
 async fn link(joiner: &Ctl, issuer: &Ctl) {
     joiner
@@ -275,12 +256,7 @@ async fn revoked_tokens_are_refused_and_listed() {
         .await
         .unwrap();
 
-    let err = west
-        .client
-        .admin()
-        .link(LinkRequest { token: a.token })
-        .await
-        .unwrap_err();
+    let err = link_fails(&west, a.token).await;
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("revoked"), "{}", err.message());
 
