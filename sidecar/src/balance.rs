@@ -65,12 +65,16 @@ impl Stats {
 #[derive(Debug, Default)]
 pub struct Balancer {
     stats: HashMap<String, Stats>,
+    /// How many endpoints the service has now (for the ejection limit;
+    /// `stats` holds only those that have been tried).
+    endpoints: usize,
 }
 
 impl Balancer {
     /// Forget endpoints that are no longer among `addrs`; returns them, so
     /// their pooled sessions can be dropped too.
     pub fn retain(&mut self, addrs: &[String]) -> Vec<String> {
+        self.endpoints = addrs.len();
         let gone: Vec<String> = self.stats.keys().filter(|a| !addrs.contains(a)).cloned().collect();
         for a in &gone {
             self.stats.remove(a);
@@ -115,10 +119,24 @@ impl Balancer {
     /// A request to `addr` ended after `rtt`; `ok` if it got an answer that
     /// was not a server error.
     pub fn finish(&mut self, addr: &str, rtt: Duration, ok: bool, now: Instant) {
-        let total = self.stats.len().max(1);
+        let total = self.endpoints.max(self.stats.len()).max(1);
         let ejected = self.stats.values().filter(|s| s.ejected(now)).count();
         let s = self.entry(addr, now);
         s.pending = s.pending.saturating_sub(1);
+        if !ok {
+            // A failure says nothing about how fast the endpoint serves; a
+            // quick refusal must not make it look like the fastest one.
+            s.failures += 1;
+            if s.failures >= EJECT_AFTER && !s.ejected(now) && (ejected + 1) * 100 <= total * MAX_EJECTED_PERCENT {
+                let time = BASE_EJECTION.saturating_mul(1 << s.ejections.min(8)).min(MAX_EJECTION);
+                s.ejected_until = Some(now + time);
+                s.ejections += 1;
+                s.failures = 0;
+                tracing::warn!(endpoint = %addr, secs = time.as_secs(), "endpoint ejected after consecutive failures");
+            }
+            return;
+        }
+        s.failures = 0;
         // Peak EWMA: a slower answer counts at once, a faster one decays in.
         let elapsed = now.saturating_duration_since(s.stamp).as_secs_f64();
         let w = (-elapsed / DECAY.as_secs_f64()).exp();
@@ -129,18 +147,6 @@ impl Balancer {
             s.ewma_ns * w + sample * (1.0 - w)
         };
         s.stamp = now;
-        if ok {
-            s.failures = 0;
-            return;
-        }
-        s.failures += 1;
-        if s.failures >= EJECT_AFTER && !s.ejected(now) && (ejected + 1) * 100 <= total * MAX_EJECTED_PERCENT {
-            let time = BASE_EJECTION.saturating_mul(1 << s.ejections.min(8)).min(MAX_EJECTION);
-            s.ejected_until = Some(now + time);
-            s.ejections += 1;
-            s.failures = 0;
-            tracing::warn!(endpoint = %addr, secs = time.as_secs(), "endpoint ejected after consecutive failures");
-        }
     }
 
     pub fn is_ejected(&self, addr: &str, now: Instant) -> bool {
@@ -329,6 +335,25 @@ mod tests {
         fail(&mut b, &a[0], EJECT_AFTER, later);
         assert!(b.is_ejected(&a[0], later + BASE_EJECTION + Duration::from_secs(1)));
         assert!(!b.is_ejected(&a[0], later + 2 * BASE_EJECTION));
+    }
+
+    /// The ejection limit counts the service's endpoints, not only those
+    /// tried so far: a fast-failing endpoint that P2C kept choosing over an
+    /// untried healthy one was never ejected.
+    #[test]
+    fn ejection_counts_endpoints_not_yet_tried() {
+        let t0 = Instant::now();
+        let a = addrs(2);
+        let mut b = Balancer::default();
+        assert!(b.retain(&a).is_empty());
+        for _ in 0..EJECT_AFTER {
+            let p = b.pick(&a, t0, seq(&[0, 0])).unwrap().to_string();
+            assert_eq!(p, a[0], "its quick failures keep it looking as fast as the untried one");
+            b.start(&p, t0);
+            b.finish(&p, Duration::from_micros(100), false, t0);
+        }
+        assert!(b.is_ejected(&a[0], t0));
+        assert_eq!(b.pick(&a, t0, seq(&[0, 0])), Some(a[1].as_str()));
     }
 
     #[test]

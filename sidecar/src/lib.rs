@@ -493,7 +493,7 @@ impl Sidecar {
 
 /// The target host and port of a request: absolute-form URI (HTTP proxy
 /// style), else the Host header.
-fn authority(req: &Request<Incoming>) -> Option<(String, Option<u16>)> {
+fn authority<B>(req: &Request<B>) -> Option<(String, Option<u16>)> {
     let auth = req
         .uri()
         .authority()
@@ -517,49 +517,85 @@ async fn forward(
     labels.destination_cluster = target.cluster.clone();
     // A local service: this request's endpoint, by power of two choices
     // (a remote cluster's gateway chooses among that cluster's endpoints).
-    let mut in_flight = None;
-    if target.is_local() {
-        let now = Instant::now();
-        let service = service_key(&target);
-        let (addr, gone) = {
-            let mut all = sc.balancers.lock().expect("balancers lock");
-            let b = all.entry(service.clone()).or_default();
-            let gone = b.retain(&target.addresses);
-            let addr = b
-                .pick(&target.addresses, now, |n| rand::random_range(0..n))
-                .map(str::to_string);
-            if let Some(a) = &addr {
-                b.start(a, now);
-            }
-            (addr, gone)
-        };
-        // Endpoints that left the service take their pooled sessions along.
-        if !gone.is_empty() {
-            let mut pool = sc.pool.lock().expect("pool lock");
-            for g in gone {
-                pool.remove(&format!("{service}@{g}"));
-            }
-        }
-        if let Some(addr) = addr {
-            target.addresses = vec![addr.clone()];
-            in_flight = Some(InFlight {
-                sc,
-                service,
-                addr,
-                start: now,
-                ok: false,
-            });
-        }
-    }
+    // A body-less idempotent request that cannot reach its endpoint is sent
+    // to another one, within the retry budget.
+    let endpoints = target.addresses.clone();
+    let replay = (req.method().is_idempotent() && req.body().is_end_stream())
+        .then(|| (req.method().clone(), req.uri().clone(), req.headers().clone()));
+    let mut req = req.map(|b| b.boxed());
+    let mut failed: Vec<String> = Vec::new();
     sc.retry_budget.lock().expect("budget lock").deposit(Instant::now());
-    let sent = send(sc, &target, req, labels).await;
-    if let Some(f) = in_flight.as_mut() {
+    let sent = loop {
+        let mut in_flight = None;
+        if !endpoints.is_empty() {
+            in_flight = choose_endpoint(sc, &target, &endpoints, &failed);
+            if let Some(f) = &in_flight {
+                target.addresses = vec![f.addr.clone()];
+            }
+        }
+        let sent = send(sc, &target, req, labels).await;
+        let Some(mut f) = in_flight else { break sent };
         f.ok = matches!(&sent, Ok(r) if !r.status().is_server_error());
-    }
-    drop(in_flight);
+        let again = match (&sent, &replay) {
+            (Err(ProxyError::Connect(_)), Some(again))
+                if failed.len() + 1 < endpoints.len()
+                    && sc.retry_budget.lock().expect("budget lock").withdraw(Instant::now()) =>
+            {
+                again
+            }
+            _ => break sent,
+        };
+        tracing::debug!(endpoint = %f.addr, "endpoint unreachable; trying another");
+        sc.metrics.retries.get_or_create(labels).inc();
+        failed.push(f.addr.clone());
+        let mut r = Request::new(empty());
+        *r.method_mut() = again.0.clone();
+        *r.uri_mut() = again.1.clone();
+        *r.headers_mut() = again.2.clone();
+        req = r;
+    };
     let (mut parts, body) = sent?.into_parts();
     parts.version = http::Version::HTTP_11;
     Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// Choose a local endpoint of `target` other than `failed`, and count the
+/// request in flight there. Endpoints that left the service (not among
+/// `endpoints`) are forgotten, with their pooled sessions.
+fn choose_endpoint<'a>(
+    sc: &'a Sidecar,
+    target: &Target,
+    endpoints: &[String],
+    failed: &[String],
+) -> Option<InFlight<'a>> {
+    let now = Instant::now();
+    let service = service_key(target);
+    let candidates: Vec<String> = endpoints.iter().filter(|e| !failed.contains(e)).cloned().collect();
+    let (addr, gone) = {
+        let mut all = sc.balancers.lock().expect("balancers lock");
+        let b = all.entry(service.clone()).or_default();
+        let gone = b.retain(endpoints);
+        let addr = b
+            .pick(&candidates, now, |n| rand::random_range(0..n))
+            .map(str::to_string);
+        if let Some(a) = &addr {
+            b.start(a, now);
+        }
+        (addr, gone)
+    };
+    if !gone.is_empty() {
+        let mut pool = sc.pool.lock().expect("pool lock");
+        for g in gone {
+            pool.remove(&format!("{service}@{g}"));
+        }
+    }
+    Some(InFlight {
+        sc,
+        service,
+        addr: addr?,
+        start: now,
+        ok: false,
+    })
 }
 
 /// A request in flight to a local endpoint. It reports to the balancer when
@@ -586,7 +622,7 @@ impl Drop for InFlight<'_> {
 async fn send(
     sc: &Arc<Sidecar>,
     target: &Target,
-    req: Request<Incoming>,
+    req: Request<Body>,
     labels: &metrics::RouteLabels,
 ) -> Result<Response<Incoming>, ProxyError> {
     let (host, port) = authority(&req).ok_or(ProxyError::NoHost)?;
@@ -617,11 +653,7 @@ async fn send(
     });
     let key = pool_key(target);
     let (sender, pooled) = session(sc, target, &key, false).await?;
-    let resp = match sender
-        .clone()
-        .send_request(Request::from_parts(parts, body.boxed()))
-        .await
-    {
+    let resp = match sender.clone().send_request(Request::from_parts(parts, body)).await {
         Ok(r) => r,
         Err(e)
             if again.is_some() && pooled && sc.retry_budget.lock().expect("budget lock").withdraw(Instant::now()) =>

@@ -213,3 +213,53 @@ async fn trace_context_is_continued_or_started() {
     assert_ne!(fresh.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
     stop.cancel();
 }
+
+/// An endpoint that is registered but refuses connections (its process is
+/// gone before the controller noticed): idempotent requests that pick it are
+/// sent to the other endpoint, so none fails.
+#[tokio::test]
+async fn unreachable_endpoint_is_retried_on_another() {
+    let stop = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    east(dir.path(), &stop).await;
+    let healthy = app(200, "healthy", Duration::ZERO).await;
+    let _a = sidecar(dir.path(), Some(healthy), &stop).await;
+    // A registration whose inbound address refuses connections.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let ctl = ClusterDir::new(dir.path()).connect().await.unwrap();
+    let _dead = ctl
+        .control()
+        .watch_config(isthmus_proto::WatchRequest {
+            node: Some(isthmus_proto::watch_request::Node::Sidecar(
+                isthmus_proto::SidecarRegistration {
+                    namespace: "demo".into(),
+                    service: "echo".into(),
+                    port: 8080,
+                    inbound_addr: dead_addr.to_string(),
+                    instance: "dead".into(),
+                    identity: String::new(),
+                    service_account: "echo".into(),
+                },
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let client = sidecar(dir.path(), None, &stop).await;
+    // Until the client's config has echo, it answers 503 unknown-service.
+    until_ok(|| async { get(client.outbound_addr).await.0 != 503 }).await;
+
+    let mut failures = Vec::new();
+    for _ in 0..40 {
+        let (status, head, body) = get_with(client.outbound_addr, "").await;
+        if status != 200 {
+            failures.push(format!("{status} {head}"));
+        } else {
+            assert_eq!(body, "healthy");
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+    stop.cancel();
+}
