@@ -117,8 +117,8 @@ impl Balancer {
     }
 
     /// A request to `addr` ended after `rtt`; `ok` if it got an answer that
-    /// was not a server error.
-    pub fn finish(&mut self, addr: &str, rtt: Duration, ok: bool, now: Instant) {
+    /// was not a server error. True if this ejected the endpoint.
+    pub fn finish(&mut self, addr: &str, rtt: Duration, ok: bool, now: Instant) -> bool {
         let total = self.endpoints.max(self.stats.len()).max(1);
         let ejected = self.stats.values().filter(|s| s.ejected(now)).count();
         let s = self.entry(addr, now);
@@ -133,8 +133,9 @@ impl Balancer {
                 s.ejections += 1;
                 s.failures = 0;
                 tracing::warn!(endpoint = %addr, secs = time.as_secs(), "endpoint ejected after consecutive failures");
+                return true;
             }
-            return;
+            return false;
         }
         s.failures = 0;
         // Peak EWMA: a slower answer counts at once, a faster one decays in.
@@ -147,6 +148,7 @@ impl Balancer {
             s.ewma_ns * w + sample * (1.0 - w)
         };
         s.stamp = now;
+        false
     }
 
     pub fn is_ejected(&self, addr: &str, now: Instant) -> bool {

@@ -186,6 +186,7 @@ async fn serve_outbound(sc: Arc<Sidecar>, listener: TcpListener, stop: Cancellat
     while let Some((tcp, _)) = isthmus_core::net::accept(&listener, &stop).await {
         let sc = sc.clone();
         tokio::spawn(async move {
+            let _open = sc.metrics.open("outbound");
             let svc = hyper::service::service_fn(move |req| {
                 let sc = sc.clone();
                 async move { Ok::<_, std::convert::Infallible>(outbound(sc, req).await) }
@@ -219,6 +220,7 @@ async fn serve_inbound(
             let Some(client) = tls::peer_id(stream.get_ref().1.peer_certificates()) else {
                 return;
             };
+            let _open = sc.metrics.open("inbound");
             let route = metrics::RouteLabels {
                 direction: "inbound",
                 source_cluster: sc.cluster_of(&client.trust_domain),
@@ -611,9 +613,18 @@ struct InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let mut all = self.sc.balancers.lock().expect("balancers lock");
-        if let Some(b) = all.get_mut(&self.service) {
-            b.finish(&self.addr, self.start.elapsed(), self.ok, Instant::now());
+        let ejected = {
+            let mut all = self.sc.balancers.lock().expect("balancers lock");
+            all.get_mut(&self.service)
+                .is_some_and(|b| b.finish(&self.addr, self.start.elapsed(), self.ok, Instant::now()))
+        };
+        if ejected {
+            // The key is cluster/namespace/name/port; the label namespace/name.
+            let mut parts = self.service.split('/').skip(1);
+            let label = metrics::ServiceLabels {
+                destination_service: format!("{}/{}", parts.next().unwrap_or(""), parts.next().unwrap_or("")),
+            };
+            self.sc.metrics.ejections.get_or_create(&label).inc();
         }
     }
 }

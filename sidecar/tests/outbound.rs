@@ -63,7 +63,7 @@ async fn sidecar_with(
             inbound_addr: "127.0.0.1:0".parse().unwrap(),
             outbound_addr: "127.0.0.1:0".parse().unwrap(),
             instance: app.map(|a| a.to_string()).unwrap_or_else(|| "client".into()),
-            admin_addr: None,
+            admin_addr: Some("127.0.0.1:0".parse().unwrap()),
             request_timeout,
             access_log: false,
         },
@@ -159,6 +159,18 @@ async fn fast_failing_endpoint_is_ejected_and_the_healthy_one_serves() {
     assert!(
         last_failure < 20,
         "failures should stop early, last at request {last_failure}"
+    );
+    // The ejection shows in the client sidecar's metrics.
+    let admin = client.admin_addr.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).await.unwrap();
+    assert!(
+        text.contains("isthmus_endpoint_ejections_total{destination_service=\"demo/echo\"} 1"),
+        "{text}"
     );
     stop.cancel();
 }

@@ -94,6 +94,11 @@ fn link_export_and_call_across_clusters() {
         "{client_metrics}"
     );
     let echo_metrics = metrics(east.info["echo"]["admin"].as_str().unwrap());
+    // The pooled session from east's gateway stays open between requests.
+    assert!(
+        sample(&echo_metrics, "isthmus_open_connections", &[("direction", "inbound")]).unwrap_or(0.0) >= 1.0,
+        "{echo_metrics}"
+    );
     let inb = [&route[..], &[("direction", "inbound"), ("status", "200")]].concat();
     assert!(
         sample(&echo_metrics, "isthmus_requests_total", &inb).unwrap_or(0.0) >= 2.0,
