@@ -535,7 +535,7 @@ async fn forward(
                 target.addresses = vec![f.addr.clone()];
             }
         }
-        let sent = send(sc, &target, req, labels).await;
+        let sent = send(sc, &target, (&host, port), req, labels).await;
         let Some(mut f) = in_flight else { break sent };
         f.ok = matches!(&sent, Ok(r) if !r.status().is_server_error());
         let again = match (&sent, &replay) {
@@ -572,7 +572,17 @@ fn choose_endpoint<'a>(
 ) -> Option<InFlight<'a>> {
     let now = Instant::now();
     let service = service_key(target);
-    let candidates: Vec<String> = endpoints.iter().filter(|e| !failed.contains(e)).cloned().collect();
+    // Usually nothing has failed yet: no copy of the endpoint list then.
+    let candidates: std::borrow::Cow<'_, [String]> = if failed.is_empty() {
+        endpoints.into()
+    } else {
+        endpoints
+            .iter()
+            .filter(|e| !failed.contains(e))
+            .cloned()
+            .collect::<Vec<_>>()
+            .into()
+    };
     let (addr, gone) = {
         let mut all = sc.balancers.lock().expect("balancers lock");
         let b = all.entry(service.clone()).or_default();
@@ -630,22 +640,23 @@ impl Drop for InFlight<'_> {
 }
 
 /// Send `req` to `target` over a pooled session.
+/// `(host, port)` is the request's authority, as `forward` parsed it.
 async fn send(
     sc: &Arc<Sidecar>,
     target: &Target,
+    (host, port): (&str, Option<u16>),
     req: Request<Body>,
     labels: &metrics::RouteLabels,
 ) -> Result<Response<Incoming>, ProxyError> {
-    let (host, port) = authority(&req).ok_or(ProxyError::NoHost)?;
     let (mut parts, body) = req.into_parts();
     let path = path_and_query(&parts.uri);
     let authority = match port {
         Some(p) => format!("{host}:{p}"),
-        None => host.clone(),
+        None => host.to_string(),
     };
     parts.uri = format!("http://{authority}{path}")
         .parse()
-        .map_err(|_| ProxyError::NotMeshName(host.clone()))?;
+        .map_err(|_| ProxyError::NotMeshName(host.to_string()))?;
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
     parts.headers.remove(CLIENT_ID_HEADER);
