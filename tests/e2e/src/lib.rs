@@ -17,8 +17,12 @@ pub fn binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> -> target/<profile>/isthmus
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+        // A test is target/<profile>/deps/<test>, a binary of this workspace
+        // (the benchmark) target/<profile>/<bin>: isthmus is target/<profile>/isthmus.
+        let mut profile_dir = exe.parent().expect("target dir").to_path_buf();
+        if profile_dir.file_name().is_some_and(|n| n == "deps") {
+            profile_dir.pop();
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", "isthmus", "--bin", "isthmus"]);
@@ -234,10 +238,15 @@ pub struct Component {
 
 impl Component {
     pub fn start(dir: &Path, name: &str, args: &str) -> Self {
+        Self::start_program(&binary(), dir, name, args)
+    }
+
+    /// As `start`, for another program that writes a `--ready-file`.
+    pub fn start_program(program: &Path, dir: &Path, name: &str, args: &str) -> Self {
         let ready = dir.join(format!("{name}.ready.json"));
         let log = dir.join(format!("{name}.log"));
         let _ = std::fs::remove_file(&ready);
-        let mut child = Command::new(binary())
+        let mut child = Command::new(program)
             .args(args.split_whitespace())
             .arg("--ready-file")
             .arg(&ready)
@@ -267,6 +276,10 @@ impl Component {
             .as_str()
             .unwrap_or_else(|| panic!("no {key} in {}", self.ready))
             .to_string()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_text(&self) -> String {

@@ -1,0 +1,70 @@
+//! The application every path ends at: a small HTTP/1.1 server that echoes
+//! a request's body (`POST /echo`) or streams `n` bytes (`GET /bulk?bytes=n`).
+//! It runs in its own process so its CPU is not counted against a proxy.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+const CHUNK: usize = 64 * 1024;
+
+pub async fn serve(listen: SocketAddr, ready: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    if let Some(path) = ready {
+        std::fs::write(path, serde_json::json!({ "listen": addr.to_string() }).to_string())?;
+    }
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        tcp.set_nodelay(true)?;
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service_fn(handle))
+                .await;
+        });
+    }
+}
+
+async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if req.uri().path() == "/bulk" {
+        let n = req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("bytes="))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        return Ok(Response::new(bulk(n)));
+    }
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Ok(status(StatusCode::BAD_REQUEST)),
+    };
+    Ok(Response::new(Full::new(body).boxed()))
+}
+
+fn status(code: StatusCode) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::new()).boxed());
+    *r.status_mut() = code;
+    r
+}
+
+/// `n` bytes in 64 KiB frames that all share one buffer, so the server
+/// costs next to nothing and the path under test is what is measured.
+fn bulk(n: usize) -> Body {
+    let chunk = Bytes::from(vec![b'x'; CHUNK]);
+    let frames = (0..n.div_ceil(CHUNK)).map(move |i| {
+        let len = CHUNK.min(n - i * CHUNK);
+        Ok::<_, Infallible>(Frame::data(chunk.slice(..len)))
+    });
+    BoxBody::new(StreamBody::new(futures::stream::iter(frames)))
+}
