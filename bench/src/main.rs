@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use isthmus_e2e::{Component, ok};
+use isthmus_e2e::{Component, Pair, ok};
 use serde::Serialize;
 
 use load::Target;
@@ -77,6 +77,9 @@ pub struct RunArgs {
     /// Leave out the stunnel baseline (if stunnel is not installed).
     #[arg(long)]
     no_stunnel: bool,
+    /// Measure only these paths besides direct (stunnel, intra, cross).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Keep the clusters' directory and logs after the run.
     #[arg(long)]
     keep: bool,
@@ -178,33 +181,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let server = Component::start_program(&me, root, "upstream", &format!("upstream --listen {EAST}.21:0"));
     let upstream: SocketAddr = server.addr("listen").parse()?;
 
-    let controller = |name: &str, dir: &str, net: &str| {
-        Component::start(
-            root,
-            &format!("{name}-controller"),
-            &format!(
-                "controller --dir {dir} --cluster {name} --control-addr {net}.1:0 --peering-addr {net}.1:0 \
-                 --admin-addr {net}.1:0"
-            ),
-        )
-    };
-    let gateway = |name: &str, dir: &str, net: &str| {
-        Component::start(
-            root,
-            &format!("{name}-gateway"),
-            &format!("gateway --dir {dir} --tunnel-addr {net}.2:0 --quic-addr {net}.2:0 --admin-addr {net}.2:0"),
-        )
-    };
-    let client = |name: &str, dir: &str, net: &str| {
-        Component::start(
-            root,
-            name,
-            &format!(
-                "sidecar --dir {dir} --namespace demo --service-account client \
-                 --inbound-addr {net}.30:0 --outbound-addr {net}.30:0 --admin-addr {net}.30:0"
-            ),
-        )
-    };
+    let controller = |name: &str, dir: &str, net: &str| Pair::controller(root, name, dir, net, "");
+    let gateway = |name: &str, dir: &str, net: &str| Pair::gateway(root, name, dir, net);
+    let client = |name: &str, dir: &str, net: &str| Pair::client_sidecar(root, dir, net, name);
     let _east_ctl = controller("east", &e, EAST);
     let east_gw = gateway("east", &e, EAST);
     let east_sc = Component::start(
@@ -281,6 +260,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         ],
     });
 
+    paths.retain(|p| p.name == "direct" || args.only.is_empty() || args.only.iter().any(|o| o == p.name));
+    for p in &paths {
+        let pids: Vec<String> = p.procs.iter().map(|(n, pid)| format!("{n} {pid}")).collect();
+        eprintln!("path {}: {}", p.name, pids.join(", "));
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let results = rt.block_on(measure(&args, &paths))?;
     let results = Results {

@@ -45,6 +45,12 @@ struct Cli {
     /// Log filter (RUST_LOG syntax), for the component subcommands.
     #[arg(long, global = true, env = "ISTHMUS_LOG", default_value = "info")]
     log: String,
+    /// Async worker threads. 1 runs everything on one thread, with no
+    /// cross-thread wake-ups: the default for a sidecar, which sits beside
+    /// one workload (as linkerd2-proxy does). Other commands default to
+    /// one per core.
+    #[arg(long, global = true, env = "ISTHMUS_WORKERS")]
+    workers: Option<usize>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -127,7 +133,21 @@ enum Cmd {
 fn main() -> ExitCode {
     isthmus_core::install_crypto_provider();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let workers = cli.workers.unwrap_or(match cli.cmd {
+        Cmd::Sidecar(_) => 1,
+        _ => 0,
+    });
+    let mut builder = match workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

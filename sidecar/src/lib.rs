@@ -352,6 +352,8 @@ enum ProxyError {
     },
     #[error("upstream: {0}")]
     Upstream(String),
+    #[error("reading the request body: {0}")]
+    ClientBody(String),
     #[error("no response within {0:?} (the sidecar's --request-timeout)")]
     Timeout(Duration),
 }
@@ -359,7 +361,9 @@ enum ProxyError {
 impl ProxyError {
     fn response(&self) -> Response<Body> {
         let (status, kind) = match self {
-            ProxyError::NoHost | ProxyError::NotMeshName(_) => (StatusCode::BAD_REQUEST, "bad-request"),
+            ProxyError::NoHost | ProxyError::NotMeshName(_) | ProxyError::ClientBody(_) => {
+                (StatusCode::BAD_REQUEST, "bad-request")
+            }
             ProxyError::Route(RouteError::UnknownService { .. }) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unknown-service")
             }
@@ -524,7 +528,7 @@ async fn forward(
     let endpoints = target.addresses.clone();
     let replay = (req.method().is_idempotent() && req.body().is_end_stream())
         .then(|| (req.method().clone(), req.uri().clone(), req.headers().clone()));
-    let mut req = req.map(|b| b.boxed());
+    let mut req = buffer_small_body(req).await?;
     let mut failed: Vec<String> = Vec::new();
     sc.retry_budget.lock().expect("budget lock").deposit(Instant::now());
     let sent = loop {
@@ -559,6 +563,32 @@ async fn forward(
     let (mut parts, body) = sent?.into_parts();
     parts.version = http::Version::HTTP_11;
     Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// Request bodies of a declared length up to this are read whole before the
+/// request is sent on, so its HEADERS and DATA frames leave in one TLS record
+/// and one write (streamed, HEADERS goes alone first: a write, and a wake-up
+/// at the peer, more per request). Larger or unsized bodies stream.
+const BUFFER_BODY_MAX: u64 = 16 * 1024;
+
+async fn buffer_small_body(req: Request<Incoming>) -> Result<Request<Body>, ProxyError> {
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if !declared.is_some_and(|n| n > 0 && n <= BUFFER_BODY_MAX) {
+        return Ok(req.map(|b| b.boxed()));
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| ProxyError::ClientBody(e.to_string()))?
+        .to_bytes();
+    Ok(Request::from_parts(
+        parts,
+        Full::new(bytes).map_err(|n| match n {}).boxed(),
+    ))
 }
 
 /// Choose a local endpoint of `target` other than `failed`, and count the

@@ -341,23 +341,8 @@ impl Pair {
     pub fn start(root: &Path, east_net: &str, west_net: &str, controller_flags: &str) -> Self {
         let e = root.join("east").display().to_string();
         let w = root.join("west").display().to_string();
-        let controller = |name: &str, dir: &str, net: &str| {
-            Component::start(
-                root,
-                &format!("{name}-controller"),
-                &format!(
-                    "controller --dir {dir} --cluster {name} --control-addr {net}.1:0 --peering-addr {net}.1:0 \
-                     --admin-addr {net}.1:0 {controller_flags}"
-                ),
-            )
-        };
-        let gateway = |name: &str, dir: &str, net: &str| {
-            Component::start(
-                root,
-                &format!("{name}-gateway"),
-                &format!("gateway --dir {dir} --tunnel-addr {net}.2:0 --quic-addr {net}.2:0 --admin-addr {net}.2:0"),
-            )
-        };
+        let controller = |name: &str, dir: &str, net: &str| Self::controller(root, name, dir, net, controller_flags);
+        let gateway = |name: &str, dir: &str, net: &str| Self::gateway(root, name, dir, net);
         let east_ctl = controller("east", &e, east_net);
         let east_gw = gateway("east", &e, east_net);
         let echo = Component::start(
@@ -389,6 +374,27 @@ impl Pair {
             west_gw,
             client,
         }
+    }
+
+    /// Cluster `name`'s controller, at `<net>.1`, its state in `dir`.
+    pub fn controller(root: &Path, name: &str, dir: &str, net: &str, flags: &str) -> Component {
+        Component::start(
+            root,
+            &format!("{name}-controller"),
+            &format!(
+                "controller --dir {dir} --cluster {name} --control-addr {net}.1:0 --peering-addr {net}.1:0 \
+                 --admin-addr {net}.1:0 {flags}"
+            ),
+        )
+    }
+
+    /// Cluster `name`'s gateway, at `<net>.2`.
+    pub fn gateway(root: &Path, name: &str, dir: &str, net: &str) -> Component {
+        Component::start(
+            root,
+            &format!("{name}-gateway"),
+            &format!("gateway --dir {dir} --tunnel-addr {net}.2:0 --quic-addr {net}.2:0 --admin-addr {net}.2:0"),
+        )
     }
 
     /// A client-only sidecar (demo/client) in the cluster at `dir`.
