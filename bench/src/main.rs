@@ -126,6 +126,8 @@ pub struct PathResult {
     pub label: &'static str,
     pub procs: Vec<&'static str>,
     pub rss_idle: Vec<u64>,
+    /// Largest RSS over the whole run, bulk downloads included (VmHWM).
+    pub rss_peak: Vec<u64>,
     pub rounds: Vec<RoundFigures>,
 }
 
@@ -306,6 +308,7 @@ async fn measure(args: &RunArgs, paths: &[Path]) -> anyhow::Result<Vec<PathResul
             label: p.label,
             procs: p.procs.iter().map(|(n, _)| *n).collect(),
             rss_idle: p.procs.iter().map(|(_, pid)| procs::rss_bytes(*pid)).collect(),
+            rss_peak: Vec::new(),
             rounds: Vec::new(),
         })
         .collect();
@@ -313,16 +316,32 @@ async fn measure(args: &RunArgs, paths: &[Path]) -> anyhow::Result<Vec<PathResul
         eprintln!("warming up {}", p.name);
         load::fixed_rate(&p.target, args.rate, args.conns, args.warmup, args.body).await?;
     }
+    // Phases in this order, so the fixed-rate runs (latency, CPU, RSS under
+    // load) see no memory left over from the heavier runs.
     for round in 1..=args.rounds {
         for (p, res) in paths.iter().zip(&mut out) {
-            eprintln!("round {round}/{}: {}", args.rounds, p.name);
-            res.rounds.push(measure_round(args, p).await?);
+            eprintln!("fixed rate, round {round}/{}: {}", args.rounds, p.name);
+            res.rounds.push(fixed_rate_round(args, p).await?);
         }
+    }
+    for round in 0..args.rounds {
+        for (p, res) in paths.iter().zip(&mut out) {
+            eprintln!("highest rate and bulk, round {}/{}: {}", round + 1, args.rounds, p.name);
+            let r = &mut res.rounds[round];
+            (r.max_rate, r.max_rate_errors) =
+                load::max_rate(&p.target, args.max_conns, args.max_duration, args.body).await?;
+            r.bulk_bytes_per_sec = load::bulk(&p.target, args.bulk_mib * 1024 * 1024)
+                .await
+                .with_context(|| format!("bulk download over {}", p.name))?;
+        }
+    }
+    for (p, res) in paths.iter().zip(&mut out) {
+        res.rss_peak = p.procs.iter().map(|(_, pid)| procs::rss_peak_bytes(*pid)).collect();
     }
     Ok(out)
 }
 
-async fn measure_round(args: &RunArgs, p: &Path) -> anyhow::Result<RoundFigures> {
+async fn fixed_rate_round(args: &RunArgs, p: &Path) -> anyhow::Result<RoundFigures> {
     let pids: Vec<u32> = p.procs.iter().map(|(_, pid)| *pid).collect();
     let cpu_before: Vec<f64> = pids.iter().map(|pid| procs::cpu_seconds(*pid)).collect();
     let rss = procs::RssPeak::start(pids.clone());
@@ -336,10 +355,6 @@ async fn measure_round(args: &RunArgs, p: &Path) -> anyhow::Result<RoundFigures>
         .collect();
     let h = &fixed.latency;
     let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let (max_rate, max_rate_errors) = load::max_rate(&p.target, args.max_conns, args.max_duration, args.body).await?;
-    let bulk = load::bulk(&p.target, args.bulk_mib * 1024 * 1024)
-        .await
-        .with_context(|| format!("bulk download over {}", p.name))?;
     Ok(RoundFigures {
         latency_us: [us(0.5), us(0.9), us(0.99), us(0.999), h.max() as f64 / 1000.0],
         sent: fixed.sent,
@@ -347,8 +362,6 @@ async fn measure_round(args: &RunArgs, p: &Path) -> anyhow::Result<RoundFigures>
         achieved_rate: fixed.sent as f64 / secs,
         cpu,
         rss_load,
-        max_rate,
-        max_rate_errors,
-        bulk_bytes_per_sec: bulk,
+        ..Default::default()
     })
 }

@@ -184,13 +184,14 @@ pub fn markdown(r: &Results) -> String {
         s,
         "RSS idle is read after the clusters are linked and every path has answered once; under load, the \
          largest RSS sampled (every 100 ms) during the fixed-rate runs. CPU is user plus system time over \
-         the run, per 1000 requests (the same as vCPU at 1000 req/s).\n"
+         the run, per 1000 requests (the same as vCPU at 1000 req/s). The fixed-rate runs come first; the peak \
+         is the high-water mark (VmHWM) at the end, after the highest-rate and bulk runs.\n"
     );
     let _ = writeln!(
         s,
-        "| path | process | RSS idle | RSS under load | CPU per 1000 requests | target |"
+        "| path | process | RSS idle | RSS under load | RSS peak, whole run | CPU per 1000 requests | target |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     for p in &r.paths {
         for (i, proc_name) in p.procs.iter().enumerate() {
             let load = over(p, |x| x.rss_load[i] as f64).into_iter().fold(0.0, f64::max);
@@ -206,10 +207,11 @@ pub fn markdown(r: &Results) -> String {
             };
             let _ = writeln!(
                 s,
-                "| {} | {proc_name} | {:.1} MB | {:.1} MB | {:.3} s | {target} |",
+                "| {} | {proc_name} | {:.1} MB | {:.1} MB | {:.1} MB | {:.3} s | {target} |",
                 p.label,
                 p.rss_idle[i] as f64 / 1e6,
                 load / 1e6,
+                p.rss_peak.get(i).copied().unwrap_or(0) as f64 / 1e6,
                 cpu
             );
         }

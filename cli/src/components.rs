@@ -133,9 +133,13 @@ pub struct SidecarArgs {
     /// Service port clients call.
     #[arg(long)]
     pub port: Option<u16>,
-    /// Where the workload listens (plain HTTP, loopback).
+    /// Where the workload listens (plain HTTP/1.1, or raw TCP for opaque
+    /// connections; loopback).
     #[arg(long)]
     pub app: Option<SocketAddr>,
+    /// The workload speaks HTTP/2 without TLS (h2c), as gRPC servers do.
+    #[arg(long, requires = "app")]
+    pub app_http2: bool,
     /// Service account of the workload [default: the service name, or "default"].
     #[arg(long)]
     pub service_account: Option<String>,
@@ -158,6 +162,16 @@ pub struct SidecarArgs {
     /// Print one JSON line per request (outbound and inbound) on stdout.
     #[arg(long, env = "ISTHMUS_ACCESS_LOG")]
     pub access_log: bool,
+    /// Answer DNS for clusterset.local names here (UDP and TCP), with the
+    /// outbound address's IP, and listen on that IP at every service port
+    /// so unchanged clients can dial the names. Off by default.
+    #[arg(long)]
+    pub dns_addr: Option<SocketAddr>,
+    /// A service port whose connections are opaque TCP, without protocol
+    /// detection (repeat, or comma-separate). Needed for server-first
+    /// protocols, which would otherwise wait 1 s for detection.
+    #[arg(long, value_delimiter = ',')]
+    pub opaque_port: Vec<u16>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -266,7 +280,12 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
     init_logging(log);
     let shutdown = shutdown_token(a.common.exit_with_parent);
     let serve = match (a.service.clone(), a.port, a.app) {
-        (Some(service), Some(port), Some(app)) => Some(isthmus_sidecar::Serve { service, port, app }),
+        (Some(service), Some(port), Some(app)) => Some(isthmus_sidecar::Serve {
+            service,
+            port,
+            app,
+            app_http2: a.app_http2,
+        }),
         _ => None,
     };
     let sa = a
@@ -286,6 +305,8 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
         admin_addr: Some(a.admin_addr),
         request_timeout: a.request_timeout,
         access_log: a.access_log,
+        dns_addr: a.dns_addr,
+        opaque_ports: a.opaque_port,
     };
     let running = isthmus_sidecar::run(cfg, shutdown.clone()).await.map_err(|e| {
         let code = if matches!(e, isthmus_sidecar::SidecarError::Config(_)) {
@@ -302,6 +323,7 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
             "outbound": running.outbound_addr.to_string(),
             "id": running.id.to_string(),
             "admin": running.admin_addr.map(|a| a.to_string()),
+            "dns": running.dns_addr.map(|a| a.to_string()),
         }),
     )?;
     finish(shutdown, running.done).await

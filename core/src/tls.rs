@@ -25,6 +25,9 @@ use crate::identity::{self, SpiffeId, Svid};
 pub type SharedBundles = Arc<ArcSwap<TrustBundles>>;
 
 pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN of an end-to-end session that carries one opaque TCP connection
+/// (HTTP between sidecars is multiplexed over `h2` instead).
+pub const ALPN_OPAQUE: &[u8] = b"isthmus-tcp/1";
 /// ALPN of the gateway-to-gateway QUIC tunnel.
 pub const ALPN_TUNNEL: &[u8] = b"isthmus-tunnel/1";
 

@@ -8,9 +8,15 @@
 //! - Inbound (mTLS only): verifies the client's SVID against the bundle of
 //!   its own trust domain, and hands the request to the app with the
 //!   client's SPIFFE ID in `x-isthmus-client-id`.
+//! - With DNS on (`dns_addr`): answers `clusterset.local` names with the
+//!   outbound address and listens there on every service port, for clients
+//!   that dial the name unchanged; HTTP or opaque TCP, declared or detected.
 
 pub mod balance;
+pub mod detect;
+pub mod dns;
 pub mod metrics;
+mod ports;
 pub mod route;
 pub mod trace;
 
@@ -79,6 +85,12 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Print one JSON line per request on stdout.
     pub access_log: bool,
+    /// Answer DNS for `clusterset.local` here, and listen on the outbound
+    /// address's IP at every service port.
+    pub dns_addr: Option<SocketAddr>,
+    /// Service ports whose connections are opaque TCP without detection
+    /// (server-first protocols, or to skip the detection wait).
+    pub opaque_ports: Vec<u16>,
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +98,8 @@ pub struct Serve {
     pub service: String,
     pub port: u16,
     pub app: SocketAddr,
+    /// The app speaks HTTP/2 without TLS (h2c; gRPC servers), not HTTP/1.1.
+    pub app_http2: bool,
 }
 
 pub struct Running {
@@ -93,6 +107,7 @@ pub struct Running {
     pub outbound_addr: SocketAddr,
     pub id: SpiffeId,
     pub admin_addr: Option<SocketAddr>,
+    pub dns_addr: Option<SocketAddr>,
     pub done: tokio::task::JoinHandle<()>,
 }
 
@@ -102,7 +117,7 @@ type H2Sender = hyper::client::conn::http2::SendRequest<Body>;
 struct Sidecar {
     cfg: Config,
     agent: Agent,
-    app_client: hyper_util::client::legacy::Client<HttpConnector, Incoming>,
+    app_client: hyper_util::client::legacy::Client<HttpConnector, Body>,
     /// One HTTP/2 session per destination (a local endpoint, or a remote
     /// cluster's service), shared by concurrent requests.
     pool: Mutex<HashMap<String, H2Sender>>,
@@ -146,7 +161,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
         agent.svid.clone(),
         agent.bundles.clone(),
         ClientAuth::Required,
-        &[tls::ALPN_H2],
+        &[tls::ALPN_H2, tls::ALPN_OPAQUE],
     )?;
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
@@ -158,7 +173,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
         isthmus_core::metrics::serve_admin(cfg.admin_addr, registry, ready.clone(), shutdown.clone()).await?;
     let sc = Arc::new(Sidecar {
         metrics,
-        app_client: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(http),
+        app_client: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .http2_only(cfg.serve.as_ref().is_some_and(|s| s.app_http2))
+            .build(http),
         pool: Mutex::new(HashMap::new()),
         balancers: Mutex::new(HashMap::new()),
         retry_budget: Mutex::new(balance::RetryBudget::new(Instant::now())),
@@ -167,6 +184,23 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     });
     tracing::info!(%id, %inbound_addr, %outbound_addr, app = ?sc.cfg.serve.as_ref().map(|s| s.app), "sidecar ready");
 
+    let mut dns_addr = None;
+    if let Some(addr) = sc.cfg.dns_addr {
+        let snap = sc.agent.config.clone();
+        let known = Arc::new(move |name: &ServiceName| {
+            snap.borrow()
+                .services
+                .iter()
+                .any(|s| s.namespace == name.namespace && s.name == name.name)
+        });
+        dns_addr = Some(
+            dns::serve(addr, outbound_addr.ip(), known, shutdown.clone())
+                .await
+                .map_err(|e| SidecarError::Config(format!("cannot serve DNS on {addr}: {e}")))?,
+        );
+        tokio::spawn(ports::follow(sc.clone(), outbound_addr.ip(), shutdown.clone()));
+        tracing::info!(dns = ?dns_addr, "answering DNS for clusterset.local");
+    }
     let t1 = tokio::spawn(serve_inbound(sc.clone(), inbound, inbound_tls, shutdown.clone()));
     let t2 = tokio::spawn(serve_outbound(sc.clone(), outbound, shutdown.clone()));
     let done = tokio::spawn(async move {
@@ -178,24 +212,27 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
         outbound_addr,
         id,
         admin_addr,
+        dns_addr,
         done,
     })
 }
 
 async fn serve_outbound(sc: Arc<Sidecar>, listener: TcpListener, stop: CancellationToken) {
     while let Some((tcp, _)) = isthmus_core::net::accept(&listener, &stop).await {
-        let sc = sc.clone();
-        tokio::spawn(async move {
-            let _open = sc.metrics.open("outbound");
-            let svc = hyper::service::service_fn(move |req| {
-                let sc = sc.clone();
-                async move { Ok::<_, std::convert::Infallible>(outbound(sc, req).await) }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
+        tokio::spawn(serve_http_outbound(sc.clone(), tcp));
     }
+}
+
+/// One client connection of HTTP/1.1 or HTTP/2 requests from the app.
+async fn serve_http_outbound(sc: Arc<Sidecar>, tcp: TcpStream) {
+    let _open = sc.metrics.open("outbound");
+    let svc = hyper::service::service_fn(move |req| {
+        let sc = sc.clone();
+        async move { Ok::<_, std::convert::Infallible>(outbound(sc, req).await) }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tcp), svc)
+        .await;
 }
 
 async fn serve_inbound(
@@ -220,18 +257,14 @@ async fn serve_inbound(
             let Some(client) = tls::peer_id(stream.get_ref().1.peer_certificates()) else {
                 return;
             };
+            if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_OPAQUE) {
+                if let Err(e) = inbound_opaque(&sc, &client, stream).await {
+                    tracing::info!(%from, %client, error = %e, "inbound opaque connection refused");
+                }
+                return;
+            }
             let _open = sc.metrics.open("inbound");
-            let route = metrics::RouteLabels {
-                direction: "inbound",
-                source_cluster: sc.cluster_of(&client.trust_domain),
-                destination_cluster: sc.agent.cluster.clone(),
-                destination_service: sc
-                    .cfg
-                    .serve
-                    .as_ref()
-                    .map(|s| format!("{}/{}", sc.cfg.namespace, s.service))
-                    .unwrap_or_default(),
-            };
+            let route = sc.inbound_route(&client);
             let remote = client.trust_domain != sc.agent.trust_domain;
             let client = HeaderValue::from_str(&client.to_string()).expect("SPIFFE IDs are ASCII");
             let svc = hyper::service::service_fn(move |req| {
@@ -250,7 +283,11 @@ async fn serve_inbound(
                             .unwrap_or_default();
                         (AccessLine::of(&req), trace)
                     });
-                    let resp = inbound(sc.clone(), client, remote, req).await;
+                    let (req_bytes, resp_bytes) = sc.metrics.body_counters(&route);
+                    let req = req.map(|b| metrics::CountedBody::new(b, req_bytes).boxed());
+                    let resp = inbound(sc.clone(), client, remote, req)
+                        .await
+                        .map(|b| metrics::CountedBody::new(b, resp_bytes).boxed());
                     let elapsed = start.elapsed();
                     if let Some((line, trace)) = line {
                         line.print(&route, &resp, elapsed, &trace);
@@ -266,8 +303,45 @@ async fn serve_inbound(
     }
 }
 
+/// Carry a verified opaque TCP connection to the local app, as is (the app
+/// learns nothing of the caller's identity: there are no headers to put it
+/// in; the policy is enforced here).
+async fn inbound_opaque(
+    sc: &Sidecar,
+    client: &SpiffeId,
+    mut stream: tokio_rustls::server::TlsStream<TcpStream>,
+) -> Result<(), String> {
+    let _open = sc.metrics.open("inbound");
+    let remote = client.trust_domain != sc.agent.trust_domain;
+    let route = sc.inbound_route(client);
+    let app = sc
+        .cfg
+        .serve
+        .as_ref()
+        .map(|s| s.app)
+        .ok_or("this workload serves no service")?;
+    if remote && !sc.exported() {
+        sc.metrics.tcp(&route, "refused");
+        return Err(format!("this service is not exported by cluster {}", sc.agent.cluster));
+    }
+    let mut upstream = match TcpStream::connect(app).await {
+        Ok(t) => t,
+        Err(e) => {
+            sc.metrics.tcp(&route, "app-unavailable");
+            return Err(format!("the workload at {app} did not answer: {e}"));
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    sc.metrics.tcp(&route, "ok");
+    let (received, sent) = tokio::io::copy_bidirectional(&mut stream, &mut upstream)
+        .await
+        .unwrap_or((0, 0));
+    sc.metrics.bytes(&route, received, sent);
+    Ok(())
+}
+
 /// Hand a verified request to the local app.
-async fn inbound(sc: Arc<Sidecar>, client: HeaderValue, remote: bool, req: Request<Incoming>) -> Response<Body> {
+async fn inbound(sc: Arc<Sidecar>, client: HeaderValue, remote: bool, req: Request<Body>) -> Response<Body> {
     // Callers from other clusters reach only exported services, whether or
     // not they came through the gateway (which checks the same).
     if remote && !sc.exported() {
@@ -483,6 +557,21 @@ impl Sidecar {
             .any(|s| s.namespace == self.cfg.namespace && s.name == serve.service && s.exported)
     }
 
+    /// Metric labels of a connection from `client` to this workload.
+    fn inbound_route(&self, client: &SpiffeId) -> metrics::RouteLabels {
+        metrics::RouteLabels {
+            direction: "inbound",
+            source_cluster: self.cluster_of(&client.trust_domain),
+            destination_cluster: self.agent.cluster.clone(),
+            destination_service: self
+                .cfg
+                .serve
+                .as_ref()
+                .map(|s| format!("{}/{}", self.cfg.namespace, s.service))
+                .unwrap_or_default(),
+        }
+    }
+
     /// The cluster a trust domain belongs to, for metric labels.
     fn cluster_of(&self, trust_domain: &str) -> String {
         let snap = self.agent.config.borrow();
@@ -528,7 +617,10 @@ async fn forward(
     let endpoints = target.addresses.clone();
     let replay = (req.method().is_idempotent() && req.body().is_end_stream())
         .then(|| (req.method().clone(), req.uri().clone(), req.headers().clone()));
-    let mut req = buffer_small_body(req).await?;
+    let (req_bytes, resp_bytes) = sc.metrics.body_counters(labels);
+    let mut req = buffer_small_body(req)
+        .await?
+        .map(|b| metrics::CountedBody::new(b, req_bytes).boxed());
     let mut failed: Vec<String> = Vec::new();
     sc.retry_budget.lock().expect("budget lock").deposit(Instant::now());
     let sent = loop {
@@ -562,7 +654,10 @@ async fn forward(
     };
     let (mut parts, body) = sent?.into_parts();
     parts.version = http::Version::HTTP_11;
-    Ok(Response::from_parts(parts, body.boxed()))
+    Ok(Response::from_parts(
+        parts,
+        metrics::CountedBody::new(body, resp_bytes).boxed(),
+    ))
 }
 
 /// Request bodies of a declared length up to this are read whole before the
@@ -793,9 +888,14 @@ fn strip_hop_by_hop(h: &mut http::HeaderMap) {
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
-/// Open an end-to-end mTLS session with a sidecar serving `target`, directly
-/// or through the gateway, and start HTTP/2 on it.
-async fn connect(sc: &Sidecar, target: &Target) -> Result<H2Sender, ProxyError> {
+/// An end-to-end mTLS session with a sidecar serving `target` (directly, or
+/// through the gateway to another cluster), offering only `alpn`: `h2` for
+/// pooled HTTP, `isthmus-tcp/1` for one opaque connection.
+async fn connect_tls(
+    sc: &Sidecar,
+    target: &Target,
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<Box<dyn Io>>, ProxyError> {
     let io: Box<dyn Io> = if target.is_local() {
         let addr = &target.addresses[rand::random_range(0..target.addresses.len())];
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
@@ -816,7 +916,7 @@ async fn connect(sc: &Sidecar, target: &Target) -> Result<H2Sender, ProxyError> 
         Some(sc.agent.svid.clone()),
         sc.agent.bundles.clone(),
         Expect::AnyOf(identities),
-        &[tls::ALPN_H2],
+        &[alpn],
     )
     .map_err(|e| ProxyError::Connect(e.to_string()))?;
     let inner = tokio::time::timeout(
@@ -836,6 +936,13 @@ async fn connect(sc: &Sidecar, target: &Target) -> Result<H2Sender, ProxyError> 
             target.namespace, target.service, target.cluster
         ))
     })?;
+    Ok(inner)
+}
+
+/// Open an end-to-end mTLS session with a sidecar serving `target`, directly
+/// or through the gateway, and start HTTP/2 on it.
+async fn connect(sc: &Sidecar, target: &Target) -> Result<H2Sender, ProxyError> {
+    let inner = connect_tls(sc, target, tls::ALPN_H2).await?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(hyper_util::rt::TokioTimer::new())
         // Find a dead session (a vanished peer or tunnel) in seconds, so the

@@ -25,6 +25,15 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub direction: &'static str,
+    pub source_cluster: String,
+    pub destination_cluster: String,
+    pub destination_service: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
     pub direction: &'static str,
 }
@@ -42,6 +51,9 @@ pub struct Metrics {
     pub retries: Family<RouteLabels, Counter>,
     pub connections: Family<DirectionLabels, Gauge>,
     pub ejections: Family<ServiceLabels, Counter>,
+    pub tcp_connections: Family<TcpLabels, Counter>,
+    pub request_bytes: Family<RouteLabels, Counter>,
+    pub response_bytes: Family<RouteLabels, Counter>,
 }
 
 /// Counts a connection as open until dropped.
@@ -61,6 +73,9 @@ impl Metrics {
             retries: Family::default(),
             connections: Family::default(),
             ejections: Family::default(),
+            tcp_connections: Family::default(),
+            request_bytes: Family::default(),
+            response_bytes: Family::default(),
         };
         registry.register(
             "isthmus_requests",
@@ -87,7 +102,49 @@ impl Metrics {
             "Local endpoints ejected after consecutive failures, by service",
             m.ejections.clone(),
         );
+        registry.register(
+            "isthmus_tcp_connections",
+            "Opaque TCP connections, by direction, route and outcome (ok, refused, connect-failed, app-unavailable, no-route)",
+            m.tcp_connections.clone(),
+        );
+        registry.register(
+            "isthmus_request_bytes",
+            "Bytes from client to server: HTTP request bodies, and what opaque TCP clients sent",
+            m.request_bytes.clone(),
+        );
+        registry.register(
+            "isthmus_response_bytes",
+            "Bytes from server to client: HTTP response bodies, and what opaque TCP servers sent",
+            m.response_bytes.clone(),
+        );
         m
+    }
+
+    /// An opaque TCP connection and how it went.
+    pub fn tcp(&self, route: &RouteLabels, outcome: &'static str) {
+        self.tcp_connections
+            .get_or_create(&TcpLabels {
+                direction: route.direction,
+                source_cluster: route.source_cluster.clone(),
+                destination_cluster: route.destination_cluster.clone(),
+                destination_service: route.destination_service.clone(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Bytes a finished opaque connection carried each way.
+    pub fn bytes(&self, route: &RouteLabels, to_server: u64, to_client: u64) {
+        self.request_bytes.get_or_create(route).inc_by(to_server);
+        self.response_bytes.get_or_create(route).inc_by(to_client);
+    }
+
+    /// The request- and response-byte counters of `route`, to count bodies
+    /// as they stream (each `get_or_create` guard is dropped at once).
+    pub fn body_counters(&self, route: &RouteLabels) -> (Counter, Counter) {
+        let req = self.request_bytes.get_or_create(route).clone();
+        let resp = self.response_bytes.get_or_create(route).clone();
+        (req, resp)
     }
 
     /// A connection opened; it counts until the returned guard drops.
@@ -108,5 +165,47 @@ impl Metrics {
                 status,
             })
             .inc();
+    }
+}
+
+/// A body that adds the length of each data frame to a counter as it
+/// passes, so a streamed body is counted without being held.
+pub struct CountedBody<B> {
+    inner: B,
+    counter: Counter,
+}
+
+impl<B> CountedBody<B> {
+    pub fn new(inner: B, counter: Counter) -> Self {
+        Self { inner, counter }
+    }
+}
+
+impl<B> hyper::body::Body for CountedBody<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.counter.inc_by(data.len() as u64);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -36,6 +36,34 @@ pub enum RouteError {
         "service {name} is not available from cluster {target} here (not exported there, or that cluster is not linked)"
     )]
     UnknownCluster { name: String, target: String },
+    #[error("no known service serves port {port}")]
+    NoServiceOnPort { port: u16 },
+    #[error(
+        "port {port} is served by several services ({names}): an opaque connection cannot name one, so declare it HTTP or give the services distinct ports"
+    )]
+    AmbiguousPort { port: u16, names: String },
+}
+
+/// The one service serving `port`: what an opaque connection, which names
+/// no host, is for.
+pub fn by_port(snap: &ConfigSnapshot, port: u16) -> Result<ServiceName, RouteError> {
+    let on_port: Vec<_> = snap.services.iter().filter(|s| s.port == u32::from(port)).collect();
+    match on_port.as_slice() {
+        [] => Err(RouteError::NoServiceOnPort { port }),
+        [s] => Ok(ServiceName {
+            cluster: None,
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+        }),
+        many => Err(RouteError::AmbiguousPort {
+            port,
+            names: many
+                .iter()
+                .map(|s| format!("{}/{}", s.namespace, s.name))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
 }
 
 /// Pick the cluster that serves `name:port`. With no policy yet: the local
@@ -118,6 +146,20 @@ pub fn route(snap: &ConfigSnapshot, name: &ServiceName, port: Option<u16>, pick:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_opaque_port_names_its_one_service() {
+        let mut s = snap(vec!["127.0.0.1:1".into()]);
+        assert_eq!(by_port(&s, 8080).unwrap().key(), "demo/echo");
+        assert_eq!(by_port(&s, 9090), Err(RouteError::NoServiceOnPort { port: 9090 }));
+        let mut other = s.services[0].clone();
+        other.name = "other".into();
+        s.services.push(other);
+        assert!(matches!(
+            by_port(&s, 8080),
+            Err(RouteError::AmbiguousPort { port: 8080, .. })
+        ));
+    }
     use isthmus_proto::{Backend, Service};
 
     fn snap(local_addrs: Vec<String>) -> ConfigSnapshot {

@@ -22,25 +22,68 @@ async fn controller(dir: &std::path::Path, name: &str, stop: &CancellationToken)
     ClusterDir::new(dir).connect().await.unwrap()
 }
 
-/// GET / on `inbound` with `svid`, over mTLS and HTTP/2; the status and the
-/// `x-isthmus-error` header.
-async fn call(inbound: std::net::SocketAddr, svid: &Svid, east_roots: &str) -> Result<(u16, Option<String>), String> {
+/// mTLS to east's echo sidecar at `inbound` as `svid`, offering `alpn`.
+async fn connect(
+    inbound: std::net::SocketAddr,
+    svid: &Svid,
+    east_roots: &str,
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let mut bundles = TrustBundles::new();
     bundles.set_pem("east.mesh", east_roots).unwrap();
     let cfg = tls::client_config(
         Some(SvidResolver::new(svid).unwrap()),
         Arc::new(ArcSwap::from_pointee(bundles)),
         Expect::Id(SpiffeId::new("east.mesh", "demo", "echo").unwrap()),
-        &[tls::ALPN_H2],
+        &[alpn],
     )
     .unwrap();
     let tcp = tokio::net::TcpStream::connect(inbound)
         .await
         .map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(cfg)
+    tokio_rustls::TlsConnector::from(cfg)
         .connect(tls::sni(), tcp)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// An opaque TCP connection to `inbound` with `svid`: what comes back for
+/// "ping" before the connection closes.
+async fn opaque(inbound: std::net::SocketAddr, svid: &Svid, east_roots: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = connect(inbound, svid, east_roots, tls::ALPN_OPAQUE).await?;
+    tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .unwrap_or(0);
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// A TCP echo server: what the sidecar's app is here. It is no HTTP server,
+/// so an HTTP request that reaches it fails as app-unavailable.
+async fn echo_app() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                if let Ok(n) = tcp.read(&mut buf).await {
+                    let _ = tcp.write_all(&buf[..n]).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// GET / on `inbound` with `svid`, over mTLS and HTTP/2; the status and the
+/// `x-isthmus-error` header.
+async fn call(inbound: std::net::SocketAddr, svid: &Svid, east_roots: &str) -> Result<(u16, Option<String>), String> {
+    let tls = connect(inbound, svid, east_roots, tls::ALPN_H2).await?;
     let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
         .await
         .map_err(|e| e.to_string())?;
@@ -65,8 +108,10 @@ async fn remote_callers_reach_only_exported_services() {
     let east = controller(east_dir.path(), "east", &stop).await;
     let west = controller(west_dir.path(), "west", &stop).await;
 
-    // East's echo sidecar (its app is not running: a request that passes
-    // authorization gets 502 app-unavailable, one that does not gets 403).
+    // East's echo sidecar (its app speaks no HTTP: a request that passes
+    // authorization gets 502 app-unavailable, one that does not gets 403;
+    // an opaque connection that passes gets its bytes echoed).
+    let app = echo_app().await;
     let sidecar = isthmus_sidecar::run(
         isthmus_sidecar::Config {
             dir: east_dir.path().to_path_buf(),
@@ -76,7 +121,8 @@ async fn remote_callers_reach_only_exported_services() {
             serve: Some(isthmus_sidecar::Serve {
                 service: "echo".into(),
                 port: 8080,
-                app: "127.0.0.1:9".parse().unwrap(),
+                app,
+                app_http2: false,
             }),
             inbound_addr: "127.0.0.1:0".parse().unwrap(),
             outbound_addr: "127.0.0.1:0".parse().unwrap(),
@@ -84,6 +130,8 @@ async fn remote_callers_reach_only_exported_services() {
             admin_addr: None,
             request_timeout: Duration::from_secs(15),
             access_log: false,
+            dns_addr: None,
+            opaque_ports: Vec::new(),
         },
         stop.clone(),
     )
@@ -132,6 +180,11 @@ async fn remote_callers_reach_only_exported_services() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(seen, Ok((403, Some("not-exported".to_string()))));
+    // An opaque connection is closed before it reaches the app.
+    assert_eq!(
+        opaque(sidecar.inbound_addr, &svid, &east_roots).await,
+        Ok(String::new())
+    );
 
     // After the export, the same caller passes (and meets the absent app).
     east.admin()
@@ -151,5 +204,9 @@ async fn remote_callers_reach_only_exported_services() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(status, Some((502, Some("app-unavailable".to_string()))));
+    assert_eq!(
+        opaque(sidecar.inbound_addr, &svid, &east_roots).await,
+        Ok("ping".into())
+    );
     stop.cancel();
 }

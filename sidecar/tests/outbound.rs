@@ -59,6 +59,7 @@ async fn sidecar_with(
                 service: "echo".into(),
                 port: 8080,
                 app,
+                app_http2: false,
             }),
             inbound_addr: "127.0.0.1:0".parse().unwrap(),
             outbound_addr: "127.0.0.1:0".parse().unwrap(),
@@ -66,6 +67,8 @@ async fn sidecar_with(
             admin_addr: Some("127.0.0.1:0".parse().unwrap()),
             request_timeout,
             access_log: false,
+            dns_addr: None,
+            opaque_ports: Vec::new(),
         },
         stop.clone(),
     )

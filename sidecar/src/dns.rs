@@ -1,0 +1,182 @@
+//! DNS for `clusterset.local` names, so an unchanged client can dial
+//! `echo.demo.svc.clusterset.local:8080`: the sidecar answers every known
+//! service name with its own outbound address, where it listens on each
+//! service port (see `ports`).
+//!
+//! The answer is decided by a pure function over the query bytes
+//! (`answer`); the UDP and TCP loops around it only move bytes.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA};
+use hickory_proto::rr::{RData, Record, RecordType};
+use isthmus_core::naming::ServiceName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+/// The zone answered for: Kubernetes MCS names, `<svc>.<ns>.svc.clusterset.local`.
+const ZONE: &str = "clusterset.local";
+
+/// Answers change as services come and go: clients should not keep them.
+const TTL_SECS: u32 = 5;
+
+/// The reply to one DNS message, or `None` for bytes that are not a query
+/// (dropped, as a resolver does with garbage).
+///
+/// - a known service (`known` says which): its address, `ip`;
+/// - another name under `clusterset.local`: NXDOMAIN;
+/// - a name elsewhere: REFUSED, since this is no recursive resolver.
+pub fn answer(packet: &[u8], ip: IpAddr, known: impl Fn(&ServiceName) -> bool) -> Option<Vec<u8>> {
+    let query = Message::from_vec(packet).ok()?;
+    if query.metadata.message_type != MessageType::Query {
+        return None;
+    }
+    let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+    reply.metadata.recursion_desired = query.metadata.recursion_desired;
+    reply.queries = query.queries.clone();
+    let code = match (query.metadata.op_code, query.queries.as_slice()) {
+        (OpCode::Query, [q]) => {
+            let name = q.name().to_ascii();
+            let host = name.trim_end_matches('.').to_ascii_lowercase();
+            if !(host == ZONE || host.ends_with(&format!(".{ZONE}"))) {
+                ResponseCode::Refused
+            } else if !ServiceName::parse(&host).is_some_and(|s| known(&s)) {
+                reply.metadata.authoritative = true;
+                ResponseCode::NXDomain
+            } else {
+                reply.metadata.authoritative = true;
+                // A name that exists but has no record of the type asked for
+                // answers NOERROR with no records (RFC 2308 NODATA).
+                let rdata = match (q.query_type(), ip) {
+                    (RecordType::A | RecordType::ANY, IpAddr::V4(v4)) => Some(RData::A(A(v4))),
+                    (RecordType::AAAA | RecordType::ANY, IpAddr::V6(v6)) => Some(RData::AAAA(AAAA(v6))),
+                    _ => None,
+                };
+                if let Some(rdata) = rdata {
+                    reply.add_answer(Record::from_rdata(q.name().clone(), TTL_SECS, rdata));
+                }
+                ResponseCode::NoError
+            }
+        }
+        (OpCode::Query, _) => ResponseCode::FormErr,
+        _ => ResponseCode::NotImp,
+    };
+    reply.metadata.response_code = code;
+    reply.to_vec().ok()
+}
+
+/// Serve DNS over UDP and TCP on `addr` (both bound to the same port).
+pub async fn serve(
+    addr: SocketAddr,
+    ip: IpAddr,
+    known: Arc<dyn Fn(&ServiceName) -> bool + Send + Sync>,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let udp = UdpSocket::bind(addr).await?;
+    let bound = udp.local_addr()?;
+    let tcp = TcpListener::bind(bound).await?;
+    let k = known.clone();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let (n, from) = tokio::select! {
+                _ = s.cancelled() => return,
+                r = udp.recv_from(&mut buf) => match r { Ok(r) => r, Err(_) => continue },
+            };
+            if let Some(reply) = answer(&buf[..n], ip, |s| k(s)) {
+                let _ = udp.send_to(&reply, from).await;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some((mut conn, _)) = isthmus_core::net::accept(&tcp, &stop).await {
+            let known = known.clone();
+            tokio::spawn(async move {
+                // TCP DNS: each message is preceded by its length (RFC 1035 4.2.2).
+                loop {
+                    let Ok(len) = conn.read_u16().await else { return };
+                    let mut msg = vec![0u8; usize::from(len)];
+                    if conn.read_exact(&mut msg).await.is_err() {
+                        return;
+                    }
+                    let Some(reply) = answer(&msg, ip, |s| known(s)) else {
+                        return;
+                    };
+                    let Ok(len) = u16::try_from(reply.len()) else { return };
+                    if conn.write_u16(len).await.is_err() || conn.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+    use std::str::FromStr;
+
+    fn ask(name: &str, rtype: RecordType) -> Message {
+        let mut q = Message::query();
+        q.metadata.recursion_desired = true;
+        q.add_query(Query::query(Name::from_str(name).unwrap(), rtype));
+        let reply = answer(&q.to_vec().unwrap(), "127.0.2.30".parse().unwrap(), |s| {
+            s.namespace == "demo" && s.name == "echo"
+        })
+        .expect("a reply");
+        let reply = Message::from_vec(&reply).unwrap();
+        assert_eq!(reply.metadata.id, q.metadata.id);
+        assert_eq!(reply.metadata.message_type, MessageType::Response);
+        reply
+    }
+
+    #[test]
+    fn known_service_resolves_to_the_sidecar() {
+        for name in [
+            "echo.demo.svc.clusterset.local.",
+            "ECHO.Demo.svc.clusterset.local",
+            "east.echo.demo.svc.clusterset.local.",
+        ] {
+            let r = ask(name, RecordType::A);
+            assert_eq!(r.metadata.response_code, ResponseCode::NoError, "{name}");
+            assert!(r.metadata.authoritative);
+            assert_eq!(r.answers.len(), 1);
+            assert_eq!(r.answers[0].data, RData::A(A("127.0.2.30".parse().unwrap())));
+            assert_eq!(r.answers[0].ttl, TTL_SECS);
+        }
+    }
+
+    #[test]
+    fn aaaa_of_a_known_service_is_nodata() {
+        let r = ask("echo.demo.svc.clusterset.local.", RecordType::AAAA);
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.answers.is_empty());
+    }
+
+    #[test]
+    fn unknown_service_is_nxdomain_and_other_zones_are_refused() {
+        let r = ask("nope.demo.svc.clusterset.local.", RecordType::A);
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        let r = ask("svc.clusterset.local.", RecordType::A);
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        let r = ask("example.com.", RecordType::A);
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+        let r = ask("evilclusterset.local.", RecordType::A);
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    }
+
+    #[test]
+    fn garbage_and_responses_get_no_reply() {
+        assert!(answer(b"\x01\x02", "127.0.0.1".parse().unwrap(), |_| true).is_none());
+        let resp = Message::response(7, OpCode::Query).to_vec().unwrap();
+        assert!(answer(&resp, "127.0.0.1".parse().unwrap(), |_| true).is_none());
+    }
+}

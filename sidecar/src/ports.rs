@@ -1,0 +1,144 @@
+//! Service ports: with DNS on, the sidecar listens on its outbound address
+//! at every port a known service serves, so a client that resolved
+//! `echo.demo.svc.clusterset.local` to that address dials it unchanged.
+//!
+//! Each connection is HTTP (routed per request by its Host, like the proxy
+//! port) or opaque TCP (routed by port, carried as is inside an end-to-end
+//! mTLS session), as declared with `--opaque-port` or else detected.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use isthmus_core::naming::ServiceName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::detect::{self, Protocol};
+use crate::{ProxyError, Sidecar, metrics};
+
+/// How long a client may stay silent before its connection is taken for a
+/// server-first protocol and carried opaque.
+pub const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Keep a listener on `ip:<port>` for each port the known services serve,
+/// opening and closing them as the configuration changes.
+pub(crate) async fn follow(sc: Arc<Sidecar>, ip: IpAddr, stop: CancellationToken) {
+    let mut rx = sc.agent.config.clone();
+    let mut open: HashMap<u16, CancellationToken> = HashMap::new();
+    let mut failed: Vec<u16> = Vec::new();
+    loop {
+        let want: Vec<u16> = {
+            let snap = rx.borrow_and_update();
+            let mut ports: Vec<u16> = snap
+                .services
+                .iter()
+                .filter_map(|s| u16::try_from(s.port).ok())
+                .collect();
+            ports.sort_unstable();
+            ports.dedup();
+            ports
+        };
+        open.retain(|port, token| {
+            let keep = want.contains(port);
+            if !keep {
+                token.cancel();
+                tracing::info!(port, "no service serves this port any more; its listener is closed");
+            }
+            keep
+        });
+        for port in want {
+            if open.contains_key(&port) {
+                continue;
+            }
+            match TcpListener::bind(SocketAddr::new(ip, port)).await {
+                Ok(listener) => {
+                    tracing::info!(addr = %SocketAddr::new(ip, port), "listening for a service port");
+                    failed.retain(|p| *p != port);
+                    let token = stop.child_token();
+                    tokio::spawn(serve_port(sc.clone(), listener, port, token.clone()));
+                    open.insert(port, token);
+                }
+                Err(e) if !failed.contains(&port) => {
+                    // Said once; tried again at the next change.
+                    tracing::warn!(addr = %SocketAddr::new(ip, port), error = %e, "cannot listen for a service port");
+                    failed.push(port);
+                }
+                Err(_) => {}
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+async fn serve_port(sc: Arc<Sidecar>, listener: TcpListener, port: u16, stop: CancellationToken) {
+    while let Some((tcp, _)) = isthmus_core::net::accept(&listener, &stop).await {
+        let sc = sc.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let protocol = if sc.cfg.opaque_ports.contains(&port) {
+                Protocol::Opaque
+            } else {
+                match detect::detect(&tcp, DETECT_TIMEOUT).await {
+                    Some(p) => p,
+                    None => return,
+                }
+            };
+            match protocol {
+                Protocol::Http => crate::serve_http_outbound(sc, tcp).await,
+                Protocol::Opaque => {
+                    if let Err(e) = opaque(&sc, tcp, port).await {
+                        tracing::info!(port, error = %e, "opaque connection refused");
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Carry one opaque TCP connection to the service on `port`.
+async fn opaque(sc: &Arc<Sidecar>, mut client: TcpStream, port: u16) -> Result<(), ProxyError> {
+    let _open = sc.metrics.open("outbound");
+    let mut route = metrics::RouteLabels {
+        direction: "outbound",
+        source_cluster: sc.agent.cluster.clone(),
+        destination_cluster: "unknown".into(),
+        destination_service: "unknown".into(),
+    };
+    let target = {
+        let snap = sc.agent.config.borrow();
+        crate::route::by_port(&snap, port).and_then(|name: ServiceName| {
+            route.destination_service = name.key();
+            crate::route::route(&snap, &name, Some(port), rand::random_range(0..1024))
+        })
+    };
+    let target = match target {
+        Ok(t) => t,
+        Err(e) => {
+            sc.metrics.tcp(&route, "no-route");
+            return Err(e.into());
+        }
+    };
+    route.destination_cluster = target.cluster.clone();
+    let mut upstream = match crate::connect_tls(sc, &target, isthmus_core::tls::ALPN_OPAQUE).await {
+        Ok(s) => s,
+        Err(e) => {
+            let outcome = if matches!(e, ProxyError::Refused { .. }) {
+                "refused"
+            } else {
+                "connect-failed"
+            };
+            sc.metrics.tcp(&route, outcome);
+            return Err(e);
+        }
+    };
+    sc.metrics.tcp(&route, "ok");
+    let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let (sent, received) = copied.unwrap_or((0, 0));
+    sc.metrics.bytes(&route, sent, received);
+    Ok(())
+}
