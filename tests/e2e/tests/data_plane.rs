@@ -1,0 +1,122 @@
+//! An unchanged client in west resolves clusterset.local names with its
+//! sidecar's DNS and dials them: HTTP, and an opaque TCP service exported by
+//! east, both across the gateways' QUIC tunnel. Real processes throughout.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use isthmus_e2e::{Component, Pair, eventually, metrics, ok, sample};
+
+/// A TCP server on `addr` that answers what it reads in upper case.
+fn upper_echo(addr: &str) -> String {
+    let listener = TcpListener::bind(addr).unwrap();
+    let bound = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n].to_ascii_uppercase()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    bound
+}
+
+/// The IPv4 address `name` resolves to at the DNS server `dns` (A query
+/// built by hand: this harness has no DNS library), or the response code.
+fn resolve(dns: &str, name: &str) -> Result<[u8; 4], u8> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    udp.send_to(&q, dns).unwrap();
+    let mut buf = [0u8; 512];
+    let n = udp.recv(&mut buf).expect("a DNS answer");
+    assert_eq!(&buf[..2], &[0x12, 0x34], "answer to our query");
+    let rcode = buf[3] & 0x0f;
+    let answers = u16::from_be_bytes([buf[6], buf[7]]);
+    if rcode != 0 || answers == 0 {
+        return Err(rcode);
+    }
+    Ok(buf[n - 4..n].try_into().unwrap())
+}
+
+#[test]
+fn unchanged_client_dials_http_and_opaque_tcp_across_clusters() {
+    let root = tempfile::tempdir().unwrap();
+    let p = Pair::start(root.path(), "127.0.26", "127.0.27", "");
+    p.link_and_export();
+
+    // East serves demo/store, a TCP protocol, and exports it.
+    let app = upper_echo("127.0.26.21:0");
+    let _store = Component::start(
+        root.path(),
+        "east-store",
+        &format!(
+            "sidecar --dir {} --namespace demo --service store --port 7379 --app {app} \
+             --inbound-addr 127.0.26.22:0 --outbound-addr 127.0.26.22:0 --admin-addr 127.0.26.22:0",
+            p.east_dir
+        ),
+    );
+    ok(&["export", "--dir", &p.east_dir, "demo/store"]);
+
+    // West's workload has a sidecar answering DNS.
+    let client = Component::start(
+        root.path(),
+        "west-dns-client",
+        &format!(
+            "sidecar --dir {} --namespace demo --service-account client --inbound-addr 127.0.27.31:0 \
+             --outbound-addr 127.0.27.31:0 --admin-addr 127.0.27.31:0 --dns-addr 127.0.27.31:0",
+            p.west_dir
+        ),
+    );
+    let dns = client.addr("dns");
+    let ip = eventually("demo/store to resolve", Duration::from_secs(30), || {
+        resolve(&dns, "store.demo.svc.clusterset.local").ok()
+    });
+    assert_eq!(ip, [127, 0, 27, 31]);
+    assert_eq!(resolve(&dns, "nothing.demo.svc.clusterset.local"), Err(3), "NXDOMAIN");
+    assert_eq!(resolve(&dns, "example.com"), Err(5), "REFUSED");
+
+    // Opaque TCP, through both gateways, answered by east's app.
+    let mut s = eventually("the store port", Duration::from_secs(30), || {
+        let mut s = TcpStream::connect("127.0.27.31:7379").ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"*1\r\n$4\r\nping\r\n").ok()?;
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).ok()?;
+        (&buf[..n] == b"*1\r\n$4\r\nPING\r\n").then_some(s)
+    });
+    s.write_all(b"more bytes").unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"MORE BYTES");
+    drop(s);
+
+    // HTTP to the echo name's port, as an unchanged client sends it.
+    let mut s = TcpStream::connect("127.0.27.31:8080").unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: echo.demo.svc.clusterset.local:8080\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(raw.to_lowercase().contains("x-isthmus-cluster: east"), "{raw}");
+
+    // The client sidecar counted the opaque connection and its bytes.
+    let m = metrics(&client.addr("admin"));
+    let labels = [("destination_service", "demo/store"), ("destination_cluster", "east")];
+    let outcome = [labels[0], labels[1], ("outcome", "ok")];
+    assert!(sample(&m, "isthmus_tcp_connections_total", &outcome).unwrap_or(0.0) >= 1.0, "{m}");
+    let sent = sample(&m, "isthmus_request_bytes_total", &labels);
+    assert!(sent.is_some_and(|b| b >= 24.0), "{m}");
+}
