@@ -612,15 +612,16 @@ async fn forward(
     labels.destination_cluster = target.cluster.clone();
     // A local service: this request's endpoint, by power of two choices
     // (a remote cluster's gateway chooses among that cluster's endpoints).
-    // A body-less idempotent request that cannot reach its endpoint is sent
-    // to another one, within the retry budget.
+    // Within the retry budget, a request goes to another endpoint when its
+    // endpoint could not be reached (nothing was sent, so any request whose
+    // body is at hand can go again), and a gRPC call when it was answered
+    // UNAVAILABLE without a body (the server did not take it up).
     let endpoints = target.addresses.clone();
-    let replay = (req.method().is_idempotent() && req.body().is_end_stream())
-        .then(|| (req.method().clone(), req.uri().clone(), req.headers().clone()));
+    let grpc = is_grpc(req.headers());
+    let head = (req.method().clone(), req.uri().clone(), req.headers().clone());
     let (req_bytes, resp_bytes) = sc.metrics.body_counters(labels);
-    let mut req = buffer_small_body(req)
-        .await?
-        .map(|b| metrics::CountedBody::new(b, req_bytes).boxed());
+    let (req, replay) = buffer_small_body(req).await?;
+    let mut req = req.map(|b| metrics::CountedBody::new(b, req_bytes.clone()).boxed());
     let mut failed: Vec<String> = Vec::new();
     sc.retry_budget.lock().expect("budget lock").deposit(Instant::now());
     let sent = loop {
@@ -633,23 +634,27 @@ async fn forward(
         }
         let sent = send(sc, &target, (&host, port), req, labels).await;
         let Some(mut f) = in_flight else { break sent };
-        f.ok = matches!(&sent, Ok(r) if !r.status().is_server_error());
-        let again = match (&sent, &replay) {
-            (Err(ProxyError::Connect(_)), Some(again))
-                if failed.len() + 1 < endpoints.len()
+        let unavailable = grpc && matches!(&sent, Ok(r) if grpc_unavailable(r.headers()));
+        f.ok = matches!(&sent, Ok(r) if !r.status().is_server_error()) && !unavailable;
+        let retry = matches!(&sent, Err(ProxyError::Connect(_))) || unavailable;
+        let body = match replay.body() {
+            Some(body)
+                if retry
+                    && failed.len() + 1 < endpoints.len()
                     && sc.retry_budget.lock().expect("budget lock").withdraw(Instant::now()) =>
             {
-                again
+                body
             }
             _ => break sent,
         };
-        tracing::debug!(endpoint = %f.addr, "endpoint unreachable; trying another");
+        tracing::debug!(endpoint = %f.addr, unavailable, "trying another endpoint");
         sc.metrics.retries.get_or_create(labels).inc();
         failed.push(f.addr.clone());
-        let mut r = Request::new(empty());
-        *r.method_mut() = again.0.clone();
-        *r.uri_mut() = again.1.clone();
-        *r.headers_mut() = again.2.clone();
+        let (method, uri, headers) = &head;
+        let mut r = Request::new(metrics::CountedBody::new(full(body), req_bytes.clone()).boxed());
+        *r.method_mut() = method.clone();
+        *r.uri_mut() = uri.clone();
+        *r.headers_mut() = headers.clone();
         req = r;
     };
     let (mut parts, body) = sent?.into_parts();
@@ -666,24 +671,150 @@ async fn forward(
 /// at the peer, more per request). Larger or unsized bodies stream.
 const BUFFER_BODY_MAX: u64 = 16 * 1024;
 
-async fn buffer_small_body(req: Request<Incoming>) -> Result<Request<Body>, ProxyError> {
+/// The request with its body read whole if it is small (see
+/// `BUFFER_BODY_MAX`), and how to get that body again to resend it.
+///
+/// A body of unknown length (gRPC clients send none) streams as it comes:
+/// waiting for its end could deadlock a streaming call whose client waits
+/// for the server's first message. A copy is kept as it passes, up to the
+/// same size, so a call the server did not take up can be sent again.
+async fn buffer_small_body(req: Request<Incoming>) -> Result<(Request<Body>, Replay), ProxyError> {
+    if req.body().is_end_stream() {
+        return Ok((req.map(|_| empty()), Replay::Ready(Bytes::new())));
+    }
     let declared = req
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if !declared.is_some_and(|n| n > 0 && n <= BUFFER_BODY_MAX) {
-        return Ok(req.map(|b| b.boxed()));
-    }
     let (parts, body) = req.into_parts();
-    let bytes = body
-        .collect()
-        .await
-        .map_err(|e| ProxyError::ClientBody(e.to_string()))?
-        .to_bytes();
-    Ok(Request::from_parts(
-        parts,
-        Full::new(bytes).map_err(|n| match n {}).boxed(),
-    ))
+    match declared {
+        Some(n) if n <= BUFFER_BODY_MAX => {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| ProxyError::ClientBody(e.to_string()))?
+                .to_bytes();
+            Ok((Request::from_parts(parts, full(bytes.clone())), Replay::Ready(bytes)))
+        }
+        Some(_) => Ok((Request::from_parts(parts, body.boxed()), Replay::No)),
+        None => {
+            let (tee, recording) = Tee::new(body);
+            Ok((Request::from_parts(parts, tee.boxed()), Replay::Recorded(recording)))
+        }
+    }
+}
+
+/// How a request's body can be had again, to resend the request.
+enum Replay {
+    Ready(Bytes),
+    Recorded(Recording),
+    No,
+}
+
+impl Replay {
+    /// The whole body, if it is at hand (a recording only once it ended).
+    fn body(&self) -> Option<Bytes> {
+        match self {
+            Replay::Ready(b) => Some(b.clone()),
+            Replay::Recorded(r) => match &*r.0.lock().expect("recording lock") {
+                Recorded::Done(b) => Some(b.clone()),
+                _ => None,
+            },
+            Replay::No => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Recording(Arc<Mutex<Recorded>>);
+
+enum Recorded {
+    Partial(bytes::BytesMut),
+    Done(Bytes),
+    /// Too large to keep, or it had trailers.
+    Abandoned,
+}
+
+/// A body passed through unchanged while a copy of it is recorded.
+struct Tee {
+    inner: Incoming,
+    rec: Recording,
+}
+
+impl Tee {
+    fn new(inner: Incoming) -> (Self, Recording) {
+        let rec = Recording(Arc::new(Mutex::new(Recorded::Partial(bytes::BytesMut::new()))));
+        (
+            Tee {
+                inner,
+                rec: rec.clone(),
+            },
+            rec,
+        )
+    }
+
+    fn finish(&self) {
+        let mut r = self.rec.0.lock().expect("recording lock");
+        if let Recorded::Partial(buf) = &mut *r {
+            *r = Recorded::Done(std::mem::take(buf).freeze());
+        }
+    }
+}
+
+impl hyper::body::Body for Tee {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                let mut r = self.rec.0.lock().expect("recording lock");
+                match (&mut *r, frame.data_ref()) {
+                    (Recorded::Partial(buf), Some(d)) if (buf.len() + d.len()) as u64 <= BUFFER_BODY_MAX => {
+                        buf.extend_from_slice(d)
+                    }
+                    _ => *r = Recorded::Abandoned,
+                }
+                drop(r);
+                // Whoever polls may stop at the last frame without asking
+                // for the end.
+                if self.inner.is_end_stream() {
+                    self.finish();
+                }
+            }
+            std::task::Poll::Ready(None) => self.finish(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|n| match n {}).boxed()
+}
+
+fn is_grpc(h: &http::HeaderMap) -> bool {
+    h.get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// A trailers-only gRPC answer of UNAVAILABLE (14): the server did not
+/// take the call up, so it may go to another endpoint.
+fn grpc_unavailable(h: &http::HeaderMap) -> bool {
+    h.get("grpc-status").is_some_and(|v| v.as_bytes() == b"14")
 }
 
 /// Choose a local endpoint of `target` other than `failed`, and count the

@@ -169,7 +169,11 @@ impl Metrics {
 }
 
 /// A body that adds the length of each data frame to a counter as it
-/// passes, so a streamed body is counted without being held.
+/// passes, so a streamed body is counted without being held. It drops
+/// empty data frames: they carry nothing, and HTTP/2 peers (h2 among them)
+/// take empty non-final DATA frames for abuse and close the connection
+/// after a hundred, so forwarding one per request would break a pooled
+/// session.
 pub struct CountedBody<B> {
     inner: B,
     counter: Counter,
@@ -192,13 +196,18 @@ where
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.counter.inc_by(data.len() as u64);
+        loop {
+            let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+            if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+                && let Some(data) = frame.data_ref()
+            {
+                if data.is_empty() {
+                    continue;
+                }
+                self.counter.inc_by(data.len() as u64);
+            }
+            return polled;
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

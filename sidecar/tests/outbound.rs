@@ -3,11 +3,14 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use isthmus_core::local::ClusterDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -49,7 +52,13 @@ async fn sidecar_with(
     request_timeout: Duration,
     stop: &CancellationToken,
 ) -> isthmus_sidecar::Running {
-    isthmus_sidecar::run(
+    isthmus_sidecar::run(config(dir, app, request_timeout), stop.clone())
+        .await
+        .unwrap()
+}
+
+fn config(dir: &std::path::Path, app: Option<SocketAddr>, request_timeout: Duration) -> isthmus_sidecar::Config {
+    {
         isthmus_sidecar::Config {
             dir: dir.to_path_buf(),
             credential: None,
@@ -69,11 +78,8 @@ async fn sidecar_with(
             access_log: false,
             dns_addr: None,
             opaque_ports: Vec::new(),
-        },
-        stop.clone(),
-    )
-    .await
-    .unwrap()
+        }
+    }
 }
 
 /// GET echo through the client sidecar's proxy: status and body.
@@ -276,5 +282,127 @@ async fn unreachable_endpoint_is_retried_on_another() {
         }
     }
     assert!(failures.is_empty(), "{failures:?}");
+    stop.cancel();
+}
+
+/// An h2c app speaking gRPC's framing: one "ok" message then `grpc-status:
+/// 0` in trailers; or, if `unavailable`, a trailers-only UNAVAILABLE. It
+/// counts the calls it got.
+async fn grpc_app(unavailable: bool, hits: Arc<AtomicUsize>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let hits = hits.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let hits = hits.clone();
+                    async move {
+                        let msg = req.into_body().collect().await.unwrap().to_bytes();
+                        assert_eq!(&msg[..], b"\0\0\0\0\x02hi", "the whole request message");
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        let resp = hyper::Response::builder().header("content-type", "application/grpc");
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let frames = if unavailable {
+                            vec![]
+                        } else {
+                            vec![
+                                Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"\0\0\0\0\x02ok"))),
+                                Ok(Frame::trailers(trailers)),
+                            ]
+                        };
+                        let resp = if unavailable {
+                            resp.header("grpc-status", "14")
+                        } else {
+                            resp
+                        };
+                        Ok::<_, Infallible>(resp.body(StreamBody::new(futures::stream::iter(frames))).unwrap())
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+type GrpcBody = StreamBody<futures::stream::Iter<std::array::IntoIter<Result<Frame<Bytes>, Infallible>, 1>>>;
+
+/// An HTTP/2 (prior knowledge) connection to the client sidecar, as a gRPC
+/// client opens it.
+async fn grpc_client(proxy: SocketAddr) -> hyper::client::conn::http2::SendRequest<GrpcBody> {
+    let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// A unary gRPC call, with no content-length (as gRPC clients send it):
+/// the `grpc-status` it ended with, from the trailers or a trailers-only
+/// answer.
+async fn grpc_call(send: &mut hyper::client::conn::http2::SendRequest<GrpcBody>) -> String {
+    let body = StreamBody::new(futures::stream::iter([Ok::<_, Infallible>(Frame::data(
+        Bytes::from_static(b"\0\0\0\0\x02hi"),
+    ))]));
+    let req = hyper::Request::post("http://echo.demo.svc.clusterset.local:8080/demo.Echo/Say")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    if let Some(s) = resp.headers().get("grpc-status") {
+        return s.to_str().unwrap().to_string();
+    }
+    let all = resp.into_body().collect().await.unwrap();
+    let trailers = all.trailers().cloned().unwrap_or_default();
+    assert_eq!(&all.to_bytes()[..], b"\0\0\0\0\x02ok");
+    trailers
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_else(|| "no grpc-status".into())
+}
+
+/// gRPC over HTTP/2 end to end (h2c app, trailers through both sidecars,
+/// many calls on one pooled session), and a call answered UNAVAILABLE goes
+/// to another endpoint: none fails.
+#[tokio::test]
+async fn grpc_unavailable_is_retried_on_another_endpoint() {
+    let stop = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    east(dir.path(), &stop).await;
+    let (good_hits, bad_hits) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let grpc_sidecar = |app| {
+        let mut cfg = config(dir.path(), Some(app), Duration::from_secs(15));
+        cfg.serve.as_mut().unwrap().app_http2 = true;
+        isthmus_sidecar::run(cfg, stop.clone())
+    };
+    grpc_sidecar(grpc_app(false, good_hits.clone()).await).await.unwrap();
+    let client = sidecar(dir.path(), None, &stop).await;
+    let mut grpc = grpc_client(client.outbound_addr).await;
+    until_ok(|| {
+        let mut grpc = grpc.clone();
+        async move { grpc_call(&mut grpc).await == "0" }
+    })
+    .await;
+    // More calls than h2 allows empty DATA frames on a connection (100):
+    // a client's empty closing frame must not be forwarded as one.
+    for _ in 0..120 {
+        assert_eq!(grpc_call(&mut grpc).await, "0");
+    }
+    // An endpoint that answers UNAVAILABLE joins: calls that land on it are
+    // sent again to the good one.
+    grpc_sidecar(grpc_app(true, bad_hits.clone()).await).await.unwrap();
+    let mut calls = 0;
+    while bad_hits.load(Ordering::SeqCst) < 3 {
+        assert_eq!(grpc_call(&mut grpc).await, "0");
+        calls += 1;
+        assert!(calls < 1000, "the UNAVAILABLE endpoint was never chosen");
+    }
     stop.cancel();
 }

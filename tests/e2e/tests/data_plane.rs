@@ -116,7 +116,10 @@ fn unchanged_client_dials_http_and_opaque_tcp_across_clusters() {
     let m = metrics(&client.addr("admin"));
     let labels = [("destination_service", "demo/store"), ("destination_cluster", "east")];
     let outcome = [labels[0], labels[1], ("outcome", "ok")];
-    assert!(sample(&m, "isthmus_tcp_connections_total", &outcome).unwrap_or(0.0) >= 1.0, "{m}");
+    assert!(
+        sample(&m, "isthmus_tcp_connections_total", &outcome).unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
     let sent = sample(&m, "isthmus_request_bytes_total", &labels);
     assert!(sent.is_some_and(|b| b >= 24.0), "{m}");
 }
