@@ -172,6 +172,10 @@ pub struct SidecarArgs {
     /// protocols, which would otherwise wait 1 s for detection.
     #[arg(long, value_delimiter = ',')]
     pub opaque_port: Vec<u16>,
+    /// Export a span per request over OTLP/HTTP (JSON) to this collector
+    /// base URL, e.g. http://127.0.0.1:4318 (`/v1/traces` is appended).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -307,6 +311,7 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
         access_log: a.access_log,
         dns_addr: a.dns_addr,
         opaque_ports: a.opaque_port,
+        otlp_endpoint: a.otlp_endpoint,
     };
     let running = isthmus_sidecar::run(cfg, shutdown.clone()).await.map_err(|e| {
         let code = if matches!(e, isthmus_sidecar::SidecarError::Config(_)) {

@@ -16,6 +16,7 @@ pub mod balance;
 pub mod detect;
 pub mod dns;
 pub mod metrics;
+pub mod otlp;
 mod ports;
 pub mod route;
 pub mod trace;
@@ -23,7 +24,7 @@ pub mod trace;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -91,6 +92,8 @@ pub struct Config {
     /// Service ports whose connections are opaque TCP without detection
     /// (server-first protocols, or to skip the detection wait).
     pub opaque_ports: Vec<u16>,
+    /// Export spans over OTLP/HTTP (JSON) to this base URL, if set.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -125,6 +128,7 @@ struct Sidecar {
     balancers: Mutex<HashMap<String, balance::Balancer>>,
     retry_budget: Mutex<balance::RetryBudget>,
     metrics: metrics::Metrics,
+    otlp: Option<otlp::Exporter>,
 }
 
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, SidecarError> {
@@ -171,7 +175,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     let ready = isthmus_core::metrics::Ready::default();
     let admin_addr =
         isthmus_core::metrics::serve_admin(cfg.admin_addr, registry, ready.clone(), shutdown.clone()).await?;
+    let otlp = match &cfg.otlp_endpoint {
+        None => None,
+        Some(endpoint) => {
+            let who = cfg.serve.as_ref().map_or(&cfg.service_account, |s| &s.service);
+            let resource = vec![
+                ("service.name", format!("{}/{who}", cfg.namespace)),
+                ("service.instance.id", cfg.instance.clone()),
+                ("isthmus.cluster", agent.cluster.clone()),
+            ];
+            let (dropped, failed) = (metrics.spans_dropped.clone(), metrics.spans_failed.clone());
+            Some(
+                otlp::Exporter::start(endpoint, resource, dropped, failed, shutdown.clone())
+                    .map_err(SidecarError::Config)?,
+            )
+        }
+    };
     let sc = Arc::new(Sidecar {
+        otlp,
         metrics,
         app_client: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .http2_only(cfg.serve.as_ref().is_some_and(|s| s.app_http2))
@@ -267,20 +288,30 @@ async fn serve_inbound(
             let route = sc.inbound_route(&client);
             let remote = client.trust_domain != sc.agent.trust_domain;
             let client = HeaderValue::from_str(&client.to_string()).expect("SPIFFE IDs are ASCII");
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let sc = sc.clone();
                 let client = client.clone();
                 let route = route.clone();
                 async move {
                     let start = std::time::Instant::now();
+                    let incoming = req
+                        .headers()
+                        .get(trace::TRACEPARENT)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(trace::TraceContext::parse);
+                    // With spans exported, this hop is a span of its own,
+                    // the app's parent; else the caller's span stays it.
+                    let span = sc.otlp.as_ref().map(|_| {
+                        let ctx = match incoming {
+                            Some(p) => p.child(rand::random()),
+                            None => trace::TraceContext::start(rand::random(), rand::random()),
+                        };
+                        let value = HeaderValue::from_str(&ctx.to_string()).expect("hex is ASCII");
+                        req.headers_mut().insert(trace::TRACEPARENT, value);
+                        (ctx, SystemTime::now(), req.method().clone())
+                    });
                     let line = sc.cfg.access_log.then(|| {
-                        let trace = req
-                            .headers()
-                            .get(trace::TRACEPARENT)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(trace::TraceContext::parse)
-                            .map(|t| t.trace_id_hex())
-                            .unwrap_or_default();
+                        let trace = incoming.map(|t| t.trace_id_hex()).unwrap_or_default();
                         (AccessLine::of(&req), trace)
                     });
                     let (req_bytes, resp_bytes) = sc.metrics.body_counters(&route);
@@ -291,6 +322,18 @@ async fn serve_inbound(
                     let elapsed = start.elapsed();
                     if let Some((line, trace)) = line {
                         line.print(&route, &resp, elapsed, &trace);
+                    }
+                    if let (Some(x), Some((ctx, wall, method))) = (&sc.otlp, span) {
+                        x.record(span_of(
+                            otlp::Kind::Server,
+                            ctx,
+                            incoming,
+                            wall,
+                            method,
+                            &route,
+                            &resp,
+                            elapsed,
+                        ));
                     }
                     sc.metrics.observe(route, resp.status().as_u16(), elapsed.as_secs_f64());
                     Ok::<_, std::convert::Infallible>(resp)
@@ -480,6 +523,7 @@ async fn outbound(sc: Arc<Sidecar>, mut req: Request<Incoming>) -> Response<Body
         HeaderValue::from_str(&ctx.to_string()).expect("hex is ASCII"),
     );
     let line = sc.cfg.access_log.then(|| AccessLine::of(&req));
+    let span = sc.otlp.as_ref().map(|_| (SystemTime::now(), req.method().clone()));
     let timeout = sc.cfg.request_timeout;
     let resp = match tokio::time::timeout(timeout, forward(&sc, req, &mut route)).await {
         Ok(Ok(r)) => r,
@@ -493,8 +537,54 @@ async fn outbound(sc: Arc<Sidecar>, mut req: Request<Incoming>) -> Response<Body
     if let Some(line) = line {
         line.print(&route, &resp, elapsed, &ctx.trace_id_hex());
     }
+    if let (Some(x), Some((wall, method))) = (&sc.otlp, span) {
+        x.record(span_of(
+            otlp::Kind::Client,
+            ctx,
+            parent,
+            wall,
+            method,
+            &route,
+            &resp,
+            elapsed,
+        ));
+    }
     sc.metrics.observe(route, resp.status().as_u16(), elapsed.as_secs_f64());
     resp
+}
+
+/// The span of one request through this sidecar, for OTLP.
+#[allow(clippy::too_many_arguments)]
+fn span_of(
+    kind: otlp::Kind,
+    ctx: trace::TraceContext,
+    parent: Option<trace::TraceContext>,
+    start: SystemTime,
+    method: http::Method,
+    route: &metrics::RouteLabels,
+    resp: &Response<Body>,
+    duration: Duration,
+) -> otlp::Span {
+    otlp::Span {
+        ctx,
+        parent: parent.map(|p| p.span_id),
+        name: format!("{} {method} {}", route.direction, route.destination_service),
+        kind,
+        start,
+        duration,
+        status: resp.status().as_u16(),
+        error: resp
+            .headers()
+            .get(ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        attributes: vec![
+            ("http.request.method", method.to_string()),
+            ("isthmus.source_cluster", route.source_cluster.clone()),
+            ("isthmus.destination_cluster", route.destination_cluster.clone()),
+            ("isthmus.destination_service", route.destination_service.clone()),
+        ],
+    }
 }
 
 /// What the access log says of a request, taken before it is sent on.

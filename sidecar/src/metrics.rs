@@ -54,6 +54,8 @@ pub struct Metrics {
     pub tcp_connections: Family<TcpLabels, Counter>,
     pub request_bytes: Family<RouteLabels, Counter>,
     pub response_bytes: Family<RouteLabels, Counter>,
+    pub spans_dropped: Counter,
+    pub spans_failed: Counter,
 }
 
 /// Counts a connection as open until dropped.
@@ -76,6 +78,8 @@ impl Metrics {
             tcp_connections: Family::default(),
             request_bytes: Family::default(),
             response_bytes: Family::default(),
+            spans_dropped: Counter::default(),
+            spans_failed: Counter::default(),
         };
         registry.register(
             "isthmus_requests",
@@ -116,6 +120,16 @@ impl Metrics {
             "isthmus_response_bytes",
             "Bytes from server to client: HTTP response bodies, and what opaque TCP servers sent",
             m.response_bytes.clone(),
+        );
+        registry.register(
+            "isthmus_otlp_spans_dropped",
+            "Spans dropped because the OTLP export queue was full",
+            m.spans_dropped.clone(),
+        );
+        registry.register(
+            "isthmus_otlp_spans_failed",
+            "Spans lost because their OTLP export failed (collector unreachable or refusing)",
+            m.spans_failed.clone(),
         );
         m
     }

@@ -60,7 +60,7 @@ impl TraceContext {
 }
 
 /// Lowercase hex, without a formatting call per byte (this runs per request).
-fn to_hex(bytes: &[u8]) -> String {
+pub fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {

@@ -84,6 +84,7 @@ fn config(dir: &std::path::Path, sa: &str, serve: Option<(&str, u16, SocketAddr)
         access_log: false,
         dns_addr: None,
         opaque_ports: Vec::new(),
+        otlp_endpoint: None,
     }
 }
 

@@ -132,6 +132,7 @@ async fn remote_callers_reach_only_exported_services() {
             access_log: false,
             dns_addr: None,
             opaque_ports: Vec::new(),
+            otlp_endpoint: None,
         },
         stop.clone(),
     )

@@ -78,6 +78,7 @@ fn config(dir: &std::path::Path, app: Option<SocketAddr>, request_timeout: Durat
             access_log: false,
             dns_addr: None,
             opaque_ports: Vec::new(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -404,5 +405,83 @@ async fn grpc_unavailable_is_retried_on_another_endpoint() {
         calls += 1;
         assert!(calls < 1000, "the UNAVAILABLE endpoint was never chosen");
     }
+    stop.cancel();
+}
+
+/// An OTLP/HTTP collector: the JSON bodies POSTed to /v1/traces.
+async fn collector() -> (String, Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let g = g.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let g = g.clone();
+                    async move {
+                        assert_eq!(req.uri().path(), "/v1/traces");
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        g.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"{}"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (url, got)
+}
+
+/// Both sidecars export a span of the request to an OTLP collector: the
+/// client's (kind CLIENT) a child of the caller's span, the server's (kind
+/// SERVER) a child of the client's and the parent of what the app sees.
+#[tokio::test]
+async fn spans_are_exported_over_otlp() {
+    let stop = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    east(dir.path(), &stop).await;
+    let (url, got) = collector().await;
+    let echo = app(200, "ok", Duration::ZERO).await;
+    let mut server = config(dir.path(), Some(echo), Duration::from_secs(15));
+    server.otlp_endpoint = Some(url.clone());
+    isthmus_sidecar::run(server, stop.clone()).await.unwrap();
+    let mut client = config(dir.path(), None, Duration::from_secs(15));
+    client.otlp_endpoint = Some(url);
+    let client = isthmus_sidecar::run(client, stop.clone()).await.unwrap();
+    until_ok(|| async { get(client.outbound_addr).await.0 == 200 }).await;
+
+    let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let (status, head, _) = get_with(client.outbound_addr, &format!("traceparent: {caller}\r\n")).await;
+    assert_eq!(status, 200);
+    let app_saw = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-seen-traceparent: "))
+        .and_then(isthmus_sidecar::trace::TraceContext::parse)
+        .expect("the app saw a traceparent");
+
+    // Spans of our trace, as they arrive in batches (flushed each second).
+    let spans_of_trace = || -> Vec<serde_json::Value> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b["resourceSpans"].as_array().unwrap().clone())
+            .flat_map(|rs| rs["scopeSpans"][0]["spans"].as_array().unwrap().clone())
+            .filter(|s| s["traceId"] == "0af7651916cd43dd8448eb211c80319c")
+            .collect()
+    };
+    until_ok(|| async { spans_of_trace().len() == 2 }).await;
+    let spans = spans_of_trace();
+    let client_span = spans.iter().find(|s| s["kind"] == 3).expect("a client span");
+    let server_span = spans.iter().find(|s| s["kind"] == 2).expect("a server span");
+    assert_eq!(client_span["parentSpanId"], "b7ad6b7169203331");
+    assert_eq!(server_span["parentSpanId"], client_span["spanId"]);
+    assert_eq!(server_span["spanId"], isthmus_sidecar::trace::to_hex(&app_saw.span_id));
+    assert_eq!(client_span["status"]["code"], 1);
+    assert_eq!(client_span["name"], "outbound GET demo/echo");
     stop.cancel();
 }
