@@ -176,6 +176,14 @@ pub struct SidecarArgs {
     /// base URL, e.g. http://127.0.0.1:4318 (`/v1/traces` is appended).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Client connections open at once, per direction (from the app; from
+    /// the mesh); more are closed as they arrive.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Outbound requests in flight at once to one service; more are
+    /// answered 503 `overloaded` at once rather than queued.
+    #[arg(long, default_value_t = 1_000)]
+    pub max_requests_per_service: usize,
     #[command(flatten)]
     pub common: Common,
 }
@@ -312,6 +320,8 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
         dns_addr: a.dns_addr,
         opaque_ports: a.opaque_port,
         otlp_endpoint: a.otlp_endpoint,
+        max_connections: a.max_connections,
+        max_requests_per_service: a.max_requests_per_service,
     };
     let running = isthmus_sidecar::run(cfg, shutdown.clone()).await.map_err(|e| {
         let code = if matches!(e, isthmus_sidecar::SidecarError::Config(_)) {

@@ -94,6 +94,12 @@ pub struct Config {
     pub opaque_ports: Vec<u16>,
     /// Export spans over OTLP/HTTP (JSON) to this base URL, if set.
     pub otlp_endpoint: Option<String>,
+    /// Client connections open at once, per direction; more are closed as
+    /// they arrive.
+    pub max_connections: usize,
+    /// Outbound requests in flight at once to one service; more are
+    /// answered 503 `overloaded` at once instead of queueing.
+    pub max_requests_per_service: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -129,6 +135,10 @@ struct Sidecar {
     retry_budget: Mutex<balance::RetryBudget>,
     metrics: metrics::Metrics,
     otlp: Option<otlp::Exporter>,
+    /// Connection slots: outbound (from the app), inbound (from the mesh).
+    conn_slots: [Arc<tokio::sync::Semaphore>; 2],
+    /// Outbound requests in flight, per destination service.
+    in_flight: Mutex<HashMap<String, usize>>,
 }
 
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, SidecarError> {
@@ -191,7 +201,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
             )
         }
     };
+    let slots = || Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
     let sc = Arc::new(Sidecar {
+        conn_slots: [slots(), slots()],
+        in_flight: Mutex::new(HashMap::new()),
         otlp,
         metrics,
         app_client: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
@@ -240,12 +253,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
 
 async fn serve_outbound(sc: Arc<Sidecar>, listener: TcpListener, stop: CancellationToken) {
     while let Some((tcp, _)) = isthmus_core::net::accept(&listener, &stop).await {
-        tokio::spawn(serve_http_outbound(sc.clone(), tcp));
+        let Some(slot) = sc.admit(OUTBOUND) else { continue };
+        tokio::spawn(serve_http_outbound(sc.clone(), tcp, slot));
     }
 }
 
 /// One client connection of HTTP/1.1 or HTTP/2 requests from the app.
-async fn serve_http_outbound(sc: Arc<Sidecar>, tcp: TcpStream) {
+async fn serve_http_outbound(sc: Arc<Sidecar>, tcp: TcpStream, _slot: tokio::sync::OwnedSemaphorePermit) {
     let _open = sc.metrics.open("outbound");
     let svc = hyper::service::service_fn(move |req| {
         let sc = sc.clone();
@@ -264,9 +278,11 @@ async fn serve_inbound(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     while let Some((tcp, from)) = isthmus_core::net::accept(&listener, &stop).await {
+        let Some(slot) = sc.admit(INBOUND) else { continue };
         let sc = sc.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -471,6 +487,10 @@ enum ProxyError {
     Upstream(String),
     #[error("reading the request body: {0}")]
     ClientBody(String),
+    #[error(
+        "{service} has {limit} requests in flight from this workload already (the sidecar's --max-requests-per-service)"
+    )]
+    Overloaded { service: String, limit: usize },
     #[error("no response within {0:?} (the sidecar's --request-timeout)")]
     Timeout(Duration),
 }
@@ -491,6 +511,7 @@ impl ProxyError {
             ProxyError::Refused { .. } => (StatusCode::BAD_GATEWAY, "tunnel-refused"),
             ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream-failed"),
             ProxyError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ProxyError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
         };
         error(status, kind, self.to_string())
     }
@@ -637,7 +658,65 @@ impl AccessLine {
     }
 }
 
+const OUTBOUND: usize = 0;
+const INBOUND: usize = 1;
+
+/// An outbound request counted in flight to its service until dropped.
+struct Slot<'a> {
+    sc: &'a Sidecar,
+    service: String,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut all = self.sc.in_flight.lock().expect("in-flight lock");
+        if let Some(n) = all.get_mut(&self.service) {
+            *n -= 1;
+            if *n == 0 {
+                all.remove(&self.service);
+            }
+        }
+    }
+}
+
 impl Sidecar {
+    /// A connection slot in `direction`, or `None` (the connection is
+    /// closed, and counted) when all are taken.
+    fn admit(&self, direction: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slot = self.conn_slots[direction].clone().try_acquire_owned().ok();
+        if slot.is_none() {
+            let name = if direction == OUTBOUND { "outbound" } else { "inbound" };
+            tracing::warn!(
+                direction = name,
+                limit = self.cfg.max_connections,
+                "connection limit reached; closing a new connection"
+            );
+            self.metrics.rejected(name, "connection-limit");
+        }
+        slot
+    }
+
+    /// Count a request in flight to `service`, unless it already has
+    /// `max_requests_per_service`: then it is refused at once, so a slow
+    /// service cannot pile up every client of this workload.
+    fn reserve(&self, service: &str) -> Result<Slot<'_>, ProxyError> {
+        let mut all = self.in_flight.lock().expect("in-flight lock");
+        let n = all.entry(service.to_string()).or_default();
+        if *n >= self.cfg.max_requests_per_service {
+            drop(all);
+            self.metrics.rejected("outbound", "request-limit");
+            return Err(ProxyError::Overloaded {
+                service: service.to_string(),
+                limit: self.cfg.max_requests_per_service,
+            });
+        }
+        *n += 1;
+        Ok(Slot {
+            sc: self,
+            service: service.to_string(),
+        })
+    }
+
     /// Whether this workload's service is exported to linked clusters.
     fn exported(&self) -> bool {
         let Some(serve) = &self.cfg.serve else { return false };
@@ -695,6 +774,7 @@ async fn forward(
     let (host, port) = authority(&req).ok_or(ProxyError::NoHost)?;
     let name = ServiceName::parse(&host).ok_or_else(|| ProxyError::NotMeshName(host.clone()))?;
     labels.destination_service = name.key();
+    let _slot = sc.reserve(&labels.destination_service)?;
     let mut target = {
         let snap = sc.agent.config.borrow();
         route::route(&snap, &name, port, rand::random_range(0..1024))?

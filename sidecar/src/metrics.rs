@@ -34,6 +34,12 @@ pub struct TcpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
     pub direction: &'static str,
 }
@@ -56,6 +62,7 @@ pub struct Metrics {
     pub response_bytes: Family<RouteLabels, Counter>,
     pub spans_dropped: Counter,
     pub spans_failed: Counter,
+    pub rejected: Family<RejectLabels, Counter>,
 }
 
 /// Counts a connection as open until dropped.
@@ -80,6 +87,7 @@ impl Metrics {
             response_bytes: Family::default(),
             spans_dropped: Counter::default(),
             spans_failed: Counter::default(),
+            rejected: Family::default(),
         };
         registry.register(
             "isthmus_requests",
@@ -131,7 +139,16 @@ impl Metrics {
             "Spans lost because their OTLP export failed (collector unreachable or refusing)",
             m.spans_failed.clone(),
         );
+        registry.register(
+            "isthmus_rejected",
+            "Connections and requests refused by a limit: connection-limit (--max-connections), request-limit (--max-requests-per-service)",
+            m.rejected.clone(),
+        );
         m
+    }
+
+    pub fn rejected(&self, direction: &'static str, reason: &'static str) {
+        self.rejected.get_or_create(&RejectLabels { direction, reason }).inc();
     }
 
     /// An opaque TCP connection and how it went.

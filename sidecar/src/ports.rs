@@ -77,6 +77,9 @@ pub(crate) async fn follow(sc: Arc<Sidecar>, ip: IpAddr, stop: CancellationToken
 
 async fn serve_port(sc: Arc<Sidecar>, listener: TcpListener, port: u16, stop: CancellationToken) {
     while let Some((tcp, _)) = isthmus_core::net::accept(&listener, &stop).await {
+        let Some(slot) = sc.admit(crate::OUTBOUND) else {
+            continue;
+        };
         let sc = sc.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
@@ -89,8 +92,9 @@ async fn serve_port(sc: Arc<Sidecar>, listener: TcpListener, port: u16, stop: Ca
                 }
             };
             match protocol {
-                Protocol::Http => crate::serve_http_outbound(sc, tcp).await,
+                Protocol::Http => crate::serve_http_outbound(sc, tcp, slot).await,
                 Protocol::Opaque => {
+                    let _slot = slot;
                     if let Err(e) = opaque(&sc, tcp, port).await {
                         tracing::info!(port, error = %e, "opaque connection refused");
                     }

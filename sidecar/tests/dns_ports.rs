@@ -85,6 +85,8 @@ fn config(dir: &std::path::Path, sa: &str, serve: Option<(&str, u16, SocketAddr)
         dns_addr: None,
         opaque_ports: Vec::new(),
         otlp_endpoint: None,
+        max_connections: 10_000,
+        max_requests_per_service: 1_000,
     }
 }
 

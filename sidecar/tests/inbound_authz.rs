@@ -133,6 +133,8 @@ async fn remote_callers_reach_only_exported_services() {
             dns_addr: None,
             opaque_ports: Vec::new(),
             otlp_endpoint: None,
+            max_connections: 10_000,
+            max_requests_per_service: 1_000,
         },
         stop.clone(),
     )

@@ -79,6 +79,8 @@ fn config(dir: &std::path::Path, app: Option<SocketAddr>, request_timeout: Durat
             dns_addr: None,
             opaque_ports: Vec::new(),
             otlp_endpoint: None,
+            max_connections: 10_000,
+            max_requests_per_service: 1_000,
         }
     }
 }
@@ -483,5 +485,53 @@ async fn spans_are_exported_over_otlp() {
     assert_eq!(server_span["spanId"], isthmus_sidecar::trace::to_hex(&app_saw.span_id));
     assert_eq!(client_span["status"]["code"], 1);
     assert_eq!(client_span["name"], "outbound GET demo/echo");
+    stop.cancel();
+}
+
+/// Past the per-service request limit a request is answered 503 overloaded
+/// at once; past the connection limit a new connection is closed.
+#[tokio::test]
+async fn limits_refuse_at_once_instead_of_queueing() {
+    let stop = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    east(dir.path(), &stop).await;
+    let slow = app(200, "slow", Duration::from_millis(800)).await;
+    let _echo = sidecar(dir.path(), Some(slow), &stop).await;
+    let mut cfg = config(dir.path(), None, Duration::from_secs(15));
+    cfg.max_requests_per_service = 2;
+    // One more than the calls below, for a connection still closing.
+    cfg.max_connections = 4;
+    let client = isthmus_sidecar::run(cfg, stop.clone()).await.unwrap();
+    until_ok(|| async { get(client.outbound_addr).await.0 == 200 }).await;
+
+    let t = std::time::Instant::now();
+    let calls: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(get_with(client.outbound_addr, "")))
+        .collect();
+    let mut statuses = Vec::new();
+    for c in calls {
+        let (status, head, _) = c.await.unwrap();
+        if status == 503 {
+            assert!(head.contains("x-isthmus-error: overloaded"), "{head}");
+        }
+        statuses.push(status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 200, 503]);
+    assert!(t.elapsed() < Duration::from_secs(3));
+
+    // Four connections held open; a fifth is closed without an answer.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tokio::net::TcpStream::connect(client.outbound_addr).await.unwrap());
+    }
+    let mut fifth = tokio::net::TcpStream::connect(client.outbound_addr).await.unwrap();
+    let _ = fifth
+        .write_all(b"GET http://echo.demo.svc.clusterset.local:8080/ HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), fifth.read_to_end(&mut buf)).await;
+    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "the fifth connection was served: {buf:?}");
+    drop(held);
     stop.cancel();
 }
