@@ -89,9 +89,33 @@ struct Gateway {
     peer_bundles: SharedBundles,
     /// Only this cluster's roots: what local sidecars are verified against.
     local_bundles: SharedBundles,
+    /// One QUIC connection per linked peer, whichever side dialed it:
+    /// tunnels go both ways on it.
     conns: Mutex<HashMap<String, quinn::Connection>>,
+    /// Per peer: one dial at a time, and when the next may be tried.
+    dials: Mutex<HashMap<String, Dial>>,
     tracker: TaskTracker,
     metrics: Arc<metrics::Metrics>,
+    /// Stops the gateway's tasks (the accept loops, each peer's streams).
+    tasks: CancellationToken,
+}
+
+/// Dialing state of one peer.
+#[derive(Default)]
+struct Dial {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    failures: u32,
+    retry_at: Option<tokio::time::Instant>,
+}
+
+/// After a failed dial a peer is not dialed again for 100 ms, doubling with
+/// each failure in a row up to 5 s; streams meanwhile are refused at once
+/// (the caller can fail over) rather than each waiting for a handshake to
+/// time out.
+fn dial_backoff(failures: u32) -> Duration {
+    Duration::from_millis(100)
+        .saturating_mul(1 << failures.saturating_sub(1).min(6))
+        .min(Duration::from_secs(5))
 }
 
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, GatewayError> {
@@ -141,7 +165,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
     let ready = isthmus_core::metrics::Ready::default();
     let admin_addr =
         isthmus_core::metrics::serve_admin(cfg.admin_addr, registry, ready.clone(), shutdown.clone()).await?;
+    let tasks = CancellationToken::new();
     let gw = Arc::new(Gateway {
+        dials: Mutex::new(HashMap::new()),
+        tasks: tasks.clone(),
         metrics,
         cluster: agent.cluster.clone(),
         trust_domain: agent.trust_domain.clone(),
@@ -161,7 +188,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
     )?;
     tracing::info!(cluster = %gw.cluster, %tunnel_addr, %quic_addr, "gateway ready");
 
-    let tasks = CancellationToken::new();
     tokio::spawn(follow_config(gw.clone(), tasks.clone()));
     tokio::spawn(accept_tunnels(gw.clone(), tcp, tunnel_tls, tasks.clone()));
     tokio::spawn(accept_quic(gw.clone(), tasks.clone()));
@@ -312,7 +338,7 @@ async fn outbound_tunnel(gw: Arc<Gateway>, acceptor: tokio_rustls::TlsAcceptor, 
 
 type QuicStream = tokio::io::Join<quinn::RecvStream, quinn::SendStream>;
 
-async fn open_stream(gw: &Gateway, req: &TunnelRequest) -> Result<QuicStream, TunnelResponse> {
+async fn open_stream(gw: &Arc<Gateway>, req: &TunnelRequest) -> Result<QuicStream, TunnelResponse> {
     match try_open_stream(gw, req).await {
         // A refusal from the peer is final; a broken connection (say, the
         // peer gateway restarted) is dropped and dialed afresh, once.
@@ -338,7 +364,7 @@ fn connection_gone(gw: &Gateway, cluster: &str) -> bool {
         .is_none_or(|c| c.close_reason().is_some())
 }
 
-async fn try_open_stream(gw: &Gateway, req: &TunnelRequest) -> Result<QuicStream, TunnelResponse> {
+async fn try_open_stream(gw: &Arc<Gateway>, req: &TunnelRequest) -> Result<QuicStream, TunnelResponse> {
     let refuse = TunnelResponse::refused;
     let unreachable = |e: String| {
         refuse(
@@ -362,7 +388,7 @@ async fn try_open_stream(gw: &Gateway, req: &TunnelRequest) -> Result<QuicStream
 /// The QUIC connection to `cluster`'s gateway, dialed on first use and
 /// again after it is lost. The peer's address is resolved at each dial, so a
 /// DNS name that moves is followed.
-async fn peer_connection(gw: &Gateway, cluster: &str) -> Result<quinn::Connection, TunnelResponse> {
+async fn peer_connection(gw: &Arc<Gateway>, cluster: &str) -> Result<quinn::Connection, TunnelResponse> {
     let refuse = TunnelResponse::refused;
     // Linked first: a cached connection must not outlive the link.
     let snap: Arc<ConfigSnapshot> = gw.agent.config.borrow().clone();
@@ -372,10 +398,64 @@ async fn peer_connection(gw: &Gateway, cluster: &str) -> Result<quinn::Connectio
             format!("cluster {cluster} is not linked with cluster {}", gw.cluster),
         )
     })?;
-    let existing = gw.conns.lock().expect("conns lock").get(cluster).cloned();
-    if let Some(c) = existing.filter(|c| c.close_reason().is_none()) {
+    if let Some(c) = gw.live_connection(cluster) {
         return Ok(c);
     }
+    // One dial per peer at a time: streams that arrive meanwhile wait for
+    // it and share its connection.
+    let lock = gw
+        .dials
+        .lock()
+        .expect("dials lock")
+        .entry(cluster.to_string())
+        .or_default()
+        .lock
+        .clone();
+    let _dialing = lock.lock().await;
+    if let Some(c) = gw.live_connection(cluster) {
+        return Ok(c);
+    }
+    let retry_at = gw
+        .dials
+        .lock()
+        .expect("dials lock")
+        .get(cluster)
+        .and_then(|d| d.retry_at);
+    if let Some(left) = retry_at.map(|t| t.saturating_duration_since(tokio::time::Instant::now()))
+        && !left.is_zero()
+    {
+        return Err(refuse(
+            RefuseCode::PeerUnreachable,
+            format!("the gateway of cluster {cluster} was unreachable at the last try; next try in {left:?}"),
+        ));
+    }
+    let dialed = dial(gw, cluster, peer).await;
+    let mut dials = gw.dials.lock().expect("dials lock");
+    let state = dials.entry(cluster.to_string()).or_default();
+    match dialed {
+        Ok(conn) => {
+            state.failures = 0;
+            state.retry_at = None;
+            drop(dials);
+            gw.adopt(cluster, conn.clone());
+            // The peer tunnels to us on this connection too.
+            tokio::spawn(serve_peer(gw.clone(), conn.clone(), gw.tasks.clone(), true));
+            Ok(conn)
+        }
+        Err(e) => {
+            state.failures += 1;
+            state.retry_at = Some(tokio::time::Instant::now() + dial_backoff(state.failures));
+            Err(e)
+        }
+    }
+}
+
+async fn dial(
+    gw: &Arc<Gateway>,
+    cluster: &str,
+    peer: &isthmus_proto::Peer,
+) -> Result<quinn::Connection, TunnelResponse> {
+    let refuse = TunnelResponse::refused;
     if peer.gateway_addr.is_empty() {
         return Err(refuse(
             RefuseCode::PeerUnreachable,
@@ -425,25 +505,42 @@ async fn peer_connection(gw: &Gateway, cluster: &str) -> Result<quinn::Connectio
             )
         })?;
     tracing::info!(peer = %cluster, %addr, "QUIC connection to peer gateway up");
-    let watch = conn.clone();
-    let peer = cluster.to_string();
-    let metrics = gw.metrics.clone();
-    tokio::spawn(async move {
-        // Publish the path's RTT, window and losses while it lives.
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let reason = loop {
-            tokio::select! {
-                r = watch.closed() => break r,
-                _ = tick.tick() => metrics.path(&peer, &watch),
-            }
-        };
-        tracing::info!(%peer, %reason, "QUIC connection to peer gateway closed");
-    });
-    gw.conns
-        .lock()
-        .expect("conns lock")
-        .insert(cluster.to_string(), conn.clone());
     Ok(conn)
+}
+
+impl Gateway {
+    fn live_connection(&self, cluster: &str) -> Option<quinn::Connection> {
+        let conns = self.conns.lock().expect("conns lock");
+        conns.get(cluster).filter(|c| c.close_reason().is_none()).cloned()
+    }
+
+    /// Make `conn` the connection to `peer` (unless a live one is there
+    /// already: both sides may have dialed at once), serve the streams the
+    /// peer opens on it, and publish its path while it lives.
+    fn adopt(self: &Arc<Self>, peer: &str, conn: quinn::Connection) {
+        {
+            let mut conns = self.conns.lock().expect("conns lock");
+            if !conns
+                .get(peer)
+                .is_some_and(|c| c.close_reason().is_none() && c.stable_id() != conn.stable_id())
+            {
+                conns.insert(peer.to_string(), conn.clone());
+            }
+        }
+        let watch = conn.clone();
+        let peer = peer.to_string();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let reason = loop {
+                tokio::select! {
+                    r = watch.closed() => break r,
+                    _ = tick.tick() => metrics.path(&peer, &watch),
+                }
+            };
+            tracing::info!(%peer, %reason, "QUIC connection to peer gateway closed");
+        });
+    }
 }
 
 async fn accept_quic(gw: Arc<Gateway>, stop: CancellationToken) {
@@ -456,15 +553,16 @@ async fn accept_quic(gw: Arc<Gateway>, stop: CancellationToken) {
         let stop2 = stop.clone();
         tokio::spawn(async move {
             match incoming.await {
-                Ok(conn) => serve_peer(gw2, conn, stop2).await,
+                Ok(conn) => serve_peer(gw2, conn, stop2, false).await,
                 Err(e) => tracing::debug!(error = %e, "QUIC handshake failed"),
             }
         });
     }
 }
 
-/// Streams from one peer gateway.
-async fn serve_peer(gw: Arc<Gateway>, conn: quinn::Connection, stop: CancellationToken) {
+/// Streams from one peer gateway, on a connection it dialed or (`dialed`)
+/// this gateway did.
+async fn serve_peer(gw: Arc<Gateway>, conn: quinn::Connection, stop: CancellationToken, dialed: bool) {
     let id = conn
         .peer_identity()
         .and_then(|i| i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
@@ -481,7 +579,12 @@ async fn serve_peer(gw: Arc<Gateway>, conn: quinn::Connection, stop: Cancellatio
         conn.close(2u32.into(), b"not a linked peer gateway");
         return;
     };
-    tracing::info!(%peer, remote = %conn.remote_address(), "QUIC connection from peer gateway");
+    // Every connection with a peer is counted, whichever side dialed it.
+    let _open = gw.metrics.peer_connection(&peer);
+    if !dialed {
+        tracing::info!(%peer, remote = %conn.remote_address(), "QUIC connection from peer gateway");
+        gw.adopt(&peer, conn.clone());
+    }
     let mut config = gw.agent.config.clone();
     loop {
         let (send, recv) = tokio::select! {
@@ -701,6 +804,13 @@ mod tests {
             Err(TunnelResponse::Refused { code, .. }) => code,
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn dial_backoff_doubles_up_to_five_seconds() {
+        let ms: Vec<u128> = (1..=8).map(|n| dial_backoff(n).as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(dial_backoff(u32::MAX), Duration::from_secs(5));
     }
 
     #[test]

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub rtt: Family<PeerLabels, Gauge<f64, AtomicU64>>,
     pub cwnd: Family<PeerLabels, Gauge>,
     pub lost_packets: Family<PeerLabels, Gauge>,
+    pub connections: Family<PeerLabels, Gauge>,
 }
 
 impl Metrics {
@@ -77,6 +78,11 @@ impl Metrics {
             "Packets lost on the current QUIC connection to each peer gateway",
             m.lost_packets.clone(),
         );
+        registry.register(
+            "isthmus_gateway_peer_connections",
+            "QUIC connections open with each peer gateway (one carries tunnels both ways; two only briefly, when both sides dialed at once)",
+            m.connections.clone(),
+        );
         m
     }
 
@@ -107,6 +113,16 @@ impl Metrics {
     /// Track an open stream until the guard drops.
     pub fn open(&self, direction: &'static str) -> OpenGuard {
         let g = self.open_streams.get_or_create(&DirectionLabels { direction }).clone();
+        g.inc();
+        OpenGuard(g)
+    }
+
+    /// Count a QUIC connection with `peer` until the guard drops.
+    pub fn peer_connection(&self, peer: &str) -> OpenGuard {
+        let g = self
+            .connections
+            .get_or_create(&PeerLabels { peer: peer.to_string() })
+            .clone();
         g.inc();
         OpenGuard(g)
     }

@@ -531,7 +531,10 @@ async fn limits_refuse_at_once_instead_of_queueing() {
         .await;
     let mut buf = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(5), fifth.read_to_end(&mut buf)).await;
-    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "the fifth connection was served: {buf:?}");
+    assert!(
+        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        "the fifth connection was served: {buf:?}"
+    );
     drop(held);
     stop.cancel();
 }

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use isthmus_e2e::{Component, Pair, eventually, metrics, ok, sample};
+use isthmus_e2e::{Component, ECHO, Pair, eventually, get_via, metrics, ok, sample};
 
 /// A TCP server on `addr` that answers what it reads in upper case.
 fn upper_echo(addr: &str) -> String {
@@ -122,4 +122,47 @@ fn unchanged_client_dials_http_and_opaque_tcp_across_clusters() {
     );
     let sent = sample(&m, "isthmus_request_bytes_total", &labels);
     assert!(sent.is_some_and(|b| b >= 24.0), "{m}");
+}
+
+/// Tunnels both ways between two clusters ride one QUIC connection: the
+/// gateway that was dialed tunnels back on the connection it accepted.
+#[test]
+fn one_quic_connection_carries_tunnels_both_ways() {
+    let root = tempfile::tempdir().unwrap();
+    let p = Pair::start(root.path(), "127.0.28", "127.0.29", "");
+    p.link_and_export();
+
+    // West serves demo/hello and exports it; east gets a client.
+    let hello = Component::start(root.path(), "west-hello", "echo --cluster west --listen 127.0.29.20:0");
+    let _hello_sidecar = Component::start(
+        root.path(),
+        "west-hello-sidecar",
+        &format!(
+            "sidecar --dir {} --namespace demo --service hello --port 8080 --app {} \
+             --inbound-addr 127.0.29.20:0 --outbound-addr 127.0.29.20:0 --admin-addr 127.0.29.20:0",
+            p.west_dir,
+            hello.addr("listen")
+        ),
+    );
+    ok(&["export", "--dir", &p.west_dir, "demo/hello"]);
+    let east_client = Pair::client_sidecar(root.path(), &p.east_dir, "127.0.28", "east-client");
+    let proxy = east_client.addr("outbound");
+    let r = eventually("hello from east", Duration::from_secs(30), || {
+        get_via(&proxy, "http://hello.demo.svc.clusterset.local:8080/")
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+    assert_eq!(r.json()["cluster"], "west");
+    // And west to east still works, on the same connection.
+    let r = get_via(&p.proxy(), ECHO).unwrap();
+    assert_eq!(r.status, 200);
+
+    for (gw, peer) in [(&p.east_gw, "west"), (&p.west_gw, "east")] {
+        let m = metrics(&gw.addr("admin"));
+        assert_eq!(
+            sample(&m, "isthmus_gateway_peer_connections", &[("peer", peer)]),
+            Some(1.0),
+            "{m}"
+        );
+    }
 }
