@@ -48,6 +48,15 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BindErr
 pub fn bind_udp(addr: SocketAddr) -> Result<(std::net::UdpSocket, SocketAddr), BindError> {
     let err = |source| BindError { addr, source };
     let socket = std::net::UdpSocket::bind(addr).map_err(err)?;
+    // One socket carries every tunnel to every peer: the kernel's default
+    // buffer (~200 KiB) overflows during a burst while the gateway is busy,
+    // and each drop reads as congestion. Ask for more; the kernel caps it
+    // at net.core.[rw]mem_max, which is worth raising on gateway hosts.
+    let s = socket2::SockRef::from(&socket);
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_BUFFER);
     let bound = socket.local_addr().map_err(err)?;
     Ok((socket, bound))
 }
+
+const UDP_BUFFER: usize = 8 * 1024 * 1024;

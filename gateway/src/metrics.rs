@@ -43,6 +43,7 @@ pub struct Metrics {
     pub cwnd: Family<PeerLabels, Gauge>,
     pub lost_packets: Family<PeerLabels, Gauge>,
     pub connections: Family<PeerLabels, Gauge>,
+    pub mtu: Family<PeerLabels, Gauge>,
 }
 
 impl Metrics {
@@ -82,6 +83,11 @@ impl Metrics {
             "isthmus_gateway_peer_connections",
             "QUIC connections open with each peer gateway (one carries tunnels both ways; two only briefly, when both sides dialed at once)",
             m.connections.clone(),
+        );
+        registry.register(
+            "isthmus_gateway_peer_mtu_bytes",
+            "Largest UDP payload the path to each peer gateway was found to carry (PMTU discovery, up to 8952)",
+            m.mtu.clone(),
         );
         m
     }
@@ -133,6 +139,7 @@ impl Metrics {
         self.rtt.get_or_create(&l).set(conn.rtt().as_secs_f64());
         self.cwnd.get_or_create(&l).set(stats.path.cwnd as i64);
         self.lost_packets.get_or_create(&l).set(stats.path.lost_packets as i64);
+        self.mtu.get_or_create(&l).set(i64::from(stats.path.current_mtu));
     }
 }
 
