@@ -424,6 +424,39 @@ pub async fn export(dir: &Path, service: &str) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Read, check and apply a TrafficPolicy document.
+pub async fn apply(dir: &Path, file: &str, delete: bool) -> Result<(), CliError> {
+    let text = if file == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(file)
+    }
+    .map_err(|e| CliError::new(exit::BAD_INPUT, format!("cannot read {file}: {e}")))?;
+    let doc: isthmus_core::policy::PolicyDocument = serde_saphyr::from_str(&text)
+        .map_err(|e| CliError::new(exit::BAD_INPUT, format!("{file} is not a TrafficPolicy: {e}")))?;
+    let policy = doc
+        .to_proto()
+        .map_err(|e| CliError::new(exit::BAD_INPUT, format!("{file}: {e}")))?;
+    let c = connect(dir).await?;
+    let key = format!("{}/{}", policy.namespace, policy.service);
+    let r = c
+        .admin()
+        .apply_policy(isthmus_proto::ApplyPolicyRequest {
+            policy: Some(policy),
+            delete,
+        })
+        .await?
+        .into_inner();
+    let what = match (delete, r.changed) {
+        (true, true) => "deleted",
+        (true, false) => "had no policy to delete",
+        (false, true) => "applied",
+        (false, false) => "unchanged (already in place)",
+    };
+    println!("traffic policy for {key} in cluster {}: {what}", c.info.cluster);
+    Ok(())
+}
+
 pub async fn fetch_status(dir: &Path) -> Result<StatusResponse, CliError> {
     let c = connect(dir).await?;
     Ok(c.admin().status(StatusRequest {}).await?.into_inner())

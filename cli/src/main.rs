@@ -111,6 +111,20 @@ enum Cmd {
         /// For example demo/echo.
         service: String,
     },
+    /// Apply a TrafficPolicy (YAML; docs/policy.md): how this cluster's
+    /// sidecars split a service's requests over clusters and fail over.
+    /// Validated whole; an invalid policy changes nothing.
+    Apply {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The policy document ("-" for standard input).
+        #[arg(short = 'f', long = "file")]
+        file: String,
+        /// Remove the named service's policy instead (back to the default:
+        /// the local cluster first, then linked clusters that export it).
+        #[arg(long)]
+        delete: bool,
+    },
     /// Show a cluster's links, trust and services.
     Status {
         #[command(flatten)]
@@ -166,6 +180,7 @@ fn main() -> ExitCode {
             Cmd::Check { dir } => admin::check(&dir.dir).await,
             Cmd::Export { dir, service } => admin::export(&dir.dir, &service).await,
             Cmd::Status { dir, json } => admin::status(&dir.dir, json).await,
+            Cmd::Apply { dir, file, delete } => admin::apply(&dir.dir, &file, delete).await,
             Cmd::Controller(a) => components::controller(a, &cli.log).await,
             Cmd::Gateway(a) => components::gateway(a, &cli.log).await,
             Cmd::Sidecar(a) => components::sidecar(a, &cli.log).await,

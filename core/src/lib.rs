@@ -17,6 +17,7 @@ pub mod local;
 pub mod metrics;
 pub mod naming;
 pub mod net;
+pub mod policy;
 pub mod tls;
 pub mod token;
 pub mod tunnel;

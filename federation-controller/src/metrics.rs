@@ -41,6 +41,7 @@ pub struct Metrics {
     pub token_revocations: Counter,
     pub link_attempts: Family<ResultLabels, Counter>,
     pub unlinks: Counter,
+    pub policy_changes: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -51,6 +52,11 @@ pub struct StateLabels {
 impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Metrics::default();
+        registry.register(
+            "isthmus_policy_changes",
+            "TrafficPolicies applied or deleted (each change reaches sidecars in the next config snapshot)",
+            m.policy_changes.clone(),
+        );
         registry.register(
             "isthmus_link_state",
             "1 for the current state of each link (pending, establishing, active, failing)",

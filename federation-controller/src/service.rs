@@ -13,13 +13,13 @@ use isthmus_proto::admin_server::{Admin, AdminServer};
 use isthmus_proto::control_server::{Control, ControlServer};
 use isthmus_proto::peering_server::{Peering, PeeringServer};
 use isthmus_proto::{
-    CertificateRequest, CertificateResponse, ConfigSnapshot, CreateTokenRequest, CreateTokenResponse, ExportRequest,
-    ExportResponse, JoinRequest, JoinResponse, LinkRequest, LinkResponse, LinkStatus, ListTokensRequest,
-    ListTokensResponse, ListWorkloadCredentialsRequest, ListWorkloadCredentialsResponse, PeerMessage,
-    RevokeTokenRequest, RevokeTokenResponse, RevokeWorkloadCredentialRequest, RevokeWorkloadCredentialResponse,
-    RootStatus, RotateCaRequest, RotateCaResponse, StatusRequest, StatusResponse, TokenInfo, UnlinkRequest,
-    UnlinkResponse, WatchRequest, WorkloadCredentialInfo, WorkloadCredentialRequest, WorkloadCredentialResponse,
-    watch_request,
+    ApplyPolicyRequest, ApplyPolicyResponse, CertificateRequest, CertificateResponse, ConfigSnapshot,
+    CreateTokenRequest, CreateTokenResponse, ExportRequest, ExportResponse, JoinRequest, JoinResponse, LinkRequest,
+    LinkResponse, LinkStatus, ListTokensRequest, ListTokensResponse, ListWorkloadCredentialsRequest,
+    ListWorkloadCredentialsResponse, PeerMessage, RevokeTokenRequest, RevokeTokenResponse,
+    RevokeWorkloadCredentialRequest, RevokeWorkloadCredentialResponse, RootStatus, RotateCaRequest, RotateCaResponse,
+    StatusRequest, StatusResponse, TokenInfo, UnlinkRequest, UnlinkResponse, WatchRequest, WorkloadCredentialInfo,
+    WorkloadCredentialRequest, WorkloadCredentialResponse, watch_request,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
@@ -389,6 +389,32 @@ impl Admin for Svc {
         tracing::info!(service = %key, "exported");
         self.0.changed();
         Ok(Response::new(ExportResponse {}))
+    }
+
+    async fn apply_policy(&self, req: Request<ApplyPolicyRequest>) -> Result<Response<ApplyPolicyResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let policy = r
+            .policy
+            .ok_or_else(|| Status::invalid_argument("no policy in the request"))?;
+        // Checked whole before anything is stored: nothing half-applied.
+        isthmus_core::policy::validate(&policy).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let key = format!("{}/{}", policy.namespace, policy.service);
+        let changed = self.0.update(|state| {
+            let before = state.policies.get(&key).cloned();
+            if r.delete {
+                state.policies.remove(&key);
+            } else {
+                state.set_policy(&policy);
+            }
+            Ok(state.policies.get(&key) != before.as_ref())
+        })?;
+        if changed {
+            tracing::info!(service = %key, delete = r.delete, "traffic policy applied");
+            self.0.metrics.policy_changes.inc();
+            self.0.changed();
+        }
+        Ok(Response::new(ApplyPolicyResponse { changed }))
     }
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {

@@ -58,6 +58,7 @@ pub fn services<'a>(
             port,
             exported: exported.is_some(),
             conditions: Vec::new(),
+            policy: None,
             backends: vec![Backend {
                 cluster: state.cluster.clone(),
                 healthy_endpoints: addresses.len() as u32,
@@ -96,6 +97,7 @@ pub fn services<'a>(
                     exported: false,
                     backends: Vec::new(),
                     conditions: Vec::new(),
+                    policy: None,
                 };
                 let reason = format!("the oldest export, from {oldest}, sets it (KEP-1645)");
                 (&mut out.entry(key).or_insert((svc, e.exported_unix)).0, reason)
@@ -117,7 +119,12 @@ pub fn services<'a>(
             }
         }
     }
-    out.into_values().map(|(s, _)| s).collect()
+    out.into_iter()
+        .map(|(key, (mut s, _))| {
+            s.policy = state.policy(&key);
+            s
+        })
+        .collect()
 }
 
 /// What this cluster tells its peers it exports.

@@ -51,6 +51,10 @@ pub struct State {
     /// This cluster's roots, oldest first (several only during a rotation).
     #[serde(default)]
     pub roots: Vec<RootRecord>,
+    /// TrafficPolicies by `namespace/service`, each its protobuf encoding in
+    /// base64 (the exact form sidecars get; validated before it is stored).
+    #[serde(default)]
+    pub policies: BTreeMap<String, String>,
 }
 
 /// A credential that lets a workload ask for SVIDs of one identity; kept
@@ -177,6 +181,7 @@ impl State {
             tokens: BTreeMap::new(),
             workloads: BTreeMap::new(),
             roots: Vec::new(),
+            policies: BTreeMap::new(),
         }
     }
 
@@ -225,9 +230,54 @@ impl State {
     }
 }
 
+impl State {
+    /// The TrafficPolicy of `namespace/service`, if one was applied.
+    pub fn policy(&self, key: &str) -> Option<isthmus_proto::TrafficPolicy> {
+        use base64::Engine as _;
+        use prost::Message as _;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(self.policies.get(key)?)
+            .ok()?;
+        isthmus_proto::TrafficPolicy::decode(raw.as_slice()).ok()
+    }
+
+    pub fn set_policy(&mut self, p: &isthmus_proto::TrafficPolicy) {
+        use base64::Engine as _;
+        use prost::Message as _;
+        let key = format!("{}/{}", p.namespace, p.service);
+        self.policies
+            .insert(key, base64::engine::general_purpose::STANDARD.encode(p.encode_to_vec()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_policy_survives_the_state_file() {
+        let p = isthmus_proto::TrafficPolicy {
+            namespace: "demo".into(),
+            service: "echo".into(),
+            failover_threshold: 0.5,
+            retry_budget_percent: 20,
+            retry_budget_min_per_second: 10,
+            routes: vec![isthmus_proto::PolicyRoute {
+                headers: Default::default(),
+                split: vec![isthmus_proto::WeightedCluster {
+                    cluster: "east".into(),
+                    weight: 3,
+                }],
+                failover: vec!["north".into()],
+            }],
+        };
+        let mut st = State::new("west", "west.mesh");
+        st.set_policy(&p);
+        let text = serde_json::to_string(&st).unwrap();
+        let back: State = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.policy("demo/echo"), Some(p));
+        assert_eq!(back.policy("demo/other"), None);
+    }
 
     #[test]
     fn round_trip_and_corruption() {

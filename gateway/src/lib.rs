@@ -775,6 +775,7 @@ mod tests {
                     port: 8080,
                     exported: true,
                     conditions: vec![],
+                    policy: None,
                     backends: vec![Backend {
                         cluster: "east".into(),
                         addresses: vec!["127.0.1.10:1".into()],
@@ -788,6 +789,7 @@ mod tests {
                     port: 8080,
                     exported: false,
                     conditions: vec![],
+                    policy: None,
                     backends: vec![Backend {
                         cluster: "east".into(),
                         addresses: vec!["127.0.1.11:1".into()],

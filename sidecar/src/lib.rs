@@ -139,7 +139,24 @@ struct Sidecar {
     conn_slots: [Arc<tokio::sync::Semaphore>; 2],
     /// Outbound requests in flight, per destination service.
     in_flight: Mutex<HashMap<String, usize>>,
+    /// Current priority level of each service route (TrafficPolicy).
+    failover: Mutex<HashMap<String, route::LevelState>>,
+    /// Passive outlier detection per (service, cluster) for other clusters.
+    clusters: Mutex<HashMap<(String, String), ClusterOutlier>>,
 }
+
+/// Consecutive failures of requests to one service in one other cluster;
+/// enough of them take that cluster out of the service's choices for a
+/// while. Per service, so one bad service never takes a gateway out.
+#[derive(Default)]
+struct ClusterOutlier {
+    failures: u32,
+    ejections: u32,
+    until: Option<Instant>,
+}
+
+/// Failures in a row that eject a (service, cluster).
+const CLUSTER_EJECT_AFTER: u32 = 3;
 
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, SidecarError> {
     let mut names = vec![&cfg.namespace, &cfg.service_account];
@@ -205,6 +222,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     let sc = Arc::new(Sidecar {
         conn_slots: [slots(), slots()],
         in_flight: Mutex::new(HashMap::new()),
+        failover: Mutex::new(HashMap::new()),
+        clusters: Mutex::new(HashMap::new()),
         otlp,
         metrics,
         app_client: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
@@ -680,6 +699,73 @@ impl Drop for Slot<'_> {
 }
 
 impl Sidecar {
+    /// Route `name:port` by policy and health, avoiding `failed` clusters
+    /// and ejected ones, and record a failover or failback it causes.
+    fn route(
+        &self,
+        name: &ServiceName,
+        port: Option<u16>,
+        headers: Option<&http::HeaderMap>,
+        failed: &[String],
+        labels: &mut metrics::RouteLabels,
+    ) -> Result<Target, ProxyError> {
+        let now = Instant::now();
+        let key = name.key();
+        let avoid = |c: &str| failed.iter().any(|f| f == c) || self.cluster_ejected(&key, c, now);
+        let routed = {
+            let snap = self.agent.config.borrow();
+            route::route(
+                &snap,
+                name,
+                port,
+                &route::Inputs {
+                    headers,
+                    avoid: &avoid,
+                    failover: Some(&self.failover),
+                    now,
+                    random: rand::random(),
+                },
+            )?
+        };
+        if let Some(moved) = routed.moved {
+            tracing::info!(service = %key, level = routed.level, cluster = %routed.target.cluster, ?moved, "traffic moved to another priority level");
+            self.metrics
+                .level_moved(&key, routed.level, moved == route::LevelMove::Failover);
+        }
+        labels.destination_cluster = routed.target.cluster.clone();
+        Ok(routed.target)
+    }
+
+    fn cluster_ejected(&self, service: &str, cluster: &str, now: Instant) -> bool {
+        let all = self.clusters.lock().expect("clusters lock");
+        all.get(&(service.to_string(), cluster.to_string()))
+            .and_then(|o| o.until)
+            .is_some_and(|t| now < t)
+    }
+
+    /// Learn from a request to `service` in another `cluster`: after
+    /// `CLUSTER_EJECT_AFTER` failures in a row it is ejected for 5 s,
+    /// doubling with each ejection in a row up to a minute; a success
+    /// clears it.
+    fn cluster_outcome(&self, service: &str, cluster: &str, ok: bool) {
+        let mut all = self.clusters.lock().expect("clusters lock");
+        let o = all.entry((service.to_string(), cluster.to_string())).or_default();
+        if ok {
+            *o = ClusterOutlier::default();
+            return;
+        }
+        o.failures += 1;
+        if o.failures >= CLUSTER_EJECT_AFTER {
+            o.failures = 0;
+            o.ejections += 1;
+            let hold = Duration::from_secs(5)
+                .saturating_mul(1 << (o.ejections - 1).min(4))
+                .min(Duration::from_secs(60));
+            o.until = Some(Instant::now() + hold);
+            tracing::warn!(%service, %cluster, ?hold, "cluster ejected for this service after failures in a row");
+        }
+    }
+
     /// A connection slot in `direction`, or `None` (the connection is
     /// closed, and counted) when all are taken.
     fn admit(&self, direction: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
@@ -775,18 +861,15 @@ async fn forward(
     let name = ServiceName::parse(&host).ok_or_else(|| ProxyError::NotMeshName(host.clone()))?;
     labels.destination_service = name.key();
     let _slot = sc.reserve(&labels.destination_service)?;
-    let mut target = {
-        let snap = sc.agent.config.borrow();
-        route::route(&snap, &name, port, rand::random_range(0..1024))?
-    };
-    labels.destination_cluster = target.cluster.clone();
+    let mut failed_clusters: Vec<String> = Vec::new();
+    let mut target = sc.route(&name, port, Some(req.headers()), &failed_clusters, labels)?;
     // A local service: this request's endpoint, by power of two choices
     // (a remote cluster's gateway chooses among that cluster's endpoints).
     // Within the retry budget, a request goes to another endpoint when its
     // endpoint could not be reached (nothing was sent, so any request whose
     // body is at hand can go again), and a gRPC call when it was answered
     // UNAVAILABLE without a body (the server did not take it up).
-    let endpoints = target.addresses.clone();
+    let mut endpoints = target.addresses.clone();
     let grpc = is_grpc(req.headers());
     let head = (req.method().clone(), req.uri().clone(), req.headers().clone());
     let (req_bytes, resp_bytes) = sc.metrics.body_counters(labels);
@@ -803,7 +886,36 @@ async fn forward(
             }
         }
         let sent = send(sc, &target, (&host, port), req, labels).await;
-        let Some(mut f) = in_flight else { break sent };
+        let Some(mut f) = in_flight else {
+            // Another cluster: its (service, cluster) health learns from the
+            // outcome, and a request that never reached it (its gateway or
+            // the tunnel failed) goes to the next choice, if its body is at
+            // hand and the budget allows.
+            let unreached = matches!(&sent, Err(ProxyError::Connect(_) | ProxyError::Refused { .. }));
+            let ok = matches!(&sent, Ok(r) if !r.status().is_server_error());
+            sc.cluster_outcome(&labels.destination_service, &target.cluster, ok);
+            let body = match replay.body() {
+                Some(body) if unreached && sc.retry_budget.lock().expect("budget lock").withdraw(Instant::now()) => {
+                    body
+                }
+                _ => break sent,
+            };
+            failed_clusters.push(target.cluster.clone());
+            let Ok(next) = sc.route(&name, port, Some(&head.2), &failed_clusters, labels) else {
+                break sent;
+            };
+            tracing::debug!(from = %target.cluster, to = %next.cluster, "cluster unreachable; trying the next");
+            sc.metrics.retries.get_or_create(labels).inc();
+            target = next;
+            endpoints = target.addresses.clone();
+            let (method, uri, headers) = &head;
+            let mut r = Request::new(metrics::CountedBody::new(full(body), req_bytes.clone()).boxed());
+            *r.method_mut() = method.clone();
+            *r.uri_mut() = uri.clone();
+            *r.headers_mut() = headers.clone();
+            req = r;
+            continue;
+        };
         let unavailable = grpc && matches!(&sent, Ok(r) if grpc_unavailable(r.headers()));
         f.ok = matches!(&sent, Ok(r) if !r.status().is_server_error()) && !unavailable;
         let retry = matches!(&sent, Err(ProxyError::Connect(_))) || unavailable;

@@ -63,6 +63,14 @@ pub struct Metrics {
     pub spans_dropped: Counter,
     pub spans_failed: Counter,
     pub rejected: Family<RejectLabels, Counter>,
+    pub level: Family<ServiceLabels, Gauge>,
+    pub level_moves: Family<MoveLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MoveLabels {
+    pub destination_service: String,
+    pub kind: &'static str,
 }
 
 /// Counts a connection as open until dropped.
@@ -88,6 +96,8 @@ impl Metrics {
             spans_dropped: Counter::default(),
             spans_failed: Counter::default(),
             rejected: Family::default(),
+            level: Family::default(),
+            level_moves: Family::default(),
         };
         registry.register(
             "isthmus_requests",
@@ -140,11 +150,36 @@ impl Metrics {
             m.spans_failed.clone(),
         );
         registry.register(
+            "isthmus_failover_level",
+            "Priority level each service's traffic uses now (0: the split or first choice; 1, 2, ...: failover steps), set when it moves",
+            m.level.clone(),
+        );
+        registry.register(
+            "isthmus_failover_events",
+            "Moves of a service's traffic to a later priority level (failover) or back (failback)",
+            m.level_moves.clone(),
+        );
+        registry.register(
             "isthmus_rejected",
             "Connections and requests refused by a limit: connection-limit (--max-connections), request-limit (--max-requests-per-service)",
             m.rejected.clone(),
         );
         m
+    }
+
+    /// Traffic of a service moved to priority `level`.
+    pub fn level_moved(&self, service: &str, level: usize, failover: bool) {
+        let s = ServiceLabels {
+            destination_service: service.to_string(),
+        };
+        self.level.get_or_create(&s).set(level as i64);
+        let kind = if failover { "failover" } else { "failback" };
+        self.level_moves
+            .get_or_create(&MoveLabels {
+                destination_service: service.to_string(),
+                kind,
+            })
+            .inc();
     }
 
     pub fn rejected(&self, direction: &'static str, reason: &'static str) {

@@ -113,21 +113,19 @@ async fn opaque(sc: &Arc<Sidecar>, mut client: TcpStream, port: u16) -> Result<(
         destination_cluster: "unknown".into(),
         destination_service: "unknown".into(),
     };
-    let target = {
-        let snap = sc.agent.config.borrow();
-        crate::route::by_port(&snap, port).and_then(|name: ServiceName| {
-            route.destination_service = name.key();
-            crate::route::route(&snap, &name, Some(port), rand::random_range(0..1024))
-        })
-    };
+    // Weights apply per connection for opaque TCP.
+    let name = crate::route::by_port(&sc.agent.config.borrow(), port);
+    let target = name.map_err(ProxyError::from).and_then(|name: ServiceName| {
+        route.destination_service = name.key();
+        sc.route(&name, Some(port), None, &[], &mut route)
+    });
     let target = match target {
         Ok(t) => t,
         Err(e) => {
             sc.metrics.tcp(&route, "no-route");
-            return Err(e.into());
+            return Err(e);
         }
     };
-    route.destination_cluster = target.cluster.clone();
     let mut upstream = match crate::connect_tls(sc, &target, isthmus_core::tls::ALPN_OPAQUE).await {
         Ok(s) => s,
         Err(e) => {
