@@ -102,6 +102,33 @@ pub struct Config {
     pub max_requests_per_service: usize,
 }
 
+impl Config {
+    /// A sidecar for `namespace`/`service_account` of the cluster at `dir`,
+    /// serving `serve` if any, with every address on loopback port 0 and
+    /// the command line's defaults for the rest.
+    pub fn new(dir: &std::path::Path, namespace: &str, service_account: &str, serve: Option<Serve>) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            dir: dir.to_path_buf(),
+            credential: None,
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            serve,
+            inbound_addr: any,
+            outbound_addr: any,
+            instance: service_account.into(),
+            admin_addr: Some(any),
+            request_timeout: Duration::from_secs(15),
+            access_log: false,
+            dns_addr: None,
+            opaque_ports: Vec::new(),
+            otlp_endpoint: None,
+            max_connections: 10_000,
+            max_requests_per_service: 1_000,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Serve {
     pub service: String,

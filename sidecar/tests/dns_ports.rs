@@ -65,29 +65,13 @@ async fn tcp_app(greeting: &'static [u8]) -> SocketAddr {
 }
 
 fn config(dir: &std::path::Path, sa: &str, serve: Option<(&str, u16, SocketAddr)>) -> isthmus_sidecar::Config {
-    isthmus_sidecar::Config {
-        dir: dir.to_path_buf(),
-        credential: None,
-        namespace: "demo".into(),
-        service_account: sa.into(),
-        serve: serve.map(|(service, port, app)| isthmus_sidecar::Serve {
-            service: service.into(),
-            port,
-            app,
-            app_http2: false,
-        }),
-        inbound_addr: "127.0.0.1:0".parse().unwrap(),
-        outbound_addr: "127.0.0.1:0".parse().unwrap(),
-        instance: sa.into(),
-        admin_addr: Some("127.0.0.1:0".parse().unwrap()),
-        request_timeout: Duration::from_secs(15),
-        access_log: false,
-        dns_addr: None,
-        opaque_ports: Vec::new(),
-        otlp_endpoint: None,
-        max_connections: 10_000,
-        max_requests_per_service: 1_000,
-    }
+    let serve = serve.map(|(service, port, app)| isthmus_sidecar::Serve {
+        service: service.into(),
+        port,
+        app,
+        app_http2: false,
+    });
+    isthmus_sidecar::Config::new(dir, "demo", sa, serve)
 }
 
 async fn resolve(dns: SocketAddr, name: &str) -> Message {

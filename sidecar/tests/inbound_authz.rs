@@ -114,27 +114,19 @@ async fn remote_callers_reach_only_exported_services() {
     let app = echo_app().await;
     let sidecar = isthmus_sidecar::run(
         isthmus_sidecar::Config {
-            dir: east_dir.path().to_path_buf(),
-            credential: None,
-            namespace: "demo".into(),
-            service_account: "echo".into(),
-            serve: Some(isthmus_sidecar::Serve {
-                service: "echo".into(),
-                port: 8080,
-                app,
-                app_http2: false,
-            }),
-            inbound_addr: "127.0.0.1:0".parse().unwrap(),
-            outbound_addr: "127.0.0.1:0".parse().unwrap(),
             instance: "echo-1".into(),
             admin_addr: None,
-            request_timeout: Duration::from_secs(15),
-            access_log: false,
-            dns_addr: None,
-            opaque_ports: Vec::new(),
-            otlp_endpoint: None,
-            max_connections: 10_000,
-            max_requests_per_service: 1_000,
+            ..isthmus_sidecar::Config::new(
+                east_dir.path(),
+                "demo",
+                "echo",
+                Some(isthmus_sidecar::Serve {
+                    service: "echo".into(),
+                    port: 8080,
+                    app,
+                    app_http2: false,
+                }),
+            )
         },
         stop.clone(),
     )

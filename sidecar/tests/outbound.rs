@@ -58,30 +58,17 @@ async fn sidecar_with(
 }
 
 fn config(dir: &std::path::Path, app: Option<SocketAddr>, request_timeout: Duration) -> isthmus_sidecar::Config {
-    {
-        isthmus_sidecar::Config {
-            dir: dir.to_path_buf(),
-            credential: None,
-            namespace: "demo".into(),
-            service_account: if app.is_some() { "echo" } else { "client" }.into(),
-            serve: app.map(|app| isthmus_sidecar::Serve {
-                service: "echo".into(),
-                port: 8080,
-                app,
-                app_http2: false,
-            }),
-            inbound_addr: "127.0.0.1:0".parse().unwrap(),
-            outbound_addr: "127.0.0.1:0".parse().unwrap(),
-            instance: app.map(|a| a.to_string()).unwrap_or_else(|| "client".into()),
-            admin_addr: Some("127.0.0.1:0".parse().unwrap()),
-            request_timeout,
-            access_log: false,
-            dns_addr: None,
-            opaque_ports: Vec::new(),
-            otlp_endpoint: None,
-            max_connections: 10_000,
-            max_requests_per_service: 1_000,
-        }
+    let serve = app.map(|app| isthmus_sidecar::Serve {
+        service: "echo".into(),
+        port: 8080,
+        app,
+        app_http2: false,
+    });
+    let sa = if app.is_some() { "echo" } else { "client" };
+    isthmus_sidecar::Config {
+        instance: app.map(|a| a.to_string()).unwrap_or_else(|| "client".into()),
+        request_timeout,
+        ..isthmus_sidecar::Config::new(dir, "demo", sa, serve)
     }
 }
 
