@@ -765,6 +765,11 @@ impl Sidecar {
 
     fn cluster_ejected(&self, service: &str, cluster: &str, now: Instant) -> bool {
         let all = self.clusters.lock().expect("clusters lock");
+        // Asked for every cluster of every request: no key is built while
+        // nothing has failed.
+        if all.is_empty() {
+            return false;
+        }
         all.get(&(service.to_string(), cluster.to_string()))
             .and_then(|o| o.until)
             .is_some_and(|t| now < t)
@@ -776,11 +781,13 @@ impl Sidecar {
     /// clears it.
     fn cluster_outcome(&self, service: &str, cluster: &str, ok: bool) {
         let mut all = self.clusters.lock().expect("clusters lock");
-        let o = all.entry((service.to_string(), cluster.to_string())).or_default();
+        let key = (service.to_string(), cluster.to_string());
         if ok {
-            *o = ClusterOutlier::default();
+            // A healthy pair is not kept: the map holds only failing ones.
+            all.remove(&key);
             return;
         }
+        let o = all.entry(key).or_default();
         o.failures += 1;
         if o.failures >= CLUSTER_EJECT_AFTER {
             o.failures = 0;
