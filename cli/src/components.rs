@@ -110,6 +110,11 @@ pub struct GatewayArgs {
     /// How long open streams may finish at shutdown.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain: Duration,
+    /// A peer gateway silent this long (no packet, not even an ACK of the
+    /// keep-alives sent every quarter of it) is taken for dead: its tunnels
+    /// are closed so callers fail over. Raise it on lossy paths.
+    #[arg(long, default_value = "600ms", value_parser = parse_peer_timeout)]
+    pub peer_timeout: Duration,
     /// Admin endpoint: /metrics (Prometheus), /ready, /live.
     #[arg(long, default_value = "127.0.0.1:15021")]
     pub admin_addr: SocketAddr,
@@ -273,6 +278,7 @@ pub async fn gateway(a: GatewayArgs, log: &str) -> Result<(), CliError> {
         advertise: a.advertise,
         drain: a.drain,
         admin_addr: Some(a.admin_addr),
+        peer_timeout: a.peer_timeout,
     };
     let running = isthmus_gateway::run(cfg, shutdown.clone())
         .await
@@ -342,4 +348,13 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
         }),
     )?;
     finish(shutdown, running.done).await
+}
+
+/// `--peer-timeout`: from 100 ms (keep-alives every 25 ms) to 60 s.
+fn parse_peer_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&d) {
+        return Err(format!("{s} is outside 100ms..60s"));
+    }
+    Ok(d)
 }

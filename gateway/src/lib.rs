@@ -71,6 +71,10 @@ pub struct Config {
     pub drain: Duration,
     /// Admin endpoint (`/metrics`, `/ready`, `/live`), if any.
     pub admin_addr: Option<SocketAddr>,
+    /// A peer gateway silent this long is taken for dead: its connection is
+    /// closed, so tunnels in it fail now (callers fail over) instead of at
+    /// QUIC's idle timeout. Keep-alives go every quarter of it.
+    pub peer_timeout: Duration,
 }
 
 pub struct Running {
@@ -98,6 +102,8 @@ struct Gateway {
     metrics: Arc<metrics::Metrics>,
     /// Stops the gateway's tasks (the accept loops, each peer's streams).
     tasks: CancellationToken,
+    peer_timeout: Duration,
+    transport: Arc<quinn::TransportConfig>,
 }
 
 /// Dialing state of one peer.
@@ -106,6 +112,10 @@ struct Dial {
     lock: Arc<tokio::sync::Mutex<()>>,
     failures: u32,
     retry_at: Option<tokio::time::Instant>,
+    /// The peer went silent or a dial failed: until a dial succeeds, streams
+    /// are refused at once while dials go on in the background, rather than
+    /// each waiting for a handshake with a peer that may be gone.
+    suspect: bool,
 }
 
 /// After a failed dial a peer is not dialed again for 100 ms, doubling with
@@ -150,7 +160,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
     )?;
     let quic_server = QuicServerConfig::try_from(server_tls).map_err(|e| GatewayError::Quic(e.to_string()))?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
-    server_config.transport_config(transport());
+    let transport = transport(cfg.peer_timeout);
+    server_config.transport_config(transport.clone());
     let endpoint = quinn::Endpoint::new(
         endpoint_config(&dir.local_token().map_err(AgentError::from)?),
         Some(server_config),
@@ -178,6 +189,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
         local_bundles,
         conns: Mutex::new(HashMap::new()),
         tracker: TaskTracker::new(),
+        peer_timeout: cfg.peer_timeout,
+        transport,
     });
     ready.set(true);
     let tunnel_tls = tls::server_config(
@@ -237,12 +250,15 @@ fn endpoint_config(local_secret: &str) -> quinn::EndpointConfig {
 /// Jumbo-frame payload: the most PMTU discovery tries.
 const MAX_UDP_PAYLOAD: u16 = 8952;
 
-fn transport() -> Arc<quinn::TransportConfig> {
+fn transport(peer_timeout: Duration) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(4096u32.into());
     t.max_concurrent_uni_streams(0u32.into());
-    // Notice a vanished peer within seconds, not minutes.
-    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    // Keep-alives (acknowledged by the peer) keep packets coming even when
+    // no tunnel is busy, so silence means a dead peer or path: the watchdog
+    // in `adopt` closes the connection after `peer_timeout` of it. The idle
+    // timeout is only the backstop.
+    t.keep_alive_interval(Some(peer_timeout / 4));
     t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("valid")));
     // Windows sized for a WAN path (about 100 ms at 100 Mbit/s per stream).
     t.stream_receive_window((2u32 * 1024 * 1024).into());
@@ -414,19 +430,41 @@ async fn peer_connection(gw: &Arc<Gateway>, cluster: &str) -> Result<quinn::Conn
         return Ok(c);
     }
     // One dial per peer at a time: streams that arrive meanwhile wait for
-    // it and share its connection.
-    let lock = gw
-        .dials
-        .lock()
-        .expect("dials lock")
-        .entry(cluster.to_string())
-        .or_default()
-        .lock
-        .clone();
+    // it and share its connection, unless the peer is suspect (see `Dial`).
+    let (lock, suspect) = {
+        let mut dials = gw.dials.lock().expect("dials lock");
+        let d = dials.entry(cluster.to_string()).or_default();
+        (d.lock.clone(), d.suspect)
+    };
+    if suspect {
+        if let Ok(guard) = lock.try_lock_owned() {
+            let (gw, cluster, peer) = (gw.clone(), cluster.to_string(), peer.clone());
+            tokio::spawn(async move {
+                let _dialing = guard;
+                if gw.live_connection(&cluster).is_none() {
+                    let _ = dial_once(&gw, &cluster, &peer).await;
+                }
+            });
+        }
+        return Err(refuse(
+            RefuseCode::PeerUnreachable,
+            format!("the gateway of cluster {cluster} stopped answering; reconnecting in the background"),
+        ));
+    }
     let _dialing = lock.lock().await;
     if let Some(c) = gw.live_connection(cluster) {
         return Ok(c);
     }
+    dial_once(gw, cluster, peer).await
+}
+
+/// Dial `cluster` unless its backoff is running, and record the outcome.
+/// The caller holds the peer's dial lock.
+async fn dial_once(
+    gw: &Arc<Gateway>,
+    cluster: &str,
+    peer: &isthmus_proto::Peer,
+) -> Result<quinn::Connection, TunnelResponse> {
     let retry_at = gw
         .dials
         .lock()
@@ -436,7 +474,7 @@ async fn peer_connection(gw: &Arc<Gateway>, cluster: &str) -> Result<quinn::Conn
     if let Some(left) = retry_at.map(|t| t.saturating_duration_since(tokio::time::Instant::now()))
         && !left.is_zero()
     {
-        return Err(refuse(
+        return Err(TunnelResponse::refused(
             RefuseCode::PeerUnreachable,
             format!("the gateway of cluster {cluster} was unreachable at the last try; next try in {left:?}"),
         ));
@@ -448,6 +486,7 @@ async fn peer_connection(gw: &Arc<Gateway>, cluster: &str) -> Result<quinn::Conn
         Ok(conn) => {
             state.failures = 0;
             state.retry_at = None;
+            state.suspect = false;
             drop(dials);
             gw.adopt(cluster, conn.clone());
             // The peer tunnels to us on this connection too.
@@ -457,6 +496,7 @@ async fn peer_connection(gw: &Arc<Gateway>, cluster: &str) -> Result<quinn::Conn
         Err(e) => {
             state.failures += 1;
             state.retry_at = Some(tokio::time::Instant::now() + dial_backoff(state.failures));
+            state.suspect = true;
             Err(e)
         }
     }
@@ -497,7 +537,7 @@ async fn dial(
     let quic_tls =
         QuicClientConfig::try_from(client_tls).map_err(|e| refuse(RefuseCode::PeerUnreachable, e.to_string()))?;
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic_tls));
-    client_config.transport_config(transport());
+    client_config.transport_config(gw.transport.clone());
     let connecting = gw
         .endpoint
         .connect_with(client_config, addr, "isthmus.mesh.invalid")
@@ -541,13 +581,33 @@ impl Gateway {
         }
         let watch = conn.clone();
         let peer = peer.to_string();
-        let metrics = self.metrics.clone();
+        let gw = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            // Publish the path each second; close the connection when the
+            // peer has sent nothing (not even an ACK of our keep-alives)
+            // for `peer_timeout`.
+            let mut tick = tokio::time::interval(gw.peer_timeout / 8);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let (mut seen, mut heard_at, mut published) = (0, tokio::time::Instant::now(), None);
             let reason = loop {
                 tokio::select! {
                     r = watch.closed() => break r,
-                    _ = tick.tick() => metrics.path(&peer, &watch),
+                    now = tick.tick() => {
+                        let rx = watch.stats().udp_rx.datagrams;
+                        if rx != seen {
+                            (seen, heard_at) = (rx, now);
+                        } else if now.duration_since(heard_at) >= gw.peer_timeout {
+                            tracing::warn!(%peer, silent = ?now.duration_since(heard_at), "peer gateway silent: closing its connection so tunnels fail over");
+                            gw.metrics.silent(&peer);
+                            gw.dials.lock().expect("dials lock").entry(peer.clone()).or_default().suspect = true;
+                            watch.close(3u32.into(), b"peer silent");
+                            continue;
+                        }
+                        if published.is_none_or(|t: tokio::time::Instant| now.duration_since(t) >= Duration::from_secs(1)) {
+                            gw.metrics.path(&peer, &watch);
+                            published = Some(now);
+                        }
+                    }
                 }
             };
             tracing::info!(%peer, %reason, "QUIC connection to peer gateway closed");

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub lost_packets: Family<PeerLabels, Gauge>,
     pub connections: Family<PeerLabels, Gauge>,
     pub mtu: Family<PeerLabels, Gauge>,
+    pub silences: Family<PeerLabels, Counter>,
 }
 
 impl Metrics {
@@ -89,7 +90,18 @@ impl Metrics {
             "Largest UDP payload the path to each peer gateway was found to carry (PMTU discovery, up to 8952)",
             m.mtu.clone(),
         );
+        registry.register(
+            "isthmus_gateway_peer_silences",
+            "QUIC connections closed because the peer gateway sent nothing for --peer-timeout (taken for dead; tunnels in them fail over)",
+            m.silences.clone(),
+        );
         m
+    }
+
+    pub fn silent(&self, peer: &str) {
+        self.silences
+            .get_or_create(&PeerLabels { peer: peer.to_string() })
+            .inc();
     }
 
     pub fn stream(&self, direction: &'static str, peer: &str, result: &'static str) {

@@ -15,6 +15,7 @@
 pub mod balance;
 pub mod detect;
 pub mod dns;
+pub mod health;
 pub mod metrics;
 pub mod otlp;
 mod ports;
@@ -168,22 +169,17 @@ struct Sidecar {
     in_flight: Mutex<HashMap<String, usize>>,
     /// Current priority level of each service route (TrafficPolicy).
     failover: Mutex<HashMap<String, route::LevelState>>,
-    /// Passive outlier detection per (service, cluster) for other clusters.
-    clusters: Mutex<HashMap<(String, String), ClusterOutlier>>,
+    /// Passive outlier detection per (service, cluster), this cluster's
+    /// included; ejected pairs are probed back.
+    clusters: Mutex<health::ClusterHealth>,
 }
 
-/// Consecutive failures of requests to one service in one other cluster;
-/// enough of them take that cluster out of the service's choices for a
-/// while. Per service, so one bad service never takes a gateway out.
-#[derive(Default)]
-struct ClusterOutlier {
-    failures: u32,
-    ejections: u32,
-    until: Option<Instant>,
-}
-
-/// Failures in a row that eject a (service, cluster).
-const CLUSTER_EJECT_AFTER: u32 = 3;
+/// Marks a request the serving sidecar answers itself: 200 if its app
+/// accepts a connection now, else 502 `app-unavailable`.
+pub const PROBE_HEADER: &str = "x-isthmus-probe";
+/// How often each ejected (service, cluster) is probed.
+const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, SidecarError> {
     let mut names = vec![&cfg.namespace, &cfg.service_account];
@@ -250,7 +246,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
         conn_slots: [slots(), slots()],
         in_flight: Mutex::new(HashMap::new()),
         failover: Mutex::new(HashMap::new()),
-        clusters: Mutex::new(HashMap::new()),
+        clusters: Mutex::new(health::ClusterHealth::default()),
         otlp,
         metrics,
         app_client: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
@@ -281,6 +277,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
         tokio::spawn(ports::follow(sc.clone(), outbound_addr.ip(), shutdown.clone()));
         tracing::info!(dns = ?dns_addr, "answering DNS for clusterset.local");
     }
+    tokio::spawn(probe_ejected(sc.clone(), shutdown.clone()));
     let t1 = tokio::spawn(serve_inbound(sc.clone(), inbound, inbound_tls, shutdown.clone()));
     let t2 = tokio::spawn(serve_outbound(sc.clone(), outbound, shutdown.clone()));
     let done = tokio::spawn(async move {
@@ -463,6 +460,21 @@ async fn inbound(sc: Arc<Sidecar>, client: HeaderValue, remote: bool, req: Reque
             "this workload serves no service".into(),
         );
     };
+    if req.headers().contains_key(PROBE_HEADER) {
+        return match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(app)).await {
+            Ok(Ok(_)) => Response::new(full(Bytes::from_static(b"ok\n"))),
+            Ok(Err(e)) => error(
+                StatusCode::BAD_GATEWAY,
+                "app-unavailable",
+                format!("the workload at {app} refuses connections: {e}"),
+            ),
+            Err(_) => error(
+                StatusCode::BAD_GATEWAY,
+                "app-unavailable",
+                format!("the workload at {app} did not accept a connection within {PROBE_TIMEOUT:?}"),
+            ),
+        };
+    }
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.to_string());
     let path = path_and_query(&parts.uri);
@@ -482,11 +494,23 @@ async fn inbound(sc: Arc<Sidecar>, client: HeaderValue, remote: bool, req: Reque
         Ok(resp) => {
             let mut resp = resp.map(|b| b.boxed());
             resp.headers_mut().insert(SERVED_BY_HEADER, cluster);
+            // Only sidecars say why they failed: callers retry on it.
+            resp.headers_mut().remove(ERROR_HEADER);
             resp
         }
-        Err(e) => error(
+        // Nothing reached the app: the caller may send the request again
+        // elsewhere, whatever its method.
+        Err(e) if e.is_connect() => error(
             StatusCode::BAD_GATEWAY,
             "app-unavailable",
+            format!(
+                "the workload at {app} refuses connections: {}",
+                isthmus_core::local::error_chain(&e)
+            ),
+        ),
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            "app-failed",
             format!(
                 "the workload at {app} did not answer: {}",
                 isthmus_core::local::error_chain(&e)
@@ -738,7 +762,7 @@ impl Sidecar {
     ) -> Result<Target, ProxyError> {
         let now = Instant::now();
         let key = name.key();
-        let avoid = |c: &str| failed.iter().any(|f| f == c) || self.cluster_ejected(&key, c, now);
+        let avoid = |c: &str| failed.iter().any(|f| f == c) || self.cluster_ejected(&key, c);
         let routed = {
             let snap = self.agent.config.borrow();
             route::route(
@@ -763,41 +787,31 @@ impl Sidecar {
         Ok(routed.target)
     }
 
-    fn cluster_ejected(&self, service: &str, cluster: &str, now: Instant) -> bool {
-        let all = self.clusters.lock().expect("clusters lock");
-        // Asked for every cluster of every request: no key is built while
-        // nothing has failed.
-        if all.is_empty() {
-            return false;
-        }
-        all.get(&(service.to_string(), cluster.to_string()))
-            .and_then(|o| o.until)
-            .is_some_and(|t| now < t)
+    fn cluster_ejected(&self, service: &str, cluster: &str) -> bool {
+        self.clusters
+            .lock()
+            .expect("clusters lock")
+            .is_ejected(service, cluster)
     }
 
-    /// Learn from a request to `service` in another `cluster`: after
-    /// `CLUSTER_EJECT_AFTER` failures in a row it is ejected for 5 s,
-    /// doubling with each ejection in a row up to a minute; a success
-    /// clears it.
-    fn cluster_outcome(&self, service: &str, cluster: &str, ok: bool) {
-        let mut all = self.clusters.lock().expect("clusters lock");
-        let key = (service.to_string(), cluster.to_string());
-        if ok {
-            // A healthy pair is not kept: the map holds only failing ones.
-            all.remove(&key);
-            return;
+    /// Learn from a request to `service` in `cluster` (see `health`).
+    fn cluster_outcome(&self, service: &str, cluster: &str, outcome: health::Outcome) {
+        let change = self
+            .clusters
+            .lock()
+            .expect("clusters lock")
+            .outcome(service, cluster, outcome);
+        match change {
+            Some(health::Change::Ejected) => {
+                tracing::warn!(%service, %cluster, "cluster ejected for this service (a request not delivered there, or failed answers in a row); probing it");
+            }
+            Some(health::Change::Restored) => {
+                tracing::info!(%service, %cluster, "cluster answers this service again");
+            }
+            None => return,
         }
-        let o = all.entry(key).or_default();
-        o.failures += 1;
-        if o.failures >= CLUSTER_EJECT_AFTER {
-            o.failures = 0;
-            o.ejections += 1;
-            let hold = Duration::from_secs(5)
-                .saturating_mul(1 << (o.ejections - 1).min(4))
-                .min(Duration::from_secs(60));
-            o.until = Some(Instant::now() + hold);
-            tracing::warn!(%service, %cluster, ?hold, "cluster ejected for this service after failures in a row");
-        }
+        self.metrics
+            .cluster_health(service, cluster, change == Some(health::Change::Ejected));
     }
 
     /// A connection slot in `direction`, or `None` (the connection is
@@ -910,6 +924,7 @@ async fn forward(
     let (req, replay) = buffer_small_body(req).await?;
     let mut req = req.map(|b| metrics::CountedBody::new(b, req_bytes.clone()).boxed());
     let mut failed: Vec<String> = Vec::new();
+    let idempotent = head.0.is_idempotent();
     sc.retry_budget.lock().expect("budget lock").deposit(Instant::now());
     let sent = loop {
         let mut in_flight = None;
@@ -920,52 +935,56 @@ async fn forward(
             }
         }
         let sent = send(sc, &target, (&host, port), req, labels).await;
-        let Some(mut f) = in_flight else {
-            // Another cluster: its (service, cluster) health learns from the
-            // outcome, and a request that never reached it (its gateway or
-            // the tunnel failed) goes to the next choice, if its body is at
-            // hand and the budget allows.
-            let unreached = matches!(&sent, Err(ProxyError::Connect(_) | ProxyError::Refused { .. }));
-            let ok = matches!(&sent, Ok(r) if !r.status().is_server_error());
-            sc.cluster_outcome(&labels.destination_service, &target.cluster, ok);
-            let body = match replay.body() {
-                Some(body) if unreached && sc.retry_budget.lock().expect("budget lock").withdraw(Instant::now()) => {
-                    body
-                }
-                _ => break sent,
+        // May this request go again, elsewhere? Yes if nothing reached the
+        // app (the endpoint, its app, the gateway or the tunnel failed), or
+        // a gRPC server answered UNAVAILABLE before taking the call up; for
+        // an idempotent request also if its session died before an answer.
+        let unreached = match &sent {
+            Err(ProxyError::Connect(_) | ProxyError::Refused { .. }) => true,
+            Err(ProxyError::Upstream(_)) => idempotent,
+            Ok(r) => {
+                sidecar_error(r) == Some("app-unavailable")
+                    || idempotent && sidecar_error(r) == Some("app-failed")
+                    || grpc && grpc_unavailable(r.headers())
+            }
+            Err(_) => false,
+        };
+        let answered = matches!(&sent, Ok(r) if !r.status().is_server_error()) && !unreached;
+        let mut next_endpoint = false;
+        if let Some(mut f) = in_flight {
+            f.ok = answered;
+            failed.push(f.addr.clone());
+            next_endpoint = unreached && failed.len() < endpoints.len();
+        }
+        if !next_endpoint {
+            // The cluster's turn is over: its health for this service
+            // learns from it (502/503/504 or unreached count against it; a
+            // 500 is the app's answer).
+            let outcome = match &sent {
+                _ if unreached => health::Outcome::Unreached,
+                Ok(r) if matches!(r.status().as_u16(), 502..=504) => health::Outcome::Failed,
+                Ok(_) | Err(ProxyError::ClientBody(_)) => health::Outcome::Ok,
+                Err(_) => health::Outcome::Unreached,
             };
+            sc.cluster_outcome(&labels.destination_service, &target.cluster, outcome);
+        }
+        let body = match replay.body() {
+            Some(body) if unreached && sc.retry_budget.lock().expect("budget lock").withdraw(Instant::now()) => body,
+            _ => break sent,
+        };
+        if next_endpoint {
+            tracing::debug!(endpoint = %failed.last().expect("pushed"), "trying another endpoint");
+        } else {
             failed_clusters.push(target.cluster.clone());
             let Ok(next) = sc.route(&name, port, Some(&head.2), &failed_clusters, labels) else {
                 break sent;
             };
             tracing::debug!(from = %target.cluster, to = %next.cluster, "cluster unreachable; trying the next");
-            sc.metrics.retries.get_or_create(labels).inc();
             target = next;
             endpoints = target.addresses.clone();
-            let (method, uri, headers) = &head;
-            let mut r = Request::new(metrics::CountedBody::new(full(body), req_bytes.clone()).boxed());
-            *r.method_mut() = method.clone();
-            *r.uri_mut() = uri.clone();
-            *r.headers_mut() = headers.clone();
-            req = r;
-            continue;
-        };
-        let unavailable = grpc && matches!(&sent, Ok(r) if grpc_unavailable(r.headers()));
-        f.ok = matches!(&sent, Ok(r) if !r.status().is_server_error()) && !unavailable;
-        let retry = matches!(&sent, Err(ProxyError::Connect(_))) || unavailable;
-        let body = match replay.body() {
-            Some(body)
-                if retry
-                    && failed.len() + 1 < endpoints.len()
-                    && sc.retry_budget.lock().expect("budget lock").withdraw(Instant::now()) =>
-            {
-                body
-            }
-            _ => break sent,
-        };
-        tracing::debug!(endpoint = %f.addr, unavailable, "trying another endpoint");
+            failed.clear();
+        }
         sc.metrics.retries.get_or_create(labels).inc();
-        failed.push(f.addr.clone());
         let (method, uri, headers) = &head;
         let mut r = Request::new(metrics::CountedBody::new(full(body), req_bytes.clone()).boxed());
         *r.method_mut() = method.clone();
@@ -1125,6 +1144,91 @@ fn is_grpc(h: &http::HeaderMap) -> bool {
     h.get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Probe each ejected (service, cluster) through the same path requests
+/// take (a local endpoint's sidecar, or the gateways and a sidecar there);
+/// the serving sidecar answers whether its app accepts connections. A
+/// success puts the pair back in service (traffic returns after the
+/// failback hold). Local pairs with no registered endpoints are not
+/// probed: they come back when a workload registers.
+async fn probe_ejected(sc: Arc<Sidecar>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let running: Arc<Mutex<std::collections::HashSet<(String, String)>>> = Arc::default();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let ejected = sc.clusters.lock().expect("clusters lock").ejected();
+        for pair in ejected {
+            // One probe per pair at a time.
+            if !running.lock().expect("probes lock").insert(pair.clone()) {
+                continue;
+            }
+            let (sc, running) = (sc.clone(), running.clone());
+            tokio::spawn(async move {
+                let ok = probe(&sc, &pair.0, &pair.1).await;
+                if let Some(ok) = ok {
+                    sc.metrics.probe(&pair.0, &pair.1, ok);
+                    let outcome = if ok {
+                        health::Outcome::Ok
+                    } else {
+                        health::Outcome::Unreached
+                    };
+                    sc.cluster_outcome(&pair.0, &pair.1, outcome);
+                }
+                running.lock().expect("probes lock").remove(&pair);
+            });
+        }
+    }
+}
+
+/// One probe of `service` ("ns/name") in `cluster`: `None` if there is
+/// nothing to probe there now.
+async fn probe(sc: &Arc<Sidecar>, service: &str, cluster: &str) -> Option<bool> {
+    let (namespace, name) = service.split_once('/')?;
+    let svc = ServiceName {
+        cluster: Some(cluster.to_string()),
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+    };
+    let mut target = {
+        let snap = sc.agent.config.borrow();
+        route::route(&snap, &svc, None, &route::Inputs::simple(0)).ok()?.target
+    };
+    if target.is_local() {
+        let pick = target.addresses[rand::random_range(0..target.addresses.len())].clone();
+        target.addresses = vec![pick];
+    }
+    let host = format!("{name}.{namespace}.svc.clusterset.local");
+    let mut req = Request::new(empty());
+    req.headers_mut().insert(PROBE_HEADER, HeaderValue::from_static("1"));
+    let labels = metrics::RouteLabels {
+        direction: "outbound",
+        source_cluster: sc.agent.cluster.clone(),
+        destination_cluster: cluster.to_string(),
+        destination_service: service.to_string(),
+    };
+    let sent = tokio::time::timeout(
+        PROBE_TIMEOUT,
+        send(sc, &target, (&host, Some(target.port)), req, &labels),
+    )
+    .await;
+    let ok = matches!(&sent, Ok(Ok(r)) if r.status() == StatusCode::OK);
+    tracing::debug!(%service, %cluster, ok, "probe");
+    Some(ok)
+}
+
+/// Why the serving sidecar failed a request, if it did: `app-unavailable`
+/// (its app refused the connection: nothing was delivered) or `app-failed`
+/// (the app took the request but gave no answer).
+fn sidecar_error<B>(r: &Response<B>) -> Option<&str> {
+    if r.status() != StatusCode::BAD_GATEWAY {
+        return None;
+    }
+    r.headers().get(ERROR_HEADER)?.to_str().ok()
 }
 
 /// A trailers-only gRPC answer of UNAVAILABLE (14): the server did not

@@ -65,6 +65,23 @@ pub struct Metrics {
     pub rejected: Family<RejectLabels, Counter>,
     pub level: Family<ServiceLabels, Gauge>,
     pub level_moves: Family<MoveLabels, Counter>,
+    pub cluster_ejections: Family<ClusterLabels, Counter>,
+    pub cluster_ejected: Family<ClusterLabels, Gauge>,
+    pub probes: Family<ProbeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub destination_service: String,
+    pub destination_cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub destination_service: String,
+    pub destination_cluster: String,
+    /// `ok` or `failed`.
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,6 +115,9 @@ impl Metrics {
             rejected: Family::default(),
             level: Family::default(),
             level_moves: Family::default(),
+            cluster_ejections: Family::default(),
+            cluster_ejected: Family::default(),
+            probes: Family::default(),
         };
         registry.register(
             "isthmus_requests",
@@ -164,7 +184,44 @@ impl Metrics {
             "Connections and requests refused by a limit: connection-limit (--max-connections), request-limit (--max-requests-per-service)",
             m.rejected.clone(),
         );
+        registry.register(
+            "isthmus_cluster_ejections",
+            "A service in a cluster (this one included) taken out of this sidecar's choices after failures in a row",
+            m.cluster_ejections.clone(),
+        );
+        registry.register(
+            "isthmus_cluster_ejected",
+            "1 while a service in a cluster is ejected (it is probed until it answers), else 0",
+            m.cluster_ejected.clone(),
+        );
+        registry.register(
+            "isthmus_probes",
+            "Active probes of ejected (service, cluster) pairs, by result (ok puts the pair back in service)",
+            m.probes.clone(),
+        );
         m
+    }
+
+    /// A (service, cluster) pair was ejected, or put back.
+    pub fn cluster_health(&self, service: &str, cluster: &str, ejected: bool) {
+        let l = ClusterLabels {
+            destination_service: service.to_string(),
+            destination_cluster: cluster.to_string(),
+        };
+        if ejected {
+            self.cluster_ejections.get_or_create(&l).inc();
+        }
+        self.cluster_ejected.get_or_create(&l).set(i64::from(ejected));
+    }
+
+    pub fn probe(&self, service: &str, cluster: &str, ok: bool) {
+        self.probes
+            .get_or_create(&ProbeLabels {
+                destination_service: service.to_string(),
+                destination_cluster: cluster.to_string(),
+                result: if ok { "ok" } else { "failed" },
+            })
+            .inc();
     }
 
     /// Traffic of a service moved to priority `level`.

@@ -62,7 +62,8 @@ async fn opaque(inbound: std::net::SocketAddr, svid: &Svid, east_roots: &str) ->
 }
 
 /// A TCP echo server: what the sidecar's app is here. It is no HTTP server,
-/// so an HTTP request that reaches it fails as app-unavailable.
+/// so an HTTP request that reaches it fails as app-failed (it was
+/// delivered, so it is not app-unavailable, which callers may retry).
 async fn echo_app() -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -109,7 +110,7 @@ async fn remote_callers_reach_only_exported_services() {
     let west = controller(west_dir.path(), "west", &stop).await;
 
     // East's echo sidecar (its app speaks no HTTP: a request that passes
-    // authorization gets 502 app-unavailable, one that does not gets 403;
+    // authorization gets 502 app-failed, one that does not gets 403;
     // an opaque connection that passes gets its bytes echoed).
     let app = echo_app().await;
     let sidecar = isthmus_sidecar::run(
@@ -198,7 +199,7 @@ async fn remote_callers_reach_only_exported_services() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(status, Some((502, Some("app-unavailable".to_string()))));
+    assert_eq!(status, Some((502, Some("app-failed".to_string()))));
     assert_eq!(
         opaque(sidecar.inbound_addr, &svid, &east_roots).await,
         Ok("ping".into())

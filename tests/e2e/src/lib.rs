@@ -424,3 +424,117 @@ impl Pair {
         });
     }
 }
+
+/// One request sent by a `Load`: when, its status, and which cluster
+/// answered (`x-isthmus-cluster`, empty if none did).
+#[derive(Clone, Debug)]
+pub struct Sent {
+    pub start: Instant,
+    pub end: Instant,
+    pub status: u16,
+    pub cluster: String,
+}
+
+/// Requests running throughout a fault: `workers` threads, each sending
+/// GET `url` through `proxy` one at a time, starting one every `interval`.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Vec<Sent>>>,
+}
+
+impl Load {
+    pub fn start(proxy: &str, url: &str, workers: usize, interval: Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..workers)
+            .map(|_| {
+                let (stop, proxy, url) = (stop.clone(), proxy.to_string(), url.to_string());
+                std::thread::spawn(move || {
+                    let mut out = Vec::new();
+                    let mut next = Instant::now();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let start = Instant::now();
+                        let (status, cluster) = match get_via(&proxy, &url) {
+                            Ok(r) => (r.status, r.header("x-isthmus-cluster").unwrap_or_default().to_string()),
+                            Err(_) => (0, String::new()),
+                        };
+                        out.push(Sent {
+                            start,
+                            end: Instant::now(),
+                            status,
+                            cluster,
+                        });
+                        next += interval;
+                        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                    }
+                    out
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    /// Stop and return every request, in order of start.
+    pub fn finish(self) -> Vec<Sent> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut all: Vec<Sent> = self.threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        all.sort_by_key(|s| s.start);
+        all
+    }
+}
+
+/// What a fault did to the requests running through it.
+#[derive(Debug)]
+pub struct Impact {
+    pub sent: usize,
+    pub failed: usize,
+    /// From the fault until traffic had moved: the end of the last request
+    /// that failed, took longer than `slow`, or (started after the fault)
+    /// was answered by a cluster other than the ones it should move to.
+    pub moved_after: Duration,
+    /// Requests started after `moved_after` by answering cluster.
+    pub after: std::collections::BTreeMap<String, usize>,
+    /// The slowest request running at or after the fault.
+    pub slowest: Duration,
+}
+
+impl Impact {
+    pub fn of(sent: &[Sent], fault: Instant, slow: Duration, moved_to: impl Fn(&str) -> bool) -> Self {
+        let failed = sent.iter().filter(|s| s.status != 200).count();
+        let moved_at = sent
+            .iter()
+            .filter(|s| s.end > fault)
+            .filter(|s| s.status != 200 || s.end - s.start > slow || s.start > fault && !moved_to(&s.cluster))
+            .map(|s| s.end)
+            .max()
+            .unwrap_or(fault);
+        let mut after = std::collections::BTreeMap::new();
+        for s in sent.iter().filter(|s| s.start > moved_at) {
+            *after.entry(s.cluster.clone()).or_default() += 1;
+        }
+        let slowest = sent
+            .iter()
+            .filter(|s| s.end > fault)
+            .map(|s| s.end - s.start)
+            .max()
+            .unwrap_or_default();
+        Impact {
+            slowest,
+            sent: sent.len(),
+            failed,
+            moved_after: moved_at - fault,
+            after,
+        }
+    }
+
+    /// One line for the test's output (run with `--nocapture` to see it).
+    pub fn report(&self, case: &str) -> String {
+        format!(
+            "{case}: sent {}, failed {}, traffic moved {:.3} s after the fault (slowest call {:.3} s); then answered by {:?}",
+            self.sent,
+            self.failed,
+            self.moved_after.as_secs_f64(),
+            self.slowest.as_secs_f64(),
+            self.after
+        )
+    }
+}
