@@ -1,5 +1,6 @@
 //! `isthmus demo`: two local clusters, linked with a join token, with a
-//! service exported from one and called from the other, each step shown.
+//! service exported from one and called from the other, each step shown;
+//! then failover, failback and a weighted split, watched live.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -101,6 +102,8 @@ where
 }
 
 const URL: &str = "http://echo.demo.svc.clusterset.local:8080/";
+/// The same service, pinned to east's copy.
+const EAST_URL: &str = "http://east.echo.demo.svc.clusterset.local:8080/";
 
 pub async fn run(a: Args) -> Result<(), CliError> {
     let base = a
@@ -108,7 +111,9 @@ pub async fn run(a: Args) -> Result<(), CliError> {
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("isthmus-demo-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&base);
-    println!("Isthmus demo: two clusters on this machine, linked with a join token.\n");
+    println!(
+        "Isthmus demo: two clusters on this machine, linked with a join token; then failover, failback and a split, live.\n"
+    );
     let mut clusters: Vec<LocalCluster> = Vec::new();
     let res = steps(&a, &base, &mut clusters).await;
     if let Err(e) = &res {
@@ -121,7 +126,13 @@ pub async fn run(a: Args) -> Result<(), CliError> {
         let west = &clusters[1].info;
         let proxy = west.client.as_ref().map(|w| w.outbound.clone()).unwrap_or_default();
         println!("\nBoth clusters keep running. From west's client workload, try:");
-        println!("  curl -x http://{proxy} {URL}");
+        println!("  curl -x http://{proxy} {URL}     # split 20% east / 80% west by policy");
+        println!("  curl -x http://{proxy} {EAST_URL}  # east's copy only");
+        println!(
+            "  isthmus apply --dir {} --delete -f {}   # back to local first",
+            clusters[1].dir.display(),
+            base.join("policy.yaml").display()
+        );
         println!("  isthmus status --dir {}", clusters[1].dir.display());
         println!("Ctrl-C stops everything.");
         crate::components::shutdown_token(false).cancelled().await;
@@ -140,7 +151,7 @@ pub async fn run(a: Args) -> Result<(), CliError> {
 }
 
 async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster>) -> Result<(), CliError> {
-    let mut r = Report { step: 0, total: 7 };
+    let mut r = Report { step: 0, total: 11 };
     let up_args = |name: &str, net: &str, echo: bool, client: bool| up::Args {
         cluster: name.to_string(),
         net: net.to_string(),
@@ -160,8 +171,8 @@ async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster
     );
     clusters.push(east);
 
-    r.start("start cluster west on 127.0.2.0/24 (with a client)");
-    let west = LocalCluster::start(&up_args("west", "127.0.2", false, true), "info").await?;
+    r.start("start cluster west on 127.0.2.0/24 (demo/echo, a client)");
+    let west = LocalCluster::start(&up_args("west", "127.0.2", true, true), "info").await?;
     println!(
         "ok  controller {}, gateway {}/udp",
         west.info.control, west.info.gateway_quic
@@ -176,8 +187,10 @@ async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster
         .map(|w| w.outbound.clone())
         .unwrap_or_default();
 
-    r.start("call echo from west before linking (must fail)");
-    let before = call(&proxy, URL).await.map_err(|e| CliError::new(exit::FAILURE, e))?;
+    r.start("call east's echo from west before linking (must fail)");
+    let before = call(&proxy, EAST_URL)
+        .await
+        .map_err(|e| CliError::new(exit::FAILURE, e))?;
     if before.status == 200 {
         return Err(CliError::new(
             exit::FAILURE,
@@ -225,11 +238,13 @@ async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster
     .await?;
     println!("      west imports echo.demo.svc.clusterset.local from east");
 
-    r.start(&format!("call {URL} from west ({} requests)", a.requests));
+    r.start(&format!("call {EAST_URL} from west ({} requests)", a.requests));
     println!();
     let mut latencies = Vec::new();
     for i in 1..=a.requests {
-        let ans = call(&proxy, URL).await.map_err(|e| CliError::new(exit::FAILURE, e))?;
+        let ans = call(&proxy, EAST_URL)
+            .await
+            .map_err(|e| CliError::new(exit::FAILURE, e))?;
         if ans.status != 200 {
             return Err(CliError::new(
                 exit::FAILURE,
@@ -270,5 +285,253 @@ async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster
             n = latencies.len()
         );
     }
+    live_steps(&mut r, clusters, base, &proxy).await
+}
+
+/// Failover, failback and a split, each watched live from west's client.
+async fn live_steps(
+    r: &mut Report,
+    clusters: &mut [LocalCluster],
+    base: &std::path::Path,
+    proxy: &str,
+) -> Result<(), CliError> {
+    let fail = |m: String| CliError::new(exit::FAILURE, m);
+    let west_dir = clusters[1].dir.clone();
+
+    r.start("failover: kill west's own echo while west calls echo");
+    println!();
+    let live = Live::start(proxy);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fault = live.now();
+    clusters[1].kill("echo").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let calls = live.stop().await;
+    let seen = Seen::since(&calls, fault);
+    println!(
+        "      {} calls, {} failed; answered by east from {:.0} ms after the kill",
+        calls.len(),
+        seen.failed,
+        seen.moved_after.as_secs_f64() * 1e3
+    );
+    if seen.failed > 0 || seen.last.get("east").copied().unwrap_or(0) == 0 {
+        return Err(fail(format!(
+            "failover: {} calls failed, last answers {:?}",
+            seen.failed, seen.last
+        )));
+    }
+
+    r.start("failback: start west's echo again");
+    println!();
+    let live = Live::start(proxy);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let back = live.now();
+    clusters[1].restart_echo().await?;
+    let moved = wait_for("traffic to return to west", Duration::from_secs(15), || async {
+        let calls = live.snapshot();
+        let seen = Seen::since(&calls, back);
+        (seen.last.get("west").copied().unwrap_or(0) == seen.last.values().sum::<usize>()
+            && seen.last.values().sum::<usize>() > 10)
+            .then_some(seen.moved_after)
+    })
+    .await;
+    let calls = live.stop().await;
+    let moved = moved?;
+    let seen = Seen::since(&calls, back);
+    println!(
+        "      {} calls, {} failed; back on west {:.1} s after the restart (probed healthy, then held 2 s against flapping)",
+        calls.len(),
+        seen.failed,
+        moved.as_secs_f64()
+    );
+    if seen.failed > 0 {
+        return Err(fail(format!("failback: {} calls failed", seen.failed)));
+    }
+
+    for (east, west) in [(80u32, 20u32), (20, 80)] {
+        r.start(&format!("split by policy: east {east}%, west {west}%"));
+        let file = base.join("policy.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: isthmus.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {{ name: echo, namespace: demo }}
+spec:
+  routes:
+    - split: [{{ cluster: east, weight: {east} }}, {{ cluster: west, weight: {west} }}]
+"
+            ),
+        )
+        .map_err(|e| fail(format!("{}: {e}", file.display())))?;
+        admin::apply(&west_dir, &file.display().to_string(), false).await?;
+        // The sidecars have it within a second.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let live = Live::start(proxy);
+        let from = live.now();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let calls = live.stop().await;
+        let seen = Seen::since(&calls, from);
+        let n: usize = calls.iter().filter(|c| c.at >= from).count();
+        let got = 100.0 * seen.all.get("east").copied().unwrap_or(0) as f64 / n.max(1) as f64;
+        println!(
+            "      {n} calls, {} failed: east {got:.0}%, west {:.0}% (policy {east}/{west})",
+            seen.failed,
+            100.0 - got
+        );
+        // 4 s at ~50 calls/s: 15 points is over four standard deviations.
+        if seen.failed > 0 || (got - f64::from(east)).abs() > 15.0 {
+            return Err(fail(format!(
+                "split {east}/{west}: got east {got:.0}%, {} failed",
+                seen.failed
+            )));
+        }
+    }
     Ok(())
+}
+
+/// One call of the live view: when it started (since the view began),
+/// whether it succeeded, and which cluster answered.
+#[derive(Clone)]
+struct LiveCall {
+    at: Duration,
+    ok: bool,
+    cluster: String,
+}
+
+/// Calls to echo from west's client, about 50 a second from two callers,
+/// with a line that redraws in place (on a terminal) showing the mix of
+/// the last second.
+struct Live {
+    began: Instant,
+    calls: std::sync::Arc<std::sync::Mutex<Vec<LiveCall>>>,
+    stop: tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Live {
+    fn start(proxy: &str) -> Self {
+        let began = Instant::now();
+        let calls: std::sync::Arc<std::sync::Mutex<Vec<LiveCall>>> = Default::default();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut tasks = Vec::new();
+        for _ in 0..2 {
+            let (calls, stop, proxy) = (calls.clone(), stop.clone(), proxy.to_string());
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(40));
+                while !stop.is_cancelled() {
+                    tick.tick().await;
+                    let at = began.elapsed();
+                    let ans = call(&proxy, URL).await;
+                    let cluster = ans
+                        .as_ref()
+                        .ok()
+                        .filter(|a| a.status == 200)
+                        .and_then(|a| serde_json::from_str::<serde_json::Value>(&a.body).ok())
+                        .and_then(|v| v["cluster"].as_str().map(String::from));
+                    calls.lock().expect("calls lock").push(LiveCall {
+                        at,
+                        ok: cluster.is_some(),
+                        cluster: cluster.unwrap_or_default(),
+                    });
+                }
+            }));
+        }
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            let (calls, stop) = (calls.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                while !stop.is_cancelled() {
+                    tick.tick().await;
+                    let line = render(&calls.lock().expect("calls lock"), began.elapsed());
+                    print!("\r\x1b[2K      {line}");
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                }
+                print!("\r\x1b[2K");
+            }));
+        }
+        Live {
+            began,
+            calls,
+            stop,
+            tasks,
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.began.elapsed()
+    }
+
+    fn snapshot(&self) -> Vec<LiveCall> {
+        self.calls.lock().expect("calls lock").clone()
+    }
+
+    async fn stop(mut self) -> Vec<LiveCall> {
+        self.stop.cancel();
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = t.await;
+        }
+        self.snapshot()
+    }
+}
+
+/// `2.4 s  calls 120  failed 0  last second  west ████████████░░░░░░░░ 60%  east 40%`
+fn render(calls: &[LiveCall], now: Duration) -> String {
+    let failed = calls.iter().filter(|c| !c.ok).count();
+    let recent: Vec<&LiveCall> = calls.iter().filter(|c| c.at + Duration::from_secs(1) >= now).collect();
+    let share = |name: &str| {
+        let n = recent.iter().filter(|c| c.cluster == name).count();
+        n as f64 / recent.len().max(1) as f64
+    };
+    let (west, east) = (share("west"), share("east"));
+    let bar: String = (0..20)
+        .map(|i| if (i as f64) < west * 20.0 { '█' } else { '░' })
+        .collect();
+    format!(
+        "{:>5.1} s  calls {:<5} failed {:<3} last second  west {bar} {:>3.0}%  east {:>3.0}%",
+        now.as_secs_f64(),
+        calls.len(),
+        failed,
+        west * 100.0,
+        east * 100.0
+    )
+}
+
+/// What the calls from `from` on show.
+struct Seen {
+    failed: usize,
+    /// Answers by cluster, from `from` on.
+    all: std::collections::BTreeMap<String, usize>,
+    /// Answers by cluster after the last change of cluster.
+    last: std::collections::BTreeMap<String, usize>,
+    /// From `from` to the first call of the final run of one cluster.
+    moved_after: Duration,
+}
+
+impl Seen {
+    fn since(calls: &[LiveCall], from: Duration) -> Self {
+        let mut after: Vec<&LiveCall> = calls.iter().filter(|c| c.at >= from).collect();
+        after.sort_by_key(|c| c.at);
+        let mut all = std::collections::BTreeMap::new();
+        for c in after.iter().filter(|c| c.ok) {
+            *all.entry(c.cluster.clone()).or_insert(0) += 1;
+        }
+        // The final run: calls after the last one answered by another
+        // cluster than the final answer's (or that failed).
+        let final_cluster = after.last().map(|c| c.cluster.clone()).unwrap_or_default();
+        let start = after
+            .iter()
+            .rposition(|c| !c.ok || c.cluster != final_cluster)
+            .map_or(0, |i| i + 1);
+        let mut last = std::collections::BTreeMap::new();
+        if !after[start..].is_empty() {
+            last.insert(final_cluster, after.len() - start);
+        }
+        Seen {
+            failed: after.iter().filter(|c| !c.ok).count(),
+            all,
+            last,
+            moved_after: after.get(start).map_or(Duration::ZERO, |c| c.at.saturating_sub(from)),
+        }
+    }
 }

@@ -160,22 +160,7 @@ impl LocalCluster {
         c.info.gateway_admin = str_of(&r, "admin");
 
         if a.echo {
-            let r = c
-                .spawn(
-                    "echo",
-                    vec![
-                        "echo".into(),
-                        "--listen".into(),
-                        format!("{net}.20:{}", port(8080)),
-                        "--cluster".into(),
-                        a.cluster.clone(),
-                        "--instance".into(),
-                        format!("echo-{}-1", a.cluster),
-                    ],
-                    log,
-                )
-                .await?;
-            let app = str_of(&r, "listen");
+            let app = c.spawn_echo_app(&format!("{net}.20:{}", port(8080)), log).await?;
             let cred = c.credential("echo-sidecar", "demo", "echo").await?;
             let serve = [
                 "--credential-file",
@@ -255,6 +240,28 @@ impl LocalCluster {
             crate::admin::write_private(&path, &r.credential)?;
         }
         Ok(path.display().to_string())
+    }
+
+    /// Start the demo/echo app listening on `listen`; its bound address.
+    async fn spawn_echo_app(&mut self, listen: &str, log: &str) -> Result<String, CliError> {
+        let cluster = self.info.cluster.clone();
+        let args = ["echo", "--listen", listen, "--cluster", &cluster, "--instance"];
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.push(format!("echo-{cluster}-1"));
+        let r = self.spawn("echo", args, log).await?;
+        Ok(str_of(&r, "listen"))
+    }
+
+    /// Start the echo app again where it listened before (its sidecar
+    /// still points there), after `kill("echo")`.
+    pub async fn restart_echo(&mut self) -> Result<(), CliError> {
+        let listen = self
+            .info
+            .echo
+            .as_ref()
+            .and_then(|e| e.app.clone())
+            .ok_or_else(|| CliError::new(exit::FAILURE, format!("cluster {} runs no echo", self.info.cluster)))?;
+        self.spawn_echo_app(&listen, "info").await.map(|_| ())
     }
 
     /// Start `isthmus <args>` and wait for its ready file.
@@ -340,7 +347,6 @@ impl LocalCluster {
     }
 
     /// Kill one component (the demo uses it to show failures).
-    #[allow(dead_code)]
     pub async fn kill(&mut self, name: &str) {
         if let Some(i) = self.children.iter().position(|(n, _)| n == name) {
             let (_, mut child) = self.children.remove(i);

@@ -211,5 +211,9 @@ fn demo_check_passes() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("served by east/echo-east-1"), "{stdout}");
+    // Failover, failback and both splits ran, none losing a call.
+    assert!(stdout.contains("0 failed; answered by east"), "{stdout}");
+    assert!(stdout.contains("0 failed; back on west"), "{stdout}");
+    assert_eq!(stdout.matches("0 failed: east").count(), 2, "{stdout}");
     assert!(stdout.contains("demo check passed"), "{stdout}");
 }
