@@ -178,33 +178,48 @@ const RETRY_RATIO_MILLI: u64 = 200;
 const RETRY_FLOOR_PER_SEC: u64 = 10;
 const RETRY_CAP: u64 = 100;
 
-/// A token bucket: each request deposits a fifth of a retry, time deposits
-/// the floor, each retry withdraws one.
+/// A token bucket: each request deposits a share of a retry (a fifth by
+/// default), time deposits the floor, each retry withdraws one.
 #[derive(Debug)]
 pub struct RetryBudget {
     balance_milli: u64,
     stamp: Instant,
+    ratio_milli: u64,
+    floor_per_sec: u64,
 }
 
 impl RetryBudget {
     pub fn new(now: Instant) -> Self {
+        Self::with(now, RETRY_RATIO_MILLI / 10, RETRY_FLOOR_PER_SEC)
+    }
+
+    /// `percent` of requests may be retried, plus `floor_per_sec` retries a
+    /// second (a TrafficPolicy's retryBudget).
+    pub fn with(now: Instant, percent: u64, floor_per_sec: u64) -> Self {
         Self {
-            balance_milli: RETRY_FLOOR_PER_SEC * MILLI,
+            balance_milli: floor_per_sec.min(RETRY_CAP) * MILLI,
             stamp: now,
+            ratio_milli: percent * 10,
+            floor_per_sec,
         }
+    }
+
+    /// (percent, floor per second).
+    pub fn params(&self) -> (u64, u64) {
+        (self.ratio_milli / 10, self.floor_per_sec)
     }
 
     fn refill(&mut self, now: Instant, extra_milli: u64) {
         // The floor accrues per whole millisecond; the rest waits.
         let elapsed_ms = now.saturating_duration_since(self.stamp).as_millis() as u64;
         self.stamp += Duration::from_millis(elapsed_ms);
-        let floor = elapsed_ms.saturating_mul(RETRY_FLOOR_PER_SEC);
+        let floor = elapsed_ms.saturating_mul(self.floor_per_sec);
         self.balance_milli = (self.balance_milli + floor + extra_milli).min(RETRY_CAP * MILLI);
     }
 
     /// A request was sent (not a retry).
     pub fn deposit(&mut self, now: Instant) {
-        self.refill(now, RETRY_RATIO_MILLI);
+        self.refill(now, self.ratio_milli);
     }
 
     /// May one retry be sent now? Takes it from the budget if so.
@@ -386,5 +401,23 @@ mod tests {
         // And the floor comes back with time.
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!((0..100).filter(|_| r.withdraw(t1)).count(), 10);
+    }
+
+    #[test]
+    fn a_policy_sets_the_share_and_the_floor() {
+        let t0 = Instant::now();
+        let mut r = RetryBudget::with(t0, 50, 0);
+        assert!(!r.withdraw(t0), "no floor");
+        for _ in 0..10 {
+            r.deposit(t0);
+        }
+        assert_eq!((0..100).filter(|_| r.withdraw(t0)).count(), 5);
+        let mut none = RetryBudget::with(t0, 0, 0);
+        none.deposit(t0);
+        assert!(
+            !none.withdraw(t0 + Duration::from_secs(5)),
+            "a zero budget never retries"
+        );
+        assert_eq!(none.params(), (0, 0));
     }
 }

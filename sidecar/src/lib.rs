@@ -160,7 +160,10 @@ struct Sidecar {
     pool: Mutex<HashMap<String, H2Sender>>,
     /// Endpoint choice for each local service.
     balancers: Mutex<HashMap<String, balance::Balancer>>,
+    /// Shared by services without a TrafficPolicy.
     retry_budget: Mutex<balance::RetryBudget>,
+    /// One per service whose policy sets its budget, by namespace/name.
+    budgets: Mutex<HashMap<String, balance::RetryBudget>>,
     metrics: metrics::Metrics,
     otlp: Option<otlp::Exporter>,
     /// Connection slots: outbound (from the app), inbound (from the mesh).
@@ -255,6 +258,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
         pool: Mutex::new(HashMap::new()),
         balancers: Mutex::new(HashMap::new()),
         retry_budget: Mutex::new(balance::RetryBudget::new(Instant::now())),
+        budgets: Mutex::new(HashMap::new()),
         agent,
         cfg,
     });
@@ -787,6 +791,25 @@ impl Sidecar {
         Ok(routed.target)
     }
 
+    /// Use the retry budget of `target`'s service: its policy's own, else
+    /// the shared one.
+    fn budget<R>(&self, target: &Target, f: impl FnOnce(&mut balance::RetryBudget) -> R) -> R {
+        let Some((percent, floor)) = target.retry_budget else {
+            return f(&mut self.retry_budget.lock().expect("budget lock"));
+        };
+        let params = (u64::from(percent), u64::from(floor));
+        let mut all = self.budgets.lock().expect("budgets lock");
+        let key = format!("{}/{}", target.namespace, target.service);
+        let b = all
+            .entry(key)
+            .or_insert_with(|| balance::RetryBudget::with(Instant::now(), params.0, params.1));
+        if b.params() != params {
+            // The policy changed: a new budget with the new terms.
+            *b = balance::RetryBudget::with(Instant::now(), params.0, params.1);
+        }
+        f(b)
+    }
+
     fn cluster_ejected(&self, service: &str, cluster: &str) -> bool {
         self.clusters
             .lock()
@@ -925,7 +948,7 @@ async fn forward(
     let mut req = req.map(|b| metrics::CountedBody::new(b, req_bytes.clone()).boxed());
     let mut failed: Vec<String> = Vec::new();
     let idempotent = head.0.is_idempotent();
-    sc.retry_budget.lock().expect("budget lock").deposit(Instant::now());
+    sc.budget(&target, |b| b.deposit(Instant::now()));
     let sent = loop {
         let mut in_flight = None;
         if !endpoints.is_empty() {
@@ -969,7 +992,7 @@ async fn forward(
             sc.cluster_outcome(&labels.destination_service, &target.cluster, outcome);
         }
         let body = match replay.body() {
-            Some(body) if unreached && sc.retry_budget.lock().expect("budget lock").withdraw(Instant::now()) => body,
+            Some(body) if unreached && sc.budget(&target, |b| b.withdraw(Instant::now())) => body,
             _ => break sent,
         };
         if next_endpoint {
@@ -1353,9 +1376,7 @@ async fn send(
     let (sender, pooled) = session(sc, target, &key, false).await?;
     let resp = match sender.clone().send_request(Request::from_parts(parts, body)).await {
         Ok(r) => r,
-        Err(e)
-            if again.is_some() && pooled && sc.retry_budget.lock().expect("budget lock").withdraw(Instant::now()) =>
-        {
+        Err(e) if again.is_some() && pooled && sc.budget(target, |b| b.withdraw(Instant::now())) => {
             tracing::debug!(error = %e, "pooled session failed; retrying on a new one");
             sc.metrics.retries.get_or_create(labels).inc();
             let (sender, _) = session(sc, target, &key, true).await?;

@@ -18,6 +18,9 @@ pub struct Target {
     pub namespace: String,
     pub service: String,
     pub port: u16,
+    /// The service's policy's retry budget (percent, floor per second), if
+    /// it has a policy; else the sidecar's shared budget applies.
+    pub retry_budget: Option<(u32, u32)>,
 }
 
 impl Target {
@@ -259,6 +262,10 @@ pub fn route(snap: &ConfigSnapshot, name: &ServiceName, port: Option<u16>, inp: 
             namespace: svc.namespace.clone(),
             service: svc.name.clone(),
             port: svc.port as u16,
+            retry_budget: svc
+                .policy
+                .as_ref()
+                .map(|p| (p.retry_budget_percent, p.retry_budget_min_per_second)),
         }
     };
     if let Some(c) = &name.cluster {

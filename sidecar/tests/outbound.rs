@@ -228,20 +228,14 @@ async fn trace_context_is_continued_or_started() {
 /// An endpoint that is registered but refuses connections (its process is
 /// gone before the controller noticed): idempotent requests that pick it are
 /// sent to the other endpoint, so none fails.
-#[tokio::test]
-async fn unreachable_endpoint_is_retried_on_another() {
-    let stop = CancellationToken::new();
-    let dir = tempfile::tempdir().unwrap();
-    east(dir.path(), &stop).await;
-    let healthy = app(200, "healthy", Duration::ZERO).await;
-    let _a = sidecar(dir.path(), Some(healthy), &stop).await;
-    // A registration whose inbound address refuses connections.
+/// Register a demo/echo endpoint whose inbound address refuses connections;
+/// it stays registered while the returned stream is held.
+async fn dead_endpoint(dir: &std::path::Path) -> tonic::Streaming<isthmus_proto::ConfigSnapshot> {
     let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead_addr = dead.local_addr().unwrap();
     drop(dead);
-    let ctl = ClusterDir::new(dir.path()).connect().await.unwrap();
-    let _dead = ctl
-        .control()
+    let ctl = ClusterDir::new(dir).connect().await.unwrap();
+    ctl.control()
         .watch_config(isthmus_proto::WatchRequest {
             node: Some(isthmus_proto::watch_request::Node::Sidecar(
                 isthmus_proto::SidecarRegistration {
@@ -257,7 +251,28 @@ async fn unreachable_endpoint_is_retried_on_another() {
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+}
+
+/// Cluster east with two demo/echo endpoints: one healthy (answers
+/// "healthy"), one whose address refuses connections.
+async fn healthy_and_dead(
+    dir: &std::path::Path,
+    stop: &CancellationToken,
+) -> (
+    isthmus_sidecar::Running,
+    tonic::Streaming<isthmus_proto::ConfigSnapshot>,
+) {
+    east(dir, stop).await;
+    let healthy = app(200, "healthy", Duration::ZERO).await;
+    (sidecar(dir, Some(healthy), stop).await, dead_endpoint(dir).await)
+}
+
+#[tokio::test]
+async fn unreachable_endpoint_is_retried_on_another() {
+    let stop = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    let _endpoints = healthy_and_dead(dir.path(), &stop).await;
     let client = sidecar(dir.path(), None, &stop).await;
     // Until the client's config has echo, it answers 503 unknown-service.
     until_ok(|| async { get(client.outbound_addr).await.0 != 503 }).await;
@@ -523,5 +538,47 @@ async fn limits_refuse_at_once_instead_of_queueing() {
         "the fifth connection was served: {buf:?}"
     );
     drop(held);
+    stop.cancel();
+}
+
+/// A TrafficPolicy's retry budget is the service's own: with none (0% and
+/// no floor) the requests that met the dead endpoint fail instead of going
+/// to the healthy one, as they do with the default budget (test above).
+#[tokio::test]
+async fn a_policy_without_retry_budget_stops_retries() {
+    let stop = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    let _endpoints = healthy_and_dead(dir.path(), &stop).await;
+    let ctl = ClusterDir::new(dir.path()).connect().await.unwrap();
+    ctl.admin()
+        .apply_policy(isthmus_proto::ApplyPolicyRequest {
+            policy: Some(isthmus_proto::TrafficPolicy {
+                namespace: "demo".into(),
+                service: "echo".into(),
+                failover_threshold: 0.5,
+                retry_budget_percent: 0,
+                retry_budget_min_per_second: 0,
+                routes: vec![isthmus_proto::PolicyRoute {
+                    headers: Default::default(),
+                    split: vec![isthmus_proto::WeightedCluster {
+                        cluster: "east".into(),
+                        weight: 1,
+                    }],
+                    failover: Vec::new(),
+                }],
+            }),
+            delete: false,
+        })
+        .await
+        .unwrap();
+    let client = sidecar(dir.path(), None, &stop).await;
+    until_ok(|| async { get(client.outbound_addr).await.0 != 503 }).await;
+    let mut failed = 0;
+    for _ in 0..40 {
+        if get(client.outbound_addr).await.0 != 200 {
+            failed += 1;
+        }
+    }
+    assert!(failed > 0, "no retries allowed, yet every request succeeded");
     stop.cancel();
 }
