@@ -766,21 +766,31 @@ impl Sidecar {
     ) -> Result<Target, ProxyError> {
         let now = Instant::now();
         let key = name.key();
-        let avoid = |c: &str| failed.iter().any(|f| f == c) || self.cluster_ejected(&key, c);
+        let tried = |c: &str| failed.iter().any(|f| f == c);
+        let avoid = |c: &str| tried(c) || self.cluster_ejected(&key, c);
         let routed = {
             let snap = self.agent.config.borrow();
-            route::route(
-                &snap,
-                name,
-                port,
-                &route::Inputs {
-                    headers,
-                    avoid: &avoid,
-                    failover: Some(&self.failover),
-                    now,
-                    random: rand::random(),
-                },
-            )?
+            let route_avoiding = |avoid: &dyn Fn(&str) -> bool| {
+                route::route(
+                    &snap,
+                    name,
+                    port,
+                    &route::Inputs {
+                        headers,
+                        avoid,
+                        failover: Some(&self.failover),
+                        now,
+                        random: rand::random(),
+                    },
+                )
+            };
+            match route_avoiding(&avoid) {
+                // Everything left is ejected: use it anyway rather than
+                // refuse (a probe may not have caught up; ejection must
+                // never make things worse than the failures it saw).
+                Err(RouteError::NoEndpoints { .. }) => route_avoiding(&tried)?,
+                r => r?,
+            }
         };
         if let Some(moved) = routed.moved {
             tracing::info!(service = %key, level = routed.level, cluster = %routed.target.cluster, ?moved, "traffic moved to another priority level");
@@ -791,21 +801,23 @@ impl Sidecar {
         Ok(routed.target)
     }
 
-    /// Use the retry budget of `target`'s service: its policy's own, else
-    /// the shared one.
-    fn budget<R>(&self, target: &Target, f: impl FnOnce(&mut balance::RetryBudget) -> R) -> R {
+    /// Use the retry budget of `service` ("ns/name"), whose policy's terms
+    /// `target` carries: the policy's own budget, else the shared one.
+    fn budget<R>(&self, service: &str, target: &Target, f: impl FnOnce(&mut balance::RetryBudget) -> R) -> R {
         let Some((percent, floor)) = target.retry_budget else {
             return f(&mut self.retry_budget.lock().expect("budget lock"));
         };
         let params = (u64::from(percent), u64::from(floor));
+        let fresh = || balance::RetryBudget::with(Instant::now(), params.0, params.1);
         let mut all = self.budgets.lock().expect("budgets lock");
-        let key = format!("{}/{}", target.namespace, target.service);
-        let b = all
-            .entry(key)
-            .or_insert_with(|| balance::RetryBudget::with(Instant::now(), params.0, params.1));
+        // Looked up by &str: no key is built per request once it exists.
+        if !all.contains_key(service) {
+            all.insert(service.to_string(), fresh());
+        }
+        let b = all.get_mut(service).expect("inserted");
         if b.params() != params {
             // The policy changed: a new budget with the new terms.
-            *b = balance::RetryBudget::with(Instant::now(), params.0, params.1);
+            *b = fresh();
         }
         f(b)
     }
@@ -948,7 +960,7 @@ async fn forward(
     let mut req = req.map(|b| metrics::CountedBody::new(b, req_bytes.clone()).boxed());
     let mut failed: Vec<String> = Vec::new();
     let idempotent = head.0.is_idempotent();
-    sc.budget(&target, |b| b.deposit(Instant::now()));
+    sc.budget(&labels.destination_service, &target, |b| b.deposit(Instant::now()));
     let sent = loop {
         let mut in_flight = None;
         if !endpoints.is_empty() {
@@ -984,15 +996,27 @@ async fn forward(
             // learns from it (502/503/504 or unreached count against it; a
             // 500 is the app's answer).
             let outcome = match &sent {
-                _ if unreached => health::Outcome::Unreached,
-                Ok(r) if matches!(r.status().as_u16(), 502..=504) => health::Outcome::Failed,
-                Ok(_) | Err(ProxyError::ClientBody(_)) => health::Outcome::Ok,
-                Err(_) => health::Outcome::Unreached,
+                _ if unreached => Some(health::Outcome::Unreached),
+                // Failed answers count against another cluster, whose
+                // endpoints only its gateway sees; here each endpoint has
+                // its own outlier detection (balance.rs), and one bad
+                // endpoint must not take the whole cluster out.
+                Ok(r) if matches!(r.status().as_u16(), 502..=504) => {
+                    (!target.is_local()).then_some(health::Outcome::Failed)
+                }
+                Ok(_) | Err(ProxyError::ClientBody(_)) => Some(health::Outcome::Ok),
+                Err(_) => Some(health::Outcome::Unreached),
             };
-            sc.cluster_outcome(&labels.destination_service, &target.cluster, outcome);
+            if let Some(outcome) = outcome {
+                sc.cluster_outcome(&labels.destination_service, &target.cluster, outcome);
+            }
         }
         let body = match replay.body() {
-            Some(body) if unreached && sc.budget(&target, |b| b.withdraw(Instant::now())) => body,
+            Some(body)
+                if unreached && sc.budget(&labels.destination_service, &target, |b| b.withdraw(Instant::now())) =>
+            {
+                body
+            }
             _ => break sent,
         };
         if next_endpoint {
@@ -1376,7 +1400,11 @@ async fn send(
     let (sender, pooled) = session(sc, target, &key, false).await?;
     let resp = match sender.clone().send_request(Request::from_parts(parts, body)).await {
         Ok(r) => r,
-        Err(e) if again.is_some() && pooled && sc.budget(target, |b| b.withdraw(Instant::now())) => {
+        Err(e)
+            if again.is_some()
+                && pooled
+                && sc.budget(&labels.destination_service, target, |b| b.withdraw(Instant::now())) =>
+        {
             tracing::debug!(error = %e, "pooled session failed; retrying on a new one");
             sc.metrics.retries.get_or_create(labels).inc();
             let (sender, _) = session(sc, target, &key, true).await?;
