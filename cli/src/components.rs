@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::CliError;
+use crate::error::CliError;
 use crate::exit;
 
 pub fn init_logging(filter: &str) {
@@ -62,22 +62,22 @@ pub struct ControllerArgs {
     #[arg(long)]
     pub trust_domain: Option<String>,
     /// Local control plane address (sidecars, gateway, CLI).
-    #[arg(long, default_value = "127.0.0.1:15010")]
+    #[arg(long, default_value = isthmus_controller::config::DEFAULT_CONTROL_ADDR)]
     pub control_addr: SocketAddr,
     /// Peering address other clusters' controllers dial.
-    #[arg(long, default_value = "127.0.0.1:15011")]
+    #[arg(long, default_value = isthmus_controller::config::DEFAULT_PEERING_ADDR)]
     pub peering_addr: SocketAddr,
     /// Peering address to put in join tokens, if not the bound one (host:port; host may be a DNS name).
     #[arg(long)]
     pub advertise_peering: Option<String>,
     /// Lifetime of the SVIDs this controller issues.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-    pub svid_ttl: Duration,
+    #[arg(long, default_value_t = isthmus_controller::config::DEFAULT_SVID_TTL.into())]
+    pub svid_ttl: humantime::Duration,
     /// A linked peer silent this long has its imports withdrawn.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub import_lease: Duration,
+    #[arg(long, default_value_t = isthmus_controller::config::DEFAULT_IMPORT_LEASE.into())]
+    pub import_lease: humantime::Duration,
     /// Admin endpoint: /metrics (Prometheus), /ready, /live.
-    #[arg(long, default_value = "127.0.0.1:15022")]
+    #[arg(long, default_value = isthmus_controller::config::DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
     /// On first start, sign with this CA instead of generating a root: PEM
     /// with the signing certificate first, then its issuers up to your root
@@ -99,24 +99,24 @@ pub struct GatewayArgs {
     #[command(flatten)]
     pub credential: Credential,
     /// TCP address where local sidecars open tunnels (mTLS).
-    #[arg(long, default_value = "127.0.0.1:15008")]
+    #[arg(long, default_value = isthmus_gateway::config::DEFAULT_TUNNEL_ADDR)]
     pub tunnel_addr: SocketAddr,
     /// UDP address where peer gateways connect (QUIC).
-    #[arg(long, default_value = "127.0.0.1:15443")]
+    #[arg(long, default_value = isthmus_gateway::config::DEFAULT_QUIC_ADDR)]
     pub quic_addr: SocketAddr,
     /// QUIC address to announce to peers, if not the bound one (host:port; host may be a DNS name).
     #[arg(long)]
     pub advertise: Option<String>,
     /// How long open streams may finish at shutdown.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub drain: Duration,
+    #[arg(long, default_value_t = isthmus_gateway::config::DEFAULT_DRAIN.into())]
+    pub drain: humantime::Duration,
     /// A peer gateway silent this long (no packet, not even an ACK of the
     /// keep-alives sent every quarter of it) is taken for dead: its tunnels
     /// are closed so callers fail over. Raise it on lossy paths.
-    #[arg(long, default_value = "600ms", value_parser = parse_peer_timeout)]
-    pub peer_timeout: Duration,
+    #[arg(long, default_value_t = isthmus_gateway::config::DEFAULT_PEER_TIMEOUT.into(), value_parser = parse_peer_timeout)]
+    pub peer_timeout: humantime::Duration,
     /// Admin endpoint: /metrics (Prometheus), /ready, /live.
-    #[arg(long, default_value = "127.0.0.1:15021")]
+    #[arg(long, default_value = isthmus_gateway::config::DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
     #[command(flatten)]
     pub common: Common,
@@ -149,21 +149,21 @@ pub struct SidecarArgs {
     #[arg(long)]
     pub service_account: Option<String>,
     /// Inbound mTLS address (other sidecars and the gateway connect here).
-    #[arg(long, default_value = "127.0.0.1:15006")]
+    #[arg(long, default_value = isthmus_sidecar::config::DEFAULT_INBOUND_ADDR)]
     pub inbound_addr: SocketAddr,
     /// Outbound address the workload sends requests to (HTTP proxy).
-    #[arg(long, default_value = "127.0.0.1:15001")]
+    #[arg(long, default_value = isthmus_sidecar::config::DEFAULT_OUTBOUND_ADDR)]
     pub outbound_addr: SocketAddr,
     /// Instance name reported in logs [default: the inbound address].
     #[arg(long)]
     pub instance: Option<String>,
     /// Admin endpoint: /metrics (Prometheus), /ready, /live.
-    #[arg(long, default_value = "127.0.0.1:15020")]
+    #[arg(long, default_value = isthmus_sidecar::config::DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
     /// How long an outbound request may wait for its response headers
     /// before the sidecar answers 504.
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
-    pub request_timeout: Duration,
+    #[arg(long, default_value_t = isthmus_sidecar::config::DEFAULT_REQUEST_TIMEOUT.into())]
+    pub request_timeout: humantime::Duration,
     /// Print one JSON line per request (outbound and inbound) on stdout.
     #[arg(long, env = "ISTHMUS_ACCESS_LOG")]
     pub access_log: bool,
@@ -183,11 +183,11 @@ pub struct SidecarArgs {
     pub otlp_endpoint: Option<String>,
     /// Client connections open at once, per direction (from the app; from
     /// the mesh); more are closed as they arrive.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = isthmus_sidecar::config::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// Outbound requests in flight at once to one service; more are
     /// answered 503 `overloaded` at once rather than queued.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = isthmus_sidecar::config::DEFAULT_MAX_REQUESTS_PER_SERVICE)]
     pub max_requests_per_service: usize,
     #[command(flatten)]
     pub common: Common,
@@ -243,8 +243,8 @@ pub async fn controller(a: ControllerArgs, log: &str) -> Result<(), CliError> {
     cfg.control_addr = a.control_addr;
     cfg.peering_addr = a.peering_addr;
     cfg.advertise_peering = a.advertise_peering;
-    cfg.svid_ttl = a.svid_ttl;
-    cfg.import_lease = a.import_lease;
+    cfg.svid_ttl = a.svid_ttl.into();
+    cfg.import_lease = a.import_lease.into();
     cfg.admin_addr = Some(a.admin_addr);
     cfg.ca_files = a.ca_cert.zip(a.ca_key);
     let running = isthmus_controller::run(cfg, shutdown.clone()).await.map_err(|e| {
@@ -276,9 +276,9 @@ pub async fn gateway(a: GatewayArgs, log: &str) -> Result<(), CliError> {
         tunnel_addr: a.tunnel_addr,
         quic_addr: a.quic_addr,
         advertise: a.advertise,
-        drain: a.drain,
+        drain: a.drain.into(),
         admin_addr: Some(a.admin_addr),
-        peer_timeout: a.peer_timeout,
+        peer_timeout: a.peer_timeout.into(),
     };
     let running = isthmus_gateway::run(cfg, shutdown.clone())
         .await
@@ -321,7 +321,7 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
         outbound_addr: a.outbound_addr,
         instance: a.instance.unwrap_or_else(|| a.inbound_addr.to_string()),
         admin_addr: Some(a.admin_addr),
-        request_timeout: a.request_timeout,
+        request_timeout: a.request_timeout.into(),
         access_log: a.access_log,
         dns_addr: a.dns_addr,
         opaque_ports: a.opaque_port,
@@ -330,7 +330,7 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
         max_requests_per_service: a.max_requests_per_service,
     };
     let running = isthmus_sidecar::run(cfg, shutdown.clone()).await.map_err(|e| {
-        let code = if matches!(e, isthmus_sidecar::SidecarError::Config(_)) {
+        let code = if e.is_bad_input() {
             exit::BAD_INPUT
         } else {
             exit::FAILURE
@@ -350,11 +350,28 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
     finish(shutdown, running.done).await
 }
 
-/// `--peer-timeout`: from 100 ms (keep-alives every 25 ms) to 60 s.
-fn parse_peer_timeout(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
-    if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&d) {
-        return Err(format!("{s} is outside 100ms..60s"));
+/// `--peer-timeout`, within `PEER_TIMEOUT_RANGE` (clap prints the error).
+fn parse_peer_timeout(s: &str) -> Result<humantime::Duration, PeerTimeoutError> {
+    let d = humantime::parse_duration(s)?;
+    let range = isthmus_gateway::config::PEER_TIMEOUT_RANGE;
+    if !range.contains(&d) {
+        return Err(PeerTimeoutError::OutOfRange {
+            given: s.to_string(),
+            min: (*range.start()).into(),
+            max: (*range.end()).into(),
+        });
     }
-    Ok(d)
+    Ok(d.into())
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PeerTimeoutError {
+    #[error(transparent)]
+    Parse(#[from] humantime::DurationError),
+    #[error("{given} is outside {min}..{max}")]
+    OutOfRange {
+        given: String,
+        min: humantime::Duration,
+        max: humantime::Duration,
+    },
 }

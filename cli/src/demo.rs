@@ -9,7 +9,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
-use crate::admin::{self, CliError};
+use crate::admin;
+use crate::error::CliError;
 use crate::exit;
 use crate::up::{self, LocalCluster};
 
@@ -160,7 +161,7 @@ async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster
         echo,
         client,
         ephemeral_ports: a.ephemeral_ports,
-        svid_ttl: "1h".into(),
+        svid_ttl: isthmus_controller::config::DEFAULT_SVID_TTL.into(),
     };
 
     r.start("start cluster east on 127.0.1.0/24 (with demo/echo)");

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::admin::CliError;
+use crate::error::CliError;
 use crate::exit;
 
 #[derive(clap::Args)]

@@ -5,6 +5,7 @@ mod admin;
 mod components;
 mod demo;
 mod echo;
+mod error;
 mod up;
 
 use std::path::PathBuf;
@@ -12,20 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Exit codes, documented in docs/cli.md.
-pub mod exit {
-    /// Something failed that has no more specific code.
-    pub const FAILURE: u8 = 1;
-    /// Bad input: a malformed token, an invalid name or flag.
-    pub const BAD_INPUT: u8 = 2;
-    /// The thing named does not exist (an unknown service or token).
-    pub const NOT_FOUND: u8 = 3;
-    /// Refused: token expired, already used, revoked or tampered; linking
-    /// a cluster to itself or twice; fingerprint mismatch.
-    pub const REFUSED: u8 = 4;
-    /// A controller or peer could not be reached.
-    pub const UNREACHABLE: u8 = 5;
-}
+pub use error::exit;
 
 #[derive(Parser)]
 #[command(
@@ -168,7 +156,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
-    let res: Result<(), admin::CliError> = rt.block_on(async move {
+    let res: Result<(), error::CliError> = rt.block_on(async move {
         match cli.cmd {
             Cmd::Demo(a) => demo::run(a).await,
             Cmd::Up(a) => up::run(a, &cli.log).await,

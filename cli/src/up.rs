@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 
-use crate::admin::CliError;
+use crate::error::CliError;
 use crate::exit;
 
 #[derive(clap::Args, Clone)]
@@ -39,8 +39,8 @@ pub struct Args {
     #[arg(long)]
     pub ephemeral_ports: bool,
     /// Lifetime of the SVIDs the controller issues (renewed at half-life).
-    #[arg(long, default_value = "1h")]
-    pub svid_ttl: String,
+    #[arg(long, default_value_t = isthmus_controller::config::DEFAULT_SVID_TTL.into())]
+    pub svid_ttl: humantime::Duration,
 }
 
 /// The addresses of a running local cluster, also written to `<dir>/up.json`.
@@ -125,7 +125,7 @@ impl LocalCluster {
         if let Some(td) = &a.trust_domain {
             ctl.extend(["--trust-domain".into(), td.clone()]);
         }
-        ctl.extend(["--svid-ttl".into(), a.svid_ttl.clone()]);
+        ctl.extend(["--svid-ttl".into(), a.svid_ttl.to_string()]);
         let r = c.spawn("controller", ctl, log).await?;
         c.info.control = str_of(&r, "control");
         c.info.peering = str_of(&r, "peering");

@@ -18,11 +18,11 @@ pub enum VerifyError {
     Identity(#[from] IdentityError),
     #[error("trust domain {0:?} is not trusted here (not this cluster, nor a linked peer)")]
     UnknownTrustDomain(String),
-    #[error("certificate for {id} does not chain to a root of {trust_domain}: {reason}")]
+    #[error("certificate for {id} does not chain to a root of {trust_domain}: {source}")]
     Chain {
         id: String,
         trust_domain: String,
-        reason: String,
+        source: webpki::Error,
     },
 }
 
@@ -83,10 +83,10 @@ impl TrustBundles {
             .domains
             .get(&id.trust_domain)
             .ok_or_else(|| VerifyError::UnknownTrustDomain(id.trust_domain.clone()))?;
-        verify_chain(end_entity, intermediates, roots, usage, now).map_err(|reason| VerifyError::Chain {
+        verify_chain(end_entity, intermediates, roots, usage, now).map_err(|source| VerifyError::Chain {
             id: id.to_string(),
             trust_domain: id.trust_domain.clone(),
-            reason,
+            source,
         })?;
         Ok(id)
     }
@@ -99,12 +99,12 @@ pub fn verify_chain(
     roots: &[CertificateDer<'_>],
     usage: Usage,
     now: UnixTime,
-) -> Result<(), String> {
+) -> Result<(), webpki::Error> {
     let anchors: Vec<_> = roots
         .iter()
         .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
         .collect();
-    let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|e| e.to_string())?;
+    let ee = webpki::EndEntityCert::try_from(end_entity)?;
     let usage = match usage {
         Usage::Server => webpki::KeyUsage::server_auth(),
         Usage::Client => webpki::KeyUsage::client_auth(),
@@ -125,7 +125,6 @@ pub fn verify_chain(
         None,
     )
     .map(|_| ())
-    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

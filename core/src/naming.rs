@@ -2,6 +2,10 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
+use crate::identity::IdentityError;
+
 pub const CLUSTERSET_DOMAIN: &str = "svc.clusterset.local";
 
 /// `name.ns.svc.clusterset.local`, or `cluster.name.ns.svc.clusterset.local`
@@ -38,8 +42,68 @@ impl ServiceName {
         }
     }
 
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+    /// The service, whichever cluster the name pins.
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey::new(&self.namespace, &self.name)
+    }
+}
+
+/// A service across the cluster set: its namespace and name, written
+/// `namespace/name` (one service in every cluster, KEP-1645).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// A `namespace/name` that is not one.
+#[derive(Debug, thiserror::Error)]
+pub enum NameError {
+    #[error("{0:?} is not <namespace>/<name> (for example demo/echo)")]
+    Shape(String),
+    #[error(transparent)]
+    Invalid(#[from] IdentityError),
+}
+
+impl ServiceKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Parse and validate `namespace/name`.
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        let (ns, name) = s.split_once('/').ok_or_else(|| NameError::Shape(s.to_string()))?;
+        crate::identity::validate_name(ns)?;
+        crate::identity::validate_name(name)?;
+        Ok(Self::new(ns, name))
+    }
+
+    /// `name.namespace.svc.clusterset.local`.
+    pub fn host(&self) -> String {
+        format!("{}.{}.{CLUSTERSET_DOMAIN}", self.name, self.namespace)
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl TryFrom<String> for ServiceKey {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<Self, NameError> {
+        Self::parse(&s)
+    }
+}
+
+impl From<ServiceKey> for String {
+    fn from(k: ServiceKey) -> String {
+        k.to_string()
     }
 }
 
@@ -50,17 +114,6 @@ impl fmt::Display for ServiceName {
         }
         write!(f, "{}.{}.{CLUSTERSET_DOMAIN}", self.name, self.namespace)
     }
-}
-
-/// Parse `namespace/name`.
-pub fn parse_ns_name(s: &str) -> Result<(String, String), String> {
-    let (ns, name) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s:?} is not <namespace>/<name> (for example demo/echo)"))?;
-    for part in [ns, name] {
-        crate::identity::validate_name(part).map_err(|e| e.to_string())?;
-    }
-    Ok((ns.to_string(), name.to_string()))
 }
 
 #[cfg(test)]
@@ -88,9 +141,21 @@ mod tests {
     }
 
     #[test]
-    fn ns_name() {
-        assert_eq!(parse_ns_name("demo/echo").unwrap(), ("demo".into(), "echo".into()));
-        assert!(parse_ns_name("echo").is_err());
-        assert!(parse_ns_name("Demo/echo").is_err());
+    fn service_keys() {
+        let k = ServiceKey::parse("demo/echo").unwrap();
+        assert_eq!(k, ServiceKey::new("demo", "echo"));
+        assert_eq!(k.to_string(), "demo/echo");
+        assert_eq!(k.host(), "echo.demo.svc.clusterset.local");
+        assert!(ServiceKey::parse("echo").is_err());
+        assert!(ServiceKey::parse("Demo/echo").is_err());
+        // As a JSON map key it is the plain `ns/name` string.
+        let m: std::collections::BTreeMap<ServiceKey, u8> = [(k.clone(), 1)].into();
+        let text = serde_json::to_string(&m).unwrap();
+        assert_eq!(text, r#"{"demo/echo":1}"#);
+        assert_eq!(
+            serde_json::from_str::<std::collections::BTreeMap<ServiceKey, u8>>(&text).unwrap(),
+            m
+        );
+        assert!(serde_json::from_str::<std::collections::BTreeMap<ServiceKey, u8>>(r#"{"x":1}"#).is_err());
     }
 }

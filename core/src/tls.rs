@@ -19,7 +19,7 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::bundle::{self, TrustBundles, Usage, VerifyError};
-use crate::identity::{self, SpiffeId, Svid};
+use crate::identity::{self, IdentityError, SpiffeId, Svid};
 
 /// Trust bundles shared between verifiers and whoever updates them.
 pub type SharedBundles = Arc<ArcSwap<TrustBundles>>;
@@ -116,7 +116,7 @@ pub enum Expect {
 }
 
 impl Expect {
-    fn check(&self, got: &SpiffeId) -> Result<(), String> {
+    fn check(&self, got: &SpiffeId) -> Result<(), PeerCertError> {
         let ok = match self {
             Expect::Id(want) => want == got,
             Expect::AnyOf(ids) => ids.contains(got),
@@ -124,7 +124,10 @@ impl Expect {
         if ok {
             Ok(())
         } else {
-            Err(format!("server identity {got} is not the expected {}", self.describe()))
+            Err(PeerCertError::UnexpectedIdentity {
+                got: got.clone(),
+                want: self.describe(),
+            })
         }
     }
 
@@ -139,15 +142,71 @@ impl Expect {
     }
 }
 
-fn cert_error(msg: impl Into<String>) -> rustls::Error {
-    #[derive(Debug, thiserror::Error)]
-    #[error("{0}")]
-    struct Msg(String);
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Msg(msg.into())))))
+/// Why a peer's certificate was refused, carried inside rustls's error so
+/// that callers can tell the cases apart (`peer_cert_error`).
+#[derive(thiserror::Error)]
+pub enum PeerCertError {
+    #[error("fingerprint mismatch: the issuer did not present the root CA pinned by the token (sha256 {0})")]
+    PinMismatch(String),
+    #[error("server identity {got} is not the expected {want}")]
+    UnexpectedIdentity { got: SpiffeId, want: String },
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("certificate chain: {0}")]
+    Chain(#[from] webpki::Error),
+}
+
+/// rustls prints the error it carries with `Debug`: make that the message.
+impl std::fmt::Debug for PeerCertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+fn cert_error(e: impl Into<PeerCertError>) -> rustls::Error {
+    let e: PeerCertError = e.into();
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
 fn verify_error(e: VerifyError) -> rustls::Error {
-    cert_error(e.to_string())
+    cert_error(e)
+}
+
+/// The certificate refusal somewhere in `e`'s chain of causes, if any
+/// (through the I/O and transport errors that wrap a handshake failure).
+pub fn peer_cert_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a PeerCertError> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        // io::Error's source() skips the error it wraps: look inside it.
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        for candidate in [Some(err), inner].into_iter().flatten() {
+            if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(o)))) =
+                candidate.downcast_ref::<rustls::Error>()
+                && let Some(p) = o.downcast_ref::<PeerCertError>()
+            {
+                return Some(p);
+            }
+            if let Some(p) = candidate.downcast_ref::<PeerCertError>() {
+                return Some(p);
+            }
+        }
+        cur = inner.and_then(|i| i.source()).or_else(|| err.source());
+    }
+    None
+}
+
+/// Whether `e` says the server was not the one a join token pins: another
+/// root, or another identity.
+pub fn is_pin_mismatch(e: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(
+        peer_cert_error(e),
+        Some(PeerCertError::PinMismatch(_) | PeerCertError::UnexpectedIdentity { .. })
+    )
 }
 
 fn algorithms() -> WebPkiSupportedAlgorithms {
@@ -233,12 +292,7 @@ impl ServerCertVerifier for PinnedRootVerifier {
         let root = intermediates
             .iter()
             .find(|c| identity::fingerprint(c) == self.fingerprint)
-            .ok_or_else(|| {
-                cert_error(format!(
-                    "fingerprint mismatch: the issuer did not present the root CA pinned by the token (sha256 {})",
-                    self.fingerprint
-                ))
-            })?;
+            .ok_or_else(|| cert_error(PeerCertError::PinMismatch(self.fingerprint.clone())))?;
         bundle::verify_chain(
             end_entity,
             intermediates,
@@ -247,7 +301,7 @@ impl ServerCertVerifier for PinnedRootVerifier {
             now,
         )
         .map_err(cert_error)?;
-        let id = identity::spiffe_id_of(end_entity).map_err(|e| cert_error(e.to_string()))?;
+        let id = identity::spiffe_id_of(end_entity).map_err(cert_error)?;
         Expect::Id(self.expect.clone()).check(&id).map_err(cert_error)?;
         Ok(ServerCertVerified::assertion())
     }
@@ -437,6 +491,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("not the expected"), "{err}");
+        assert!(is_pin_mismatch(&err), "the refusal is typed, not only text: {err:?}");
 
         let right = client_config(Some(certs), bundles, Expect::Id(server_id), &[]).unwrap();
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();

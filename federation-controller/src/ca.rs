@@ -112,26 +112,34 @@ pub(crate) fn key_file(ca: &Ca) -> String {
     format!("ca-{}.key", &ca.fingerprint()[..16])
 }
 
+/// A rotation that cannot start.
+#[derive(Debug, thiserror::Error)]
+#[error("a rotation is already under way (root {root} is {}); wait for it to finish (`isthmus status`)", phase.as_str())]
+pub(crate) struct RotationUnderWay {
+    /// The first 16 hex digits of the root's fingerprint.
+    root: String,
+    phase: RootPhase,
+}
+
 /// Refuse a rotation while another is under way, naming it.
-pub(crate) fn no_rotation_under_way(state: &State) -> Result<(), String> {
+pub(crate) fn no_rotation_under_way(state: &State) -> Result<(), RotationUnderWay> {
     match state.roots.iter().find(|r| r.phase != RootPhase::Signing) {
         Some(r) => {
             let fp = identity::certs_from_pem(&r.chain_pem)
                 .ok()
                 .and_then(|c| c.first().map(identity::fingerprint))
                 .unwrap_or_default();
-            Err(format!(
-                "a rotation is already under way (root {} is {}); wait for it to finish (`isthmus status`)",
-                &fp[..16.min(fp.len())],
-                r.phase.as_str()
-            ))
+            Err(RotationUnderWay {
+                root: fp[..16.min(fp.len())].to_string(),
+                phase: r.phase,
+            })
         }
         None => Ok(()),
     }
 }
 
 /// Step 1: add `new` as a staged root.
-pub(crate) fn stage(state: &mut State, new: &Ca, retire_after: Duration, now: i64) -> Result<(), String> {
+pub(crate) fn stage(state: &mut State, new: &Ca, retire_after: Duration, now: i64) -> Result<(), RotationUnderWay> {
     no_rotation_under_way(state)?;
     state.roots.push(RootRecord {
         chain_pem: new.chain_pem().to_string(),
@@ -196,7 +204,7 @@ mod tests {
         assert_eq!(phases(&s), [RootPhase::Signing, RootPhase::Staged]);
         // One rotation at a time.
         let again = Ca::generate("east.mesh").unwrap();
-        let err = stage(&mut s, &again, Duration::ZERO, 991).unwrap_err();
+        let err = stage(&mut s, &again, Duration::ZERO, 991).unwrap_err().to_string();
         assert!(err.contains("is staged"), "{err}");
 
         // Not before the minimum staging time.

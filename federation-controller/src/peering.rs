@@ -17,9 +17,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use crate::join::{self, LinkError};
 use crate::metrics::StateLabels;
+use crate::shared::{PeerRuntime, Shared};
+use crate::snapshot;
 use crate::state::{LinkRecord, RootPhase};
-use crate::{PeerRuntime, Shared, snapshot};
 
 /// The state of a link, as `isthmus status` shows it.
 pub(crate) fn link_state(rt: Option<&PeerRuntime>, lease: Duration) -> &'static str {
@@ -33,35 +35,35 @@ pub(crate) fn link_state(rt: Option<&PeerRuntime>, lease: Duration) -> &'static 
 }
 
 /// Spend `tok` at its issuer and record the link.
-pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkResponse, Status> {
-    if tok.trust_domain == shared.cfg.trust_domain || tok.cluster == shared.cfg.cluster {
-        return Err(Status::failed_precondition(format!(
-            "this token was issued by cluster {} itself: run `isthmus link` on another cluster",
-            shared.cfg.cluster
-        )));
-    }
-    not_linked(&shared.state.lock().expect("state lock"), tok)?;
+pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkResponse, LinkError> {
+    join::check_token_here(
+        &shared.cfg.cluster,
+        &shared.cfg.trust_domain,
+        &shared.state.lock().expect("state lock"),
+        tok,
+    )?;
     let addr = &tok.peering[0];
     let cfg = tls::pinned_client_config(
         &tok.root_fingerprint,
         SpiffeId::controller(&tok.trust_domain),
         &[tls::ALPN_H2],
     )
-    .map_err(|e| Status::internal(e.to_string()))?;
+    .map_err(|e| LinkError::Internal(e.to_string()))?;
     let channel = isthmus_core::grpc::connect(addr, cfg).await.map_err(|e| {
-        let chain = error_chain(&e);
-        if chain.contains("fingerprint mismatch") || chain.contains("not the expected") {
-            Status::failed_precondition(format!(
-                "fingerprint mismatch: the server at {addr} does not present the root CA the token pins for cluster {}. Either it is not that cluster's controller, or that cluster rotated its root since the token was made (`isthmus token list` there shows it as stale): ask for a new token",
+        if tls::is_pin_mismatch(&e) {
+            LinkError::FingerprintMismatch(format!(
+                "the server at {addr} does not present the root CA the token pins for cluster {}. Either it is not that cluster's controller, or that cluster rotated its root since the token was made (`isthmus token list` there shows it as stale): ask for a new token",
                 tok.cluster
             ))
         } else {
-            Status::unavailable(format!("cannot reach the issuer, cluster {}, at {addr}: {chain}", tok.cluster))
+            LinkError::Unreachable {
+                cluster: tok.cluster.clone(),
+                addr: addr.clone(),
+                reason: error_chain(&e),
+            }
         }
     })?;
-    let secret = tok
-        .secret_bytes()
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let secret = tok.secret_bytes()?;
     let (_, quic) = shared.gateway_addrs();
     let resp = PeeringClient::new(channel)
         .join(JoinRequest {
@@ -73,50 +75,44 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
             gateway_addr: quic,
         })
         .await
-        .map_err(|s| {
-            Status::new(
-                s.code(),
-                format!("cluster {} refused the link: {}", tok.cluster, s.message()),
-            )
+        .map_err(|status| LinkError::Refused {
+            cluster: tok.cluster.clone(),
+            status,
         })?
         .into_inner();
-    let pinned = identity::certs_from_pem(&resp.roots_pem)
-        .map(|roots| roots.iter().any(|r| identity::fingerprint(r) == tok.root_fingerprint))
-        .unwrap_or(false);
-    if !pinned || resp.trust_domain != tok.trust_domain {
-        return Err(Status::failed_precondition(
-            "fingerprint mismatch: the issuer returned a bundle the token does not pin",
-        ));
-    }
-    // The link is recorded under the name the token carries; an issuer that
-    // answers with another name is not the cluster the token described.
-    if resp.cluster != tok.cluster {
-        return Err(Status::failed_precondition(format!(
-            "the issuer calls itself {:?}, but the token was issued by {:?}",
-            resp.cluster, tok.cluster
-        )));
-    }
-    shared.update(|state| {
-        // Checked again under the lock: another link may have landed meanwhile.
-        not_linked(state, tok)?;
-        state.links.insert(
-            resp.cluster.clone(),
-            LinkRecord {
-                cluster: resp.cluster.clone(),
-                trust_domain: resp.trust_domain.clone(),
-                roots_pem: resp.roots_pem,
-                gateway_addr: if resp.gateway_addr.is_empty() {
-                    tok.gateway.first().cloned().unwrap_or_default()
-                } else {
-                    resp.gateway_addr
+    join::check_answer(tok, &resp.cluster, &resp.trust_domain, &resp.roots_pem)?;
+    let mut raced = None;
+    shared
+        .update(|state| {
+            // Checked again under the lock: another link may have landed meanwhile.
+            if let Err(e) = join::not_linked(state, tok) {
+                let status = e.status();
+                raced = Some(e);
+                return Err(status);
+            }
+            state.links.insert(
+                resp.cluster.clone(),
+                LinkRecord {
+                    cluster: resp.cluster.clone(),
+                    trust_domain: resp.trust_domain.clone(),
+                    roots_pem: resp.roots_pem.clone(),
+                    gateway_addr: if resp.gateway_addr.is_empty() {
+                        tok.gateway.first().cloned().unwrap_or_default()
+                    } else {
+                        resp.gateway_addr.clone()
+                    },
+                    dial: Some(addr.clone()),
+                    priority: tok.priority,
+                    created_unix: isthmus_core::unix_now(),
                 },
-                dial: Some(addr.clone()),
-                priority: tok.priority,
-                created_unix: isthmus_core::unix_now(),
-            },
-        );
-        Ok(())
-    })?;
+            );
+            Ok(())
+        })
+        .map_err(|status| {
+            raced
+                .take()
+                .unwrap_or_else(|| LinkError::Internal(status.message().to_string()))
+        })?;
     shared.rebuild_bundles();
     shared.changed();
     tracing::info!(peer = %resp.cluster, trust_domain = %resp.trust_domain, "linked (token spent)");
@@ -125,21 +121,6 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
         peer_cluster: resp.cluster,
         peer_trust_domain: resp.trust_domain,
     })
-}
-
-/// Refuse a token whose issuer (by name or trust domain) is linked already.
-fn not_linked(state: &crate::State, tok: &JoinToken) -> Result<(), Status> {
-    match state
-        .links
-        .values()
-        .find(|l| l.cluster == tok.cluster || l.trust_domain == tok.trust_domain)
-    {
-        Some(l) => Err(Status::already_exists(format!(
-            "cluster {} is already linked ({})",
-            l.cluster, l.trust_domain
-        ))),
-        None => Ok(()),
-    }
 }
 
 /// Keep the peering stream to `peer` up, reconnecting with backoff.

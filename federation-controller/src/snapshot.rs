@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use isthmus_core::naming::ServiceKey;
 use isthmus_proto::{Backend, ExportedService, Service, SidecarRegistration};
 
 use crate::state::State;
@@ -17,11 +18,11 @@ pub struct PeerImports {
 /// Services of this cluster from its sidecars' registrations.
 fn local_services<'a>(
     regs: impl Iterator<Item = &'a SidecarRegistration>,
-) -> BTreeMap<String, (u32, Vec<&'a SidecarRegistration>)> {
-    let mut out: BTreeMap<String, (u32, Vec<&SidecarRegistration>)> = BTreeMap::new();
+) -> BTreeMap<ServiceKey, (u32, Vec<&'a SidecarRegistration>)> {
+    let mut out: BTreeMap<ServiceKey, (u32, Vec<&SidecarRegistration>)> = BTreeMap::new();
     for r in regs.filter(|r| !r.service.is_empty()) {
         let e = out
-            .entry(format!("{}/{}", r.namespace, r.service))
+            .entry(ServiceKey::new(&r.namespace, &r.service))
             .or_insert((r.port, Vec::new()));
         e.1.push(r);
     }
@@ -46,7 +47,7 @@ pub fn services<'a>(
     regs: impl Iterator<Item = &'a SidecarRegistration>,
     imports: &BTreeMap<String, PeerImports>,
 ) -> Vec<Service> {
-    let mut out: BTreeMap<String, (Service, i64)> = BTreeMap::new();
+    let mut out: BTreeMap<ServiceKey, (Service, i64)> = BTreeMap::new();
     for (key, (port, eps)) in local_services(regs) {
         let mut addresses: Vec<String> = eps.iter().map(|r| r.inbound_addr.clone()).collect();
         addresses.sort();
@@ -73,11 +74,11 @@ pub fn services<'a>(
     // Imports grouped by service, then each service's port decided once:
     // the local one if it runs here, else the oldest export's (KEP-1645).
     // Exporters on any other port are left out, and reported.
-    let mut by_service: BTreeMap<String, Vec<(&String, &ExportedService)>> = BTreeMap::new();
+    let mut by_service: BTreeMap<ServiceKey, Vec<(&String, &ExportedService)>> = BTreeMap::new();
     for (peer, imp) in imports.iter().filter(|(_, i)| i.live) {
         for e in &imp.services {
             by_service
-                .entry(format!("{}/{}", e.namespace, e.name))
+                .entry(ServiceKey::new(&e.namespace, &e.name))
                 .or_default()
                 .push((peer, e));
         }
@@ -162,7 +163,7 @@ pub fn sanitize_imports(peer_trust_domain: &str, services: Vec<ExportedService>)
                 && isthmus_core::identity::validate_name(&e.name).is_ok()
                 && (1..=u32::from(u16::MAX)).contains(&e.port);
             if !ok {
-                tracing::warn!(service = %format!("{}/{}", e.namespace, e.name), port = e.port, "ignoring invalid import");
+                tracing::warn!(namespace = %e.namespace, name = %e.name, port = e.port, "ignoring invalid import");
             }
             ok
         })
@@ -207,7 +208,7 @@ mod tests {
     fn merges_local_and_imported_backends() {
         let mut state = State::new("east", "east.mesh");
         state.exports.insert(
-            "demo/echo".into(),
+            ServiceKey::new("demo", "echo"),
             ExportRecord {
                 namespace: "demo".into(),
                 name: "echo".into(),

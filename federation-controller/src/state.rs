@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use isthmus_core::naming::ServiceKey;
 use serde::{Deserialize, Serialize};
 
 pub const STATE_FILE: &str = "state.json";
@@ -42,7 +43,7 @@ pub struct State {
     #[serde(default)]
     pub links: BTreeMap<String, LinkRecord>,
     #[serde(default)]
-    pub exports: BTreeMap<String, ExportRecord>,
+    pub exports: BTreeMap<ServiceKey, ExportRecord>,
     #[serde(default)]
     pub tokens: BTreeMap<String, TokenRecord>,
     /// Workload credentials by id, each bound to one identity.
@@ -51,10 +52,10 @@ pub struct State {
     /// This cluster's roots, oldest first (several only during a rotation).
     #[serde(default)]
     pub roots: Vec<RootRecord>,
-    /// TrafficPolicies by `namespace/service`, each its protobuf encoding in
-    /// base64 (the exact form sidecars get; validated before it is stored).
+    /// TrafficPolicies by service, each its protobuf encoding in base64
+    /// (the exact form sidecars get; validated before it is stored).
     #[serde(default)]
-    pub policies: BTreeMap<String, String>,
+    pub policies: BTreeMap<ServiceKey, String>,
 }
 
 /// A credential that lets a workload ask for SVIDs of one identity; kept
@@ -232,7 +233,7 @@ impl State {
 
 impl State {
     /// The TrafficPolicy of `namespace/service`, if one was applied.
-    pub fn policy(&self, key: &str) -> Option<isthmus_proto::TrafficPolicy> {
+    pub fn policy(&self, key: &ServiceKey) -> Option<isthmus_proto::TrafficPolicy> {
         use base64::Engine as _;
         use prost::Message as _;
         let raw = base64::engine::general_purpose::STANDARD
@@ -244,7 +245,7 @@ impl State {
     pub fn set_policy(&mut self, p: &isthmus_proto::TrafficPolicy) {
         use base64::Engine as _;
         use prost::Message as _;
-        let key = format!("{}/{}", p.namespace, p.service);
+        let key = ServiceKey::new(&p.namespace, &p.service);
         self.policies
             .insert(key, base64::engine::general_purpose::STANDARD.encode(p.encode_to_vec()));
     }
@@ -275,8 +276,8 @@ mod tests {
         st.set_policy(&p);
         let text = serde_json::to_string(&st).unwrap();
         let back: State = serde_json::from_str(&text).unwrap();
-        assert_eq!(back.policy("demo/echo"), Some(p));
-        assert_eq!(back.policy("demo/other"), None);
+        assert_eq!(back.policy(&ServiceKey::new("demo", "echo")), Some(p));
+        assert_eq!(back.policy(&ServiceKey::new("demo", "other")), None);
     }
 
     #[test]
@@ -285,7 +286,7 @@ mod tests {
         assert!(State::load(dir.path(), "east", "east.mesh").unwrap().is_none());
         let mut s = State::new("east", "east.mesh");
         s.exports.insert(
-            "demo/echo".into(),
+            ServiceKey::new("demo", "echo"),
             ExportRecord {
                 namespace: "demo".into(),
                 name: "echo".into(),

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::AtomicU64;
 
+pub use isthmus_core::metrics::Direction;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -11,7 +12,7 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamLabels {
     /// `outbound`: from a local sidecar to a peer; `inbound`: from a peer.
-    pub direction: &'static str,
+    pub direction: Direction,
     pub peer: String,
     /// `ok`, or the refusal code.
     pub result: &'static str,
@@ -19,7 +20,7 @@ pub struct StreamLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
-    pub direction: &'static str,
+    pub direction: Direction,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,7 +105,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn stream(&self, direction: &'static str, peer: &str, result: &'static str) {
+    pub fn stream(&self, direction: Direction, peer: &str, result: &'static str) {
         self.streams
             .get_or_create(&StreamLabels {
                 direction,
@@ -129,7 +130,7 @@ impl Metrics {
     }
 
     /// Track an open stream until the guard drops.
-    pub fn open(&self, direction: &'static str) -> OpenGuard {
+    pub fn open(&self, direction: Direction) -> OpenGuard {
         let g = self.open_streams.get_or_create(&DirectionLabels { direction }).clone();
         g.inc();
         OpenGuard(g)

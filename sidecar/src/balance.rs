@@ -5,7 +5,7 @@
 //!   with the lower cost, where cost is a peak-EWMA of its latency times
 //!   (requests in flight + 1). Cheap, and it steers away from a slow or
 //!   overloaded endpoint without the herding of "always the fastest".
-//! - Outlier ejection: an endpoint that fails `EJECT_AFTER` times in a row
+//! - Outlier ejection: an endpoint that fails `ENDPOINT_EJECT_AFTER` times in a row
 //!   is left out for a while (doubling on repeat), but never more than half
 //!   of a service's endpoints at once.
 //! - A retry budget: retries may add at most a fifth to the requests sent,
@@ -20,7 +20,7 @@ const DECAY: Duration = Duration::from_secs(10);
 /// Latency assumed for an endpoint with no history, so a new endpoint gets
 /// tried rather than avoided.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
-pub const EJECT_AFTER: u32 = 5;
+pub const ENDPOINT_EJECT_AFTER: u32 = 5;
 const BASE_EJECTION: Duration = Duration::from_secs(10);
 const MAX_EJECTION: Duration = Duration::from_secs(300);
 const MAX_EJECTED_PERCENT: usize = 50;
@@ -127,7 +127,10 @@ impl Balancer {
             // A failure says nothing about how fast the endpoint serves; a
             // quick refusal must not make it look like the fastest one.
             s.failures += 1;
-            if s.failures >= EJECT_AFTER && !s.ejected(now) && (ejected + 1) * 100 <= total * MAX_EJECTED_PERCENT {
+            if s.failures >= ENDPOINT_EJECT_AFTER
+                && !s.ejected(now)
+                && (ejected + 1) * 100 <= total * MAX_EJECTED_PERCENT
+            {
                 let time = BASE_EJECTION.saturating_mul(1 << s.ejections.min(8)).min(MAX_EJECTION);
                 s.ejected_until = Some(now + time);
                 s.ejections += 1;
@@ -335,21 +338,21 @@ mod tests {
                 b.finish(addr, Duration::from_millis(1), false, now);
             }
         };
-        fail(&mut b, &a[0], EJECT_AFTER - 1, t0);
+        fail(&mut b, &a[0], ENDPOINT_EJECT_AFTER - 1, t0);
         assert!(!b.is_ejected(&a[0], t0), "fewer failures in a row do not eject");
         fail(&mut b, &a[0], 1, t0);
         assert!(b.is_ejected(&a[0], t0));
         for _ in 0..50 {
             assert_ne!(b.pick(&a, t0, |n| rand::random_range(0..n)), Some(a[0].as_str()));
         }
-        fail(&mut b, &a[1], EJECT_AFTER, t0);
-        fail(&mut b, &a[2], EJECT_AFTER, t0);
+        fail(&mut b, &a[1], ENDPOINT_EJECT_AFTER, t0);
+        fail(&mut b, &a[2], ENDPOINT_EJECT_AFTER, t0);
         assert!(b.is_ejected(&a[1], t0));
         assert!(!b.is_ejected(&a[2], t0), "never more than half ejected");
         // Ejection ends, and a repeat offender stays out twice as long.
         let later = t0 + BASE_EJECTION;
         assert!(!b.is_ejected(&a[0], later));
-        fail(&mut b, &a[0], EJECT_AFTER, later);
+        fail(&mut b, &a[0], ENDPOINT_EJECT_AFTER, later);
         assert!(b.is_ejected(&a[0], later + BASE_EJECTION + Duration::from_secs(1)));
         assert!(!b.is_ejected(&a[0], later + 2 * BASE_EJECTION));
     }
@@ -363,7 +366,7 @@ mod tests {
         let a = addrs(2);
         let mut b = Balancer::default();
         assert!(b.retain(&a).is_empty());
-        for _ in 0..EJECT_AFTER {
+        for _ in 0..ENDPOINT_EJECT_AFTER {
             let p = b.pick(&a, t0, seq(&[0, 0])).unwrap().to_string();
             assert_eq!(p, a[0], "its quick failures keep it looking as fast as the untried one");
             b.start(&p, t0);

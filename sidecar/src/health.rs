@@ -8,11 +8,14 @@
 
 use std::collections::HashMap;
 
-/// Answers of 502/503/504 in a row that eject a pair. A request that could
+use isthmus_core::naming::ServiceKey;
+
+/// Answers of 502/503/504 in a row that eject a (service, cluster) pair.
+/// (Local endpoints have their own, `balance::ENDPOINT_EJECT_AFTER`.) A request that could
 /// not be delivered there at all ejects it at once: it has just gone to
 /// another cluster, and only a probe's success is evidence that the pair
 /// can take traffic again (else traffic would fail back to it blindly).
-pub const EJECT_AFTER: u32 = 3;
+pub const CLUSTER_EJECT_AFTER: u32 = 3;
 
 /// How a request (or probe) to a pair went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,7 +32,7 @@ pub enum Outcome {
 pub struct ClusterHealth {
     /// Only pairs that have failed lately: all-healthy is an empty map, so
     /// the per-request check builds no keys.
-    pairs: HashMap<(String, String), Pair>,
+    pairs: HashMap<(ServiceKey, String), Pair>,
 }
 
 #[derive(Default)]
@@ -46,23 +49,23 @@ pub enum Change {
 }
 
 impl ClusterHealth {
-    pub fn is_ejected(&self, service: &str, cluster: &str) -> bool {
+    pub fn is_ejected(&self, service: &ServiceKey, cluster: &str) -> bool {
         if self.pairs.is_empty() {
             return false;
         }
         self.pairs
-            .get(&(service.to_string(), cluster.to_string()))
+            .get(&(service.clone(), cluster.to_string()))
             .is_some_and(|p| p.ejected)
     }
 
     /// Learn from a request (or, for an ejected pair, a probe): a success
     /// clears the pair; one undelivered request, or `EJECT_AFTER` failed
     /// answers in a row, eject it until a success.
-    pub fn outcome(&mut self, service: &str, cluster: &str, outcome: Outcome) -> Option<Change> {
+    pub fn outcome(&mut self, service: &ServiceKey, cluster: &str, outcome: Outcome) -> Option<Change> {
         if outcome == Outcome::Ok && self.pairs.is_empty() {
             return None;
         }
-        let key = (service.to_string(), cluster.to_string());
+        let key = (service.clone(), cluster.to_string());
         if outcome == Outcome::Ok {
             return self.pairs.remove(&key).filter(|p| p.ejected).map(|_| Change::Restored);
         }
@@ -71,7 +74,7 @@ impl ClusterHealth {
             return None;
         }
         p.failures += 1;
-        if p.failures >= EJECT_AFTER || outcome == Outcome::Unreached {
+        if p.failures >= CLUSTER_EJECT_AFTER || outcome == Outcome::Unreached {
             p.ejected = true;
             return Some(Change::Ejected);
         }
@@ -79,7 +82,7 @@ impl ClusterHealth {
     }
 
     /// The ejected pairs, (service, cluster): what the prober checks.
-    pub fn ejected(&self) -> Vec<(String, String)> {
+    pub fn ejected(&self) -> Vec<(ServiceKey, String)> {
         self.pairs
             .iter()
             .filter(|(_, p)| p.ejected)
@@ -95,30 +98,29 @@ mod tests {
     #[test]
     fn ejects_after_failures_in_a_row_until_a_success() {
         let mut h = ClusterHealth::default();
-        assert!(!h.is_ejected("demo/echo", "east"));
-        assert_eq!(h.outcome("demo/echo", "east", Outcome::Failed), None);
-        assert_eq!(h.outcome("demo/echo", "east", Outcome::Failed), None);
+        let echo = ServiceKey::new("demo", "echo");
+        let store = ServiceKey::new("demo", "store");
+        assert!(!h.is_ejected(&echo, "east"));
+        assert_eq!(h.outcome(&echo, "east", Outcome::Failed), None);
+        assert_eq!(h.outcome(&echo, "east", Outcome::Failed), None);
         // A success in between starts the count again.
-        assert_eq!(h.outcome("demo/echo", "east", Outcome::Ok), None);
+        assert_eq!(h.outcome(&echo, "east", Outcome::Ok), None);
         assert!(h.pairs.is_empty(), "healthy pairs are not kept");
-        for _ in 1..EJECT_AFTER {
-            assert_eq!(h.outcome("demo/echo", "east", Outcome::Failed), None);
+        for _ in 1..CLUSTER_EJECT_AFTER {
+            assert_eq!(h.outcome(&echo, "east", Outcome::Failed), None);
         }
-        assert_eq!(h.outcome("demo/echo", "east", Outcome::Failed), Some(Change::Ejected));
-        assert!(h.is_ejected("demo/echo", "east"));
+        assert_eq!(h.outcome(&echo, "east", Outcome::Failed), Some(Change::Ejected));
+        assert!(h.is_ejected(&echo, "east"));
         // More failures (probes) change nothing; other pairs are untouched.
-        assert_eq!(h.outcome("demo/echo", "east", Outcome::Failed), None);
-        assert!(!h.is_ejected("demo/echo", "north"));
-        assert!(!h.is_ejected("demo/store", "east"));
-        assert_eq!(h.ejected(), vec![("demo/echo".to_string(), "east".to_string())]);
-        assert_eq!(h.outcome("demo/echo", "east", Outcome::Ok), Some(Change::Restored));
-        assert!(!h.is_ejected("demo/echo", "east"));
+        assert_eq!(h.outcome(&echo, "east", Outcome::Failed), None);
+        assert!(!h.is_ejected(&echo, "north"));
+        assert!(!h.is_ejected(&store, "east"));
+        assert_eq!(h.ejected(), vec![(echo.clone(), "east".to_string())]);
+        assert_eq!(h.outcome(&echo, "east", Outcome::Ok), Some(Change::Restored));
+        assert!(!h.is_ejected(&echo, "east"));
         assert!(h.ejected().is_empty());
         // Undelivered: out at once.
-        assert_eq!(
-            h.outcome("demo/echo", "north", Outcome::Unreached),
-            Some(Change::Ejected)
-        );
-        assert!(h.is_ejected("demo/echo", "north"));
+        assert_eq!(h.outcome(&echo, "north", Outcome::Unreached), Some(Change::Ejected));
+        assert!(h.is_ejected(&echo, "north"));
     }
 }

@@ -1,15 +1,55 @@
 //! The sidecar's metrics (names documented in docs/metrics.md).
 
-use prometheus_client::encoding::EncodeLabelSet;
+pub use isthmus_core::metrics::Direction;
+use isthmus_core::naming::ServiceKey;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// How an opaque TCP connection went.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum TcpOutcome {
+    Ok,
+    /// Refused by a gateway, or (inbound) not exported.
+    Refused,
+    ConnectFailed,
+    /// No service, or several, on the port.
+    NoRoute,
+    AppUnavailable,
+}
+
+impl TcpOutcome {
+    pub const ALL: [TcpOutcome; 5] = [
+        TcpOutcome::Ok,
+        TcpOutcome::Refused,
+        TcpOutcome::ConnectFailed,
+        TcpOutcome::NoRoute,
+        TcpOutcome::AppUnavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcpOutcome::Ok => "ok",
+            TcpOutcome::Refused => "refused",
+            TcpOutcome::ConnectFailed => "connect-failed",
+            TcpOutcome::NoRoute => "no-route",
+            TcpOutcome::AppUnavailable => "app-unavailable",
+        }
+    }
+}
+
+impl EncodeLabelValue for TcpOutcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub direction: &'static str,
+    pub direction: Direction,
     pub source_cluster: String,
     pub destination_cluster: String,
     pub destination_service: String,
@@ -18,7 +58,7 @@ pub struct RequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub direction: &'static str,
+    pub direction: Direction,
     pub source_cluster: String,
     pub destination_cluster: String,
     pub destination_service: String,
@@ -26,22 +66,22 @@ pub struct RouteLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
-    pub direction: &'static str,
+    pub direction: Direction,
     pub source_cluster: String,
     pub destination_cluster: String,
     pub destination_service: String,
-    pub outcome: &'static str,
+    pub outcome: TcpOutcome,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabels {
-    pub direction: &'static str,
+    pub direction: Direction,
     pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
-    pub direction: &'static str,
+    pub direction: Direction,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -203,7 +243,7 @@ impl Metrics {
     }
 
     /// A (service, cluster) pair was ejected, or put back.
-    pub fn cluster_health(&self, service: &str, cluster: &str, ejected: bool) {
+    pub fn cluster_health(&self, service: &ServiceKey, cluster: &str, ejected: bool) {
         let l = ClusterLabels {
             destination_service: service.to_string(),
             destination_cluster: cluster.to_string(),
@@ -214,7 +254,7 @@ impl Metrics {
         self.cluster_ejected.get_or_create(&l).set(i64::from(ejected));
     }
 
-    pub fn probe(&self, service: &str, cluster: &str, ok: bool) {
+    pub fn probe(&self, service: &ServiceKey, cluster: &str, ok: bool) {
         self.probes
             .get_or_create(&ProbeLabels {
                 destination_service: service.to_string(),
@@ -225,7 +265,7 @@ impl Metrics {
     }
 
     /// Traffic of a service moved to priority `level`.
-    pub fn level_moved(&self, service: &str, level: usize, failover: bool) {
+    pub fn level_moved(&self, service: &ServiceKey, level: usize, failover: bool) {
         let s = ServiceLabels {
             destination_service: service.to_string(),
         };
@@ -239,12 +279,12 @@ impl Metrics {
             .inc();
     }
 
-    pub fn rejected(&self, direction: &'static str, reason: &'static str) {
+    pub fn rejected(&self, direction: Direction, reason: &'static str) {
         self.rejected.get_or_create(&RejectLabels { direction, reason }).inc();
     }
 
     /// An opaque TCP connection and how it went.
-    pub fn tcp(&self, route: &RouteLabels, outcome: &'static str) {
+    pub fn tcp(&self, route: &RouteLabels, outcome: TcpOutcome) {
         self.tcp_connections
             .get_or_create(&TcpLabels {
                 direction: route.direction,
@@ -271,7 +311,7 @@ impl Metrics {
     }
 
     /// A connection opened; it counts until the returned guard drops.
-    pub fn open(&self, direction: &'static str) -> OpenConnection {
+    pub fn open(&self, direction: Direction) -> OpenConnection {
         let g = self.connections.get_or_create(&DirectionLabels { direction }).clone();
         g.inc();
         OpenConnection(g)

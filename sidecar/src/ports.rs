@@ -15,8 +15,10 @@ use isthmus_core::naming::ServiceName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::Sidecar;
 use crate::detect::{self, Protocol};
-use crate::{ProxyError, Sidecar, metrics};
+use crate::error::ProxyError;
+use crate::metrics::{Direction, RouteLabels, TcpOutcome};
 
 /// How long a client may stay silent before its connection is taken for a
 /// server-first protocol and carried opaque.
@@ -77,7 +79,7 @@ pub(crate) async fn follow(sc: Arc<Sidecar>, ip: IpAddr, stop: CancellationToken
 
 async fn serve_port(sc: Arc<Sidecar>, listener: TcpListener, port: u16, stop: CancellationToken) {
     while let Some((tcp, _)) = isthmus_core::net::accept(&listener, &stop).await {
-        let Some(slot) = sc.admit(crate::OUTBOUND) else {
+        let Some(slot) = sc.limits.admit(Direction::Outbound, &sc.metrics) else {
             continue;
         };
         let sc = sc.clone();
@@ -92,7 +94,7 @@ async fn serve_port(sc: Arc<Sidecar>, listener: TcpListener, port: u16, stop: Ca
                 }
             };
             match protocol {
-                Protocol::Http => crate::serve_http_outbound(sc, tcp, slot).await,
+                Protocol::Http => crate::outbound::serve_http(sc, tcp, slot).await,
                 Protocol::Opaque => {
                     let _slot = slot;
                     if let Err(e) = opaque(&sc, tcp, port).await {
@@ -106,9 +108,9 @@ async fn serve_port(sc: Arc<Sidecar>, listener: TcpListener, port: u16, stop: Ca
 
 /// Carry one opaque TCP connection to the service on `port`.
 async fn opaque(sc: &Arc<Sidecar>, mut client: TcpStream, port: u16) -> Result<(), ProxyError> {
-    let _open = sc.metrics.open("outbound");
-    let mut route = metrics::RouteLabels {
-        direction: "outbound",
+    let _open = sc.metrics.open(Direction::Outbound);
+    let mut route = RouteLabels {
+        direction: Direction::Outbound,
         source_cluster: sc.agent.cluster.clone(),
         destination_cluster: "unknown".into(),
         destination_service: "unknown".into(),
@@ -116,29 +118,30 @@ async fn opaque(sc: &Arc<Sidecar>, mut client: TcpStream, port: u16) -> Result<(
     // Weights apply per connection for opaque TCP.
     let name = crate::route::by_port(&sc.agent.config.borrow(), port);
     let target = name.map_err(ProxyError::from).and_then(|name: ServiceName| {
-        route.destination_service = name.key();
+        route.destination_service = name.key().to_string();
         sc.route(&name, Some(port), None, &[], &mut route)
+            .map_err(ProxyError::from)
     });
     let target = match target {
         Ok(t) => t,
         Err(e) => {
-            sc.metrics.tcp(&route, "no-route");
+            sc.metrics.tcp(&route, TcpOutcome::NoRoute);
             return Err(e);
         }
     };
-    let mut upstream = match crate::connect_tls(sc, &target, isthmus_core::tls::ALPN_OPAQUE).await {
+    let mut upstream = match crate::pool::connect_tls(&sc.agent, &target, isthmus_core::tls::ALPN_OPAQUE).await {
         Ok(s) => s,
         Err(e) => {
             let outcome = if matches!(e, ProxyError::Refused { .. }) {
-                "refused"
+                TcpOutcome::Refused
             } else {
-                "connect-failed"
+                TcpOutcome::ConnectFailed
             };
             sc.metrics.tcp(&route, outcome);
             return Err(e);
         }
     };
-    sc.metrics.tcp(&route, "ok");
+    sc.metrics.tcp(&route, TcpOutcome::Ok);
     let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     let (sent, received) = copied.unwrap_or((0, 0));
     sc.metrics.bytes(&route, sent, received);

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use isthmus_core::naming::ServiceName;
+use isthmus_core::naming::{ServiceKey, ServiceName};
 use isthmus_proto::{ConfigSnapshot, Service};
 
 /// Where one request goes.
@@ -27,7 +27,31 @@ impl Target {
     pub fn is_local(&self) -> bool {
         !self.addresses.is_empty()
     }
+
+    /// The service in the target's cluster, at its port.
+    pub fn destination(&self) -> Destination {
+        Destination {
+            cluster: self.cluster.clone(),
+            namespace: self.namespace.clone(),
+            service: self.service.clone(),
+            port: self.port,
+        }
+    }
 }
+
+/// A service in one cluster at one port: what endpoint choice and pooled
+/// sessions are kept per.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Destination {
+    pub cluster: String,
+    pub namespace: String,
+    pub service: String,
+    pub port: u16,
+}
+
+/// Failover state is kept per service and per policy route (by index; the
+/// default route is `usize::MAX`).
+pub type FailoverStates = Mutex<HashMap<(ServiceKey, usize), LevelState>>;
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
@@ -81,7 +105,7 @@ pub struct Inputs<'a> {
     /// ejected for this service by passive outlier detection.
     pub avoid: &'a dyn Fn(&str) -> bool,
     /// Failover state per service route, kept between requests.
-    pub failover: Option<&'a Mutex<HashMap<String, LevelState>>>,
+    pub failover: Option<&'a FailoverStates>,
     pub now: Instant,
     /// A uniform random number, for the weighted choice.
     pub random: u64,
@@ -310,7 +334,7 @@ pub fn route(snap: &ConfigSnapshot, name: &ServiceName, port: Option<u16>, inp: 
         .collect();
     let chosen = match inp.failover {
         Some(states) => {
-            let key = format!("{}/{}#{route_index}", svc.namespace, svc.name);
+            let key = (ServiceKey::new(&svc.namespace, &svc.name), route_index);
             let mut all = states.lock().expect("failover lock");
             choose_level(&shares, threshold, all.entry(key).or_default(), inp.now)
         }
@@ -356,7 +380,7 @@ mod tests {
     #[test]
     fn an_opaque_port_names_its_one_service() {
         let mut s = snap(vec!["127.0.0.1:1".into()]);
-        assert_eq!(by_port(&s, 8080).unwrap().key(), "demo/echo");
+        assert_eq!(by_port(&s, 8080).unwrap().key().to_string(), "demo/echo");
         assert_eq!(by_port(&s, 9090), Err(RouteError::NoServiceOnPort { port: 9090 }));
         let mut other = s.services[0].clone();
         other.name = "other".into();

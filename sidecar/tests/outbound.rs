@@ -151,9 +151,9 @@ async fn fast_failing_endpoint_is_ejected_and_the_healthy_one_serves() {
         }
     }
     assert!(
-        failed <= isthmus_sidecar::balance::EJECT_AFTER as usize,
+        failed <= isthmus_sidecar::balance::ENDPOINT_EJECT_AFTER as usize,
         "{failed} failures: the broken endpoint should be ejected after {} in a row",
-        isthmus_sidecar::balance::EJECT_AFTER
+        isthmus_sidecar::balance::ENDPOINT_EJECT_AFTER
     );
     assert!(
         last_failure < 20,

@@ -1,0 +1,415 @@
+//! The Admin service: what the operator's CLI asks of the controller
+//! (tokens, links, exports, policies, credentials, rotation, status).
+
+use std::time::Duration;
+
+use isthmus_core::identity;
+use isthmus_core::naming::ServiceKey;
+use isthmus_core::token::{self, JoinToken};
+use isthmus_core::unix_now;
+use isthmus_proto::admin_server::Admin;
+use isthmus_proto::{
+    ApplyPolicyRequest, ApplyPolicyResponse, CreateTokenRequest, CreateTokenResponse, ExportRequest, ExportResponse,
+    LinkRequest, LinkResponse, LinkStatus, ListTokensRequest, ListTokensResponse, ListWorkloadCredentialsRequest,
+    ListWorkloadCredentialsResponse, RevokeTokenRequest, RevokeTokenResponse, RevokeWorkloadCredentialRequest,
+    RevokeWorkloadCredentialResponse, RootStatus, RotateCaRequest, RotateCaResponse, StatusRequest, StatusResponse,
+    TokenInfo, UnlinkRequest, UnlinkResponse, WorkloadCredentialInfo, WorkloadCredentialRequest,
+    WorkloadCredentialResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::auth::{self, credential};
+use crate::config::{DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL};
+use crate::shared::Svc;
+use crate::state::{ExportRecord, TokenRecord};
+use crate::{join, peering};
+
+#[tonic::async_trait]
+impl Admin for Svc {
+    async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<CreateTokenResponse>, Status> {
+        auth::admin(&self.0, &req)?;
+        let r = req.into_inner();
+        let ttl = if r.ttl_seconds == 0 {
+            DEFAULT_TOKEN_TTL
+        } else {
+            Duration::from_secs(r.ttl_seconds)
+        };
+        if ttl > MAX_TOKEN_TTL {
+            return Err(Status::invalid_argument("--ttl may be at most 7 days"));
+        }
+        let uses = if r.uses == 0 { 1 } else { r.uses };
+        let (secret, hash) = token::new_secret();
+        let id = format!("{:016x}", rand::random::<u64>());
+        let now = unix_now();
+        let (_, quic) = self.0.gateway_addrs();
+        let tok = JoinToken {
+            cluster: self.0.cfg.cluster.clone(),
+            trust_domain: self.0.cfg.trust_domain.clone(),
+            peering: vec![self.0.peering_advertised.clone()],
+            gateway: if quic.is_empty() { vec![] } else { vec![quic] },
+            root_fingerprint: self.0.ca.load().signer().fingerprint(),
+            id: id.clone(),
+            secret,
+            priority: (r.priority > 0).then_some(r.priority),
+        };
+        let expires = now + ttl.as_secs() as i64;
+        self.0.update(|state| {
+            // Drop tokens that can never be used again, so the file stays small.
+            state.tokens.retain(|_, t| t.expires_unix > now - 24 * 3600);
+            state.tokens.insert(
+                id.clone(),
+                TokenRecord {
+                    id: id.clone(),
+                    secret_hash: hash,
+                    created_unix: now,
+                    expires_unix: expires,
+                    uses_left: uses,
+                    used_by: vec![],
+                    revoked: false,
+                    root_fingerprint: tok.root_fingerprint.clone(),
+                },
+            );
+            Ok(())
+        })?;
+        self.0.metrics.tokens_created.inc();
+        tracing::info!(token_id = %id, ttl_s = ttl.as_secs(), uses, "join token created");
+        Ok(Response::new(CreateTokenResponse {
+            token: tok.encode(),
+            id,
+            expires_unix: expires,
+        }))
+    }
+
+    async fn link(&self, req: Request<LinkRequest>) -> Result<Response<LinkResponse>, Status> {
+        auth::admin(&self.0, &req)?;
+        let joined = match JoinToken::decode(&req.into_inner().token) {
+            Ok(tok) => peering::join(self.0.clone(), &tok).await,
+            Err(e) => Err(join::LinkError::from(e)),
+        };
+        // The joining side's view of token failures, by reason.
+        let result = match &joined {
+            Ok(_) => "linked",
+            Err(e) => e.label(),
+        };
+        self.0.metrics.link_attempt(result);
+        Ok(Response::new(joined.map_err(|e| e.status())?))
+    }
+
+    async fn export(&self, req: Request<ExportRequest>) -> Result<Response<ExportResponse>, Status> {
+        auth::admin(&self.0, &req)?;
+        let r = req.into_inner();
+        let key = ServiceKey::new(&r.namespace, &r.name);
+        identity::validate_name(&key.namespace).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        identity::validate_name(&key.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        {
+            let reg = self.0.registry.lock().expect("registry lock");
+            if !reg
+                .sidecars
+                .values()
+                .any(|s| s.namespace == r.namespace && s.service == r.name)
+            {
+                let mut known: Vec<String> = reg
+                    .sidecars
+                    .values()
+                    .map(|s| ServiceKey::new(&s.namespace, &s.service).to_string())
+                    .collect();
+                known.sort();
+                known.dedup();
+                return Err(Status::not_found(format!(
+                    "service {key} does not exist in cluster {}: no workload has registered it (services here: {})",
+                    self.0.cfg.cluster,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                )));
+            }
+        }
+        let exports = self.0.update(|state| {
+            if !state.exports.contains_key(&key) {
+                state.exports.insert(
+                    key.clone(),
+                    ExportRecord {
+                        namespace: r.namespace,
+                        name: r.name,
+                        created_unix: unix_now(),
+                    },
+                );
+            }
+            Ok(state.exports.len())
+        })?;
+        self.0.metrics.exports.set(exports as i64);
+        tracing::info!(service = %key, "exported");
+        self.0.changed();
+        Ok(Response::new(ExportResponse {}))
+    }
+
+    async fn apply_policy(&self, req: Request<ApplyPolicyRequest>) -> Result<Response<ApplyPolicyResponse>, Status> {
+        auth::admin(&self.0, &req)?;
+        let r = req.into_inner();
+        let policy = r
+            .policy
+            .ok_or_else(|| Status::invalid_argument("no policy in the request"))?;
+        // Checked whole before anything is stored: nothing half-applied.
+        isthmus_core::policy::validate(&policy).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let key = ServiceKey::new(&policy.namespace, &policy.service);
+        let changed = self.0.update(|state| {
+            let before = state.policies.get(&key).cloned();
+            if r.delete {
+                state.policies.remove(&key);
+            } else {
+                state.set_policy(&policy);
+            }
+            Ok(state.policies.get(&key) != before.as_ref())
+        })?;
+        if changed {
+            tracing::info!(service = %key, delete = r.delete, "traffic policy applied");
+            self.0.metrics.policy_changes.inc();
+            self.0.changed();
+        }
+        Ok(Response::new(ApplyPolicyResponse { changed }))
+    }
+
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        auth::admin(&self.0, &req)?;
+        let snap = self.0.snapshot();
+        let ca = self.0.ca.load();
+        let ours = ca.fingerprints();
+        let state = self.0.state.lock().expect("state lock").clone();
+        let peers = self.0.peers.lock().expect("peers lock").clone();
+        let links = state
+            .links
+            .values()
+            .map(|l| {
+                let rt = peers.get(&l.cluster);
+                let age = rt
+                    .and_then(|p| p.last_heartbeat)
+                    .map(|t| t.elapsed().as_millis() as i64)
+                    .unwrap_or(-1);
+                let fp = identity::certs_from_pem(&l.roots_pem)
+                    .ok()
+                    .and_then(|c| c.first().map(identity::fingerprint))
+                    .unwrap_or_default();
+                LinkStatus {
+                    cluster: l.cluster.clone(),
+                    trust_domain: l.trust_domain.clone(),
+                    state: peering::link_state(rt, self.0.cfg.import_lease).to_string(),
+                    heartbeat_age_ms: age,
+                    gateway_addr: l.gateway_addr.clone(),
+                    bundle_fingerprint: fp,
+                    priority: l.priority.unwrap_or(0),
+                    peer_has_our_roots: rt.is_some_and(|p| ours.iter().all(|f| p.holds_our_roots.contains(f))),
+                    imports: rt
+                        .filter(|p| p.imports.live)
+                        .map(|p| p.imports.services.len() as u32)
+                        .unwrap_or(0),
+                }
+            })
+            .collect();
+        let roots = ca
+            .records()
+            .map(|(r, c)| RootStatus {
+                fingerprint: c.fingerprint(),
+                state: r.phase.as_str().to_string(),
+                not_after_unix: identity::not_after_of(c.anchor_der()).unwrap_or_default(),
+                retire_unix: r.retire_unix.unwrap_or_default(),
+            })
+            .collect();
+        let (tunnel, quic) = self.0.gateway_addrs();
+        Ok(Response::new(StatusResponse {
+            cluster: self.0.cfg.cluster.clone(),
+            trust_domain: self.0.cfg.trust_domain.clone(),
+            root_fingerprint: ca.signer().fingerprint(),
+            links,
+            services: snap.services,
+            gateway_tunnel_addr: tunnel,
+            gateway_quic_addr: quic,
+            roots,
+            svid_expires_unix: self.0.svid.not_after().unwrap_or_default(),
+        }))
+    }
+
+    async fn list_tokens(&self, req: Request<ListTokensRequest>) -> Result<Response<ListTokensResponse>, Status> {
+        auth::admin(&self.0, &req)?;
+        let now = unix_now();
+        let state = self.0.state.lock().expect("state lock");
+        let signer = self.0.ca.load().signer().fingerprint();
+        let mut tokens: Vec<TokenInfo> = state
+            .tokens
+            .values()
+            .map(|t| TokenInfo {
+                id: t.id.clone(),
+                created_unix: t.created_unix,
+                expires_unix: t.expires_unix,
+                uses_left: t.uses_left,
+                used_by: t.used_by.clone(),
+                state: t.state(now, &signer).to_string(),
+            })
+            .collect();
+        tokens.sort_by_key(|t| t.created_unix);
+        Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(&self, req: Request<RevokeTokenRequest>) -> Result<Response<RevokeTokenResponse>, Status> {
+        auth::admin(&self.0, &req)?;
+        let id = req.into_inner().id;
+        let now = unix_now();
+        let signer = self.0.ca.load().signer().fingerprint();
+        self.0.update(|state| {
+            let t = state
+                .tokens
+                .get_mut(&id)
+                .ok_or_else(|| Status::not_found(format!("no join token {id:?} (`isthmus token list` shows them)")))?;
+            match t.state(now, &signer) {
+                "usable" => {
+                    t.revoked = true;
+                    Ok(())
+                }
+                other => Err(Status::failed_precondition(format!(
+                    "join token {id} is {other} already: it cannot be used to link"
+                ))),
+            }
+        })?;
+        self.0.metrics.token_revocations.inc();
+        tracing::info!(token_id = %id, "join token revoked");
+        Ok(Response::new(RevokeTokenResponse {}))
+    }
+
+    async fn unlink(&self, req: Request<UnlinkRequest>) -> Result<Response<UnlinkResponse>, Status> {
+        auth::admin(&self.0, &req)?;
+        let peer = req.into_inner().cluster;
+        let connected = self
+            .0
+            .peers
+            .lock()
+            .expect("peers lock")
+            .get(&peer)
+            .is_some_and(|p| p.connected);
+        if !peering::remove_link(&self.0, &peer, "unlinked by an operator") {
+            let known: Vec<String> = self.0.state.lock().expect("state lock").links.keys().cloned().collect();
+            return Err(Status::not_found(format!(
+                "cluster {} has no link with {peer:?} (links: {})",
+                self.0.cfg.cluster,
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
+        // A live peering session notices on its next round and tells the
+        // peer before it ends; without one, the peer keeps its side.
+        Ok(Response::new(UnlinkResponse {
+            peer_notified: connected,
+        }))
+    }
+
+    async fn create_workload_credential(
+        &self,
+        req: Request<WorkloadCredentialRequest>,
+    ) -> Result<Response<WorkloadCredentialResponse>, Status> {
+        auth::admin(&self.0, &req)?;
+        let r = req.into_inner();
+        let id = auth::workload_id(&self.0.cfg.trust_domain, &r.namespace, &r.service_account)?;
+        if !r.service.is_empty() {
+            identity::validate_name(&r.service).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let (secret, hash) = token::new_secret();
+        let cred_id = format!("{:016x}", rand::random::<u64>());
+        self.0.update(|state| {
+            state.workloads.insert(
+                cred_id.clone(),
+                crate::state::WorkloadRecord {
+                    id: cred_id.clone(),
+                    namespace: r.namespace.clone(),
+                    service_account: r.service_account.clone(),
+                    service: if r.service.is_empty() {
+                        r.service_account.clone()
+                    } else {
+                        r.service.clone()
+                    },
+                    secret_hash: hash,
+                    created_unix: unix_now(),
+                },
+            );
+            Ok(())
+        })?;
+        tracing::info!(%id, credential = %cred_id, "workload credential created");
+        Ok(Response::new(WorkloadCredentialResponse {
+            credential: credential::format(&cred_id, &secret),
+            spiffe_id: id.to_string(),
+            id: cred_id,
+        }))
+    }
+
+    async fn list_workload_credentials(
+        &self,
+        req: Request<ListWorkloadCredentialsRequest>,
+    ) -> Result<Response<ListWorkloadCredentialsResponse>, Status> {
+        auth::admin(&self.0, &req)?;
+        let td = &self.0.cfg.trust_domain;
+        let state = self.0.state.lock().expect("state lock");
+        let mut credentials: Vec<WorkloadCredentialInfo> = state
+            .workloads
+            .values()
+            .map(|w| WorkloadCredentialInfo {
+                id: w.id.clone(),
+                spiffe_id: format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account),
+                service: w.service.clone(),
+                created_unix: w.created_unix,
+            })
+            .collect();
+        credentials.sort_by_key(|c| c.created_unix);
+        Ok(Response::new(ListWorkloadCredentialsResponse { credentials }))
+    }
+
+    async fn revoke_workload_credential(
+        &self,
+        req: Request<RevokeWorkloadCredentialRequest>,
+    ) -> Result<Response<RevokeWorkloadCredentialResponse>, Status> {
+        auth::admin(&self.0, &req)?;
+        let id = req.into_inner().id;
+        self.0.update(|state| {
+            state.workloads.remove(&id).map(|_| ()).ok_or_else(|| {
+                Status::not_found(format!(
+                    "no workload credential {id:?} (`isthmus workload list` shows them)"
+                ))
+            })
+        })?;
+        tracing::info!(credential = %id, "workload credential revoked");
+        Ok(Response::new(RevokeWorkloadCredentialResponse {}))
+    }
+
+    async fn rotate_ca(&self, req: Request<RotateCaRequest>) -> Result<Response<RotateCaResponse>, Status> {
+        auth::admin(&self.0, &req)?;
+        let r = req.into_inner();
+        let grace = if r.retire_after_seconds == 0 {
+            self.0.cfg.svid_ttl
+        } else {
+            Duration::from_secs(r.retire_after_seconds)
+        };
+        // Checked first, so a refused rotation leaves no key behind.
+        crate::ca::no_rotation_under_way(&self.0.state.lock().expect("state lock"))
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let new = identity::Ca::generate(&self.0.cfg.trust_domain).map_err(|e| Status::internal(e.to_string()))?;
+        // The key is on disk before the state names it.
+        let key_file = crate::ca::key_file(&new);
+        self.0
+            .dir
+            .write_atomic(&key_file, new.key_pem().as_bytes(), true)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let staged = self.0.update(|state| {
+            crate::ca::stage(state, &new, grace, unix_now()).map_err(|e| Status::failed_precondition(e.to_string()))
+        });
+        if let Err(e) = staged {
+            let _ = std::fs::remove_file(self.0.dir.file(&key_file));
+            return Err(e);
+        }
+        tracing::info!(root = %new.fingerprint(), retire_after_s = grace.as_secs(), "root rotation started: new root staged");
+        self.0.reload_ca();
+        Ok(Response::new(RotateCaResponse {
+            new_root_fingerprint: new.fingerprint(),
+        }))
+    }
+}

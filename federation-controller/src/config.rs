@@ -1,0 +1,69 @@
+//! How a controller runs. Every default lives here once; the command line
+//! (`isthmus controller`, `isthmus up`) reads these constants.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Local control plane address (sidecars, gateway, CLI).
+pub const DEFAULT_CONTROL_ADDR: &str = "127.0.0.1:15010";
+/// Peering address other clusters' controllers dial.
+pub const DEFAULT_PEERING_ADDR: &str = "127.0.0.1:15011";
+/// Admin endpoint: `/metrics`, `/ready`, `/live`.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15022";
+/// Lifetime of the SVIDs the controller issues; workloads renew at half.
+pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
+/// Interval between peering heartbeats.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+/// A peer silent this long has its imports withdrawn.
+pub const DEFAULT_IMPORT_LEASE: Duration = Duration::from_secs(10);
+/// A join token lives this long unless asked otherwise.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+/// The longest a join token may live.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How to run a controller.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub dir: PathBuf,
+    pub cluster: String,
+    pub trust_domain: String,
+    /// Local control plane (sidecars, gateway, CLI).
+    pub control_addr: SocketAddr,
+    /// Peering with other clusters' controllers.
+    pub peering_addr: SocketAddr,
+    /// Peering address written into join tokens (defaults to the bound one);
+    /// may be a DNS name.
+    pub advertise_peering: Option<String>,
+    pub svid_ttl: Duration,
+    /// Interval between peering heartbeats.
+    pub heartbeat: Duration,
+    /// A peer silent for this long has its imports withdrawn.
+    pub import_lease: Duration,
+    /// Admin endpoint (`/metrics`, `/ready`, `/live`), if any.
+    pub admin_addr: Option<SocketAddr>,
+    /// A CA to use on first start instead of generating a root: PEM chain
+    /// (signing certificate first, up to the root) and PEM private key.
+    pub ca_files: Option<(PathBuf, PathBuf)>,
+}
+
+impl Config {
+    /// A controller of `cluster` in `dir`, every address on loopback port
+    /// 0, and the defaults above for the rest.
+    pub fn new(dir: impl Into<PathBuf>, cluster: &str, trust_domain: &str) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            dir: dir.into(),
+            cluster: cluster.to_string(),
+            trust_domain: trust_domain.to_string(),
+            control_addr: any,
+            peering_addr: any,
+            advertise_peering: None,
+            svid_ttl: DEFAULT_SVID_TTL,
+            heartbeat: DEFAULT_HEARTBEAT,
+            import_lease: DEFAULT_IMPORT_LEASE,
+            admin_addr: None,
+            ca_files: None,
+        }
+    }
+}

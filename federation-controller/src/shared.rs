@@ -1,0 +1,166 @@
+//! What every task of the controller shares: its configuration, CA, state
+//! and registry, the peers' runtime state, and how a change reaches
+//! sidecars, gateways and peers (a version bump, then a fresh snapshot).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use isthmus_core::bundle::TrustBundles;
+use isthmus_core::local::ClusterDir;
+use isthmus_core::tls::{SharedBundles, SvidResolver};
+use isthmus_proto::{ConfigSnapshot, GatewayRegistration, Peer, SidecarRegistration, TrustBundle};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::state::State;
+use crate::{ca, metrics, snapshot};
+
+/// Link health as peers and operators see it.
+#[derive(Clone, Debug)]
+pub(crate) struct PeerRuntime {
+    pub connected: bool,
+    pub ever_connected: bool,
+    pub last_heartbeat: Option<Instant>,
+    pub imports: snapshot::PeerImports,
+    /// Fingerprints of our roots the peer last said it trusts.
+    pub holds_our_roots: Vec<String>,
+}
+
+impl PeerRuntime {
+    pub fn new() -> Self {
+        Self {
+            connected: false,
+            ever_connected: false,
+            last_heartbeat: None,
+            imports: Default::default(),
+            holds_our_roots: Vec::new(),
+        }
+    }
+}
+
+/// The cluster's live sidecars and gateway: each registration lives as
+/// long as its config stream.
+#[derive(Default)]
+pub(crate) struct Registry {
+    pub next_id: u64,
+    pub sidecars: BTreeMap<u64, SidecarRegistration>,
+    pub gateway: Option<(u64, GatewayRegistration)>,
+}
+
+/// What every task of the controller shares.
+pub(crate) struct Shared {
+    pub cfg: Config,
+    pub dir: ClusterDir,
+    /// This cluster's roots; replaced whole when a rotation moves on.
+    pub ca: ArcSwap<ca::Authority>,
+    /// Hash of the admin token in the cluster directory (`local.token`).
+    pub local_token_hash: String,
+    pub peering_advertised: String,
+    pub state: Mutex<State>,
+    pub registry: Mutex<Registry>,
+    pub peers: Mutex<BTreeMap<String, PeerRuntime>>,
+    /// Own root plus every linked peer's: what the peering port trusts.
+    pub bundles: SharedBundles,
+    pub svid: Arc<SvidResolver>,
+    pub version: watch::Sender<u64>,
+    pub shutdown: CancellationToken,
+    pub metrics: metrics::Metrics,
+}
+
+impl Shared {
+    /// Something sidecars, gateways or peers see has changed.
+    pub fn changed(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Change the durable state: `change` edits a copy, the copy is saved,
+    /// and only then does it replace the state in memory. A change that
+    /// fails, or cannot be saved, leaves no trace.
+    pub fn update<T>(&self, change: impl FnOnce(&mut State) -> Result<T, tonic::Status>) -> Result<T, tonic::Status> {
+        let mut state = self.state.lock().expect("state lock");
+        let mut next = state.clone();
+        let out = change(&mut next)?;
+        if next != *state {
+            next.save(self.dir.path()).map_err(|e| {
+                tracing::error!(error = %e, "saving state failed");
+                tonic::Status::internal(format!("could not save state: {e}"))
+            })?;
+            *state = next;
+        }
+        Ok(out)
+    }
+
+    pub fn rebuild_bundles(&self) {
+        let state = self.state.lock().expect("state lock");
+        let mut b = TrustBundles::new();
+        b.set(&self.cfg.trust_domain, self.ca.load().anchors());
+        for link in state.links.values() {
+            if let Err(e) = b.set_pem(&link.trust_domain, &link.roots_pem) {
+                tracing::warn!(peer = %link.cluster, error = %e, "peer bundle unusable");
+            }
+        }
+        self.bundles.store(Arc::new(b));
+    }
+
+    pub fn gateway_addrs(&self) -> (String, String) {
+        let reg = self.registry.lock().expect("registry lock");
+        reg.gateway
+            .as_ref()
+            .map(|(_, g)| (g.tunnel_addr.clone(), g.quic_addr.clone()))
+            .unwrap_or_default()
+    }
+
+    /// The config a sidecar or gateway of this cluster receives.
+    pub fn snapshot(&self) -> ConfigSnapshot {
+        let state = self.state.lock().expect("state lock").clone();
+        let imports: BTreeMap<String, snapshot::PeerImports> = self
+            .peers
+            .lock()
+            .expect("peers lock")
+            .iter()
+            .filter(|(c, _)| state.links.contains_key(*c))
+            .map(|(c, p)| (c.clone(), p.imports.clone()))
+            .collect();
+        let reg = self.registry.lock().expect("registry lock");
+        let services = snapshot::services(&state, reg.sidecars.values(), &imports);
+        let ca = self.ca.load();
+        let mut bundles = vec![TrustBundle {
+            trust_domain: self.cfg.trust_domain.clone(),
+            roots_pem: ca.bundle_pem(),
+        }];
+        let mut peers = Vec::new();
+        for link in state.links.values() {
+            bundles.push(TrustBundle {
+                trust_domain: link.trust_domain.clone(),
+                roots_pem: link.roots_pem.clone(),
+            });
+            peers.push(Peer {
+                cluster: link.cluster.clone(),
+                trust_domain: link.trust_domain.clone(),
+                gateway_addr: link.gateway_addr.clone(),
+            });
+        }
+        ConfigSnapshot {
+            version: *self.version.borrow(),
+            cluster: self.cfg.cluster.clone(),
+            trust_domain: self.cfg.trust_domain.clone(),
+            bundles,
+            services,
+            gateway_tunnel_addr: reg
+                .gateway
+                .as_ref()
+                .map(|(_, g)| g.tunnel_addr.clone())
+                .unwrap_or_default(),
+            peers,
+            signing_root: ca.signer().fingerprint(),
+        }
+    }
+}
+
+/// The controller's gRPC services (Control and Admin on the control port,
+/// Peering on the peering port), each a handle on what is shared.
+#[derive(Clone)]
+pub(crate) struct Svc(pub Arc<Shared>);

@@ -1,0 +1,62 @@
+//! QUIC settings of the tunnel between gateways (the WAN table in
+//! docs/architecture.md gives each value's reason).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Jumbo-frame payload: the most PMTU discovery tries.
+pub const MAX_UDP_PAYLOAD: u16 = 8952;
+/// Tunnels open at once on one connection, per direction: one per
+/// tunneled connection.
+const MAX_STREAMS: u32 = 4096;
+/// Only the backstop: the watchdog closes a silent connection long before.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// One tunneled connection may have this much in flight: 160 Mbit/s at
+/// 100 ms RTT.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// All tunnels to a peer together: 1.3 Gbit/s at 100 ms.
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// QUIC endpoint settings that survive a restart. The stateless-reset key
+/// and the key that validates connection IDs are derived from the cluster's
+/// local secret, so a restarted gateway recognises its predecessor's
+/// connection IDs and answers with a reset that peers accept at once,
+/// instead of them waiting out the idle timeout on a connection that no
+/// longer exists. Only holders of the secret can forge such a reset.
+pub fn endpoint_config(local_secret: &str) -> quinn::EndpointConfig {
+    let derive = |label: &str| {
+        ring::digest::digest(
+            &ring::digest::SHA256,
+            format!("isthmus quic {label}\0{local_secret}").as_bytes(),
+        )
+    };
+    let reset = derive("stateless reset");
+    let cid = derive("connection id");
+    let cid_key = u64::from_le_bytes(cid.as_ref()[..8].try_into().expect("8 bytes"));
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref())));
+    cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    // Accept datagrams as large as PMTU discovery may probe (see transport()).
+    cfg.max_udp_payload_size(MAX_UDP_PAYLOAD).expect("within QUIC's limits");
+    cfg
+}
+
+pub fn transport(peer_timeout: Duration) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(MAX_STREAMS.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    // Keep-alives (acknowledged by the peer) keep packets coming even when
+    // no tunnel is busy, so silence means a dead peer or path (watchdog.rs).
+    t.keep_alive_interval(Some(peer_timeout / 4));
+    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("valid")));
+    t.stream_receive_window(STREAM_WINDOW.into());
+    t.receive_window(CONNECTION_WINDOW.into());
+    t.send_window(u64::from(CONNECTION_WINDOW));
+    // Probe for a path MTU up to jumbo frames: inside a data centre (and on
+    // loopback) each datagram then carries six times the bytes for the same
+    // per-packet crypto and system-call cost. Probes that are lost cost
+    // nothing but the probe; across the internet it settles at ~1450.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
+    Arc::new(t)
+}

@@ -1,0 +1,152 @@
+//! Request and response bodies: the boxed body type the proxy passes on,
+//! and how a request's body is kept so the request can be sent again.
+//!
+//! A body with a declared length up to `BUFFER_BODY_MAX` is read whole
+//! before the request is sent on, so its HEADERS and DATA frames leave in
+//! one TLS record and one write (streamed, HEADERS goes alone first: a
+//! write, and a wake-up at the peer, more per request). A body of unknown
+//! length (gRPC clients send none) streams as it comes, with a copy kept as
+//! it passes, up to the same size: waiting for its end could deadlock a
+//! streaming call whose client waits for the server's first message.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::Request;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+
+/// What the proxy passes on: any body, boxed.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Largest request body kept to be sent again (and read whole when its
+/// length is declared).
+pub const BUFFER_BODY_MAX: u64 = 16 * 1024;
+
+pub fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|n| match n {}).boxed()
+}
+
+pub fn empty() -> Body {
+    http_body_util::Empty::new().map_err(|n| match n {}).boxed()
+}
+
+/// The request with its body read whole if it is small, and how to get that
+/// body again to resend it.
+pub async fn buffer_small_body(req: Request<Incoming>) -> Result<(Request<Body>, Replay), hyper::Error> {
+    if req.body().is_end_stream() {
+        return Ok((req.map(|_| empty()), Replay::Ready(Bytes::new())));
+    }
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let (parts, body) = req.into_parts();
+    match declared {
+        Some(n) if n <= BUFFER_BODY_MAX => {
+            let bytes = body.collect().await?.to_bytes();
+            Ok((Request::from_parts(parts, full(bytes.clone())), Replay::Ready(bytes)))
+        }
+        Some(_) => Ok((Request::from_parts(parts, body.boxed()), Replay::No)),
+        None => {
+            let (tee, recording) = Tee::new(body);
+            Ok((Request::from_parts(parts, tee.boxed()), Replay::Recorded(recording)))
+        }
+    }
+}
+
+/// How a request's body can be had again, to resend the request.
+pub enum Replay {
+    Ready(Bytes),
+    Recorded(Recording),
+    No,
+}
+
+impl Replay {
+    /// The whole body, if it is at hand (a recording only once it ended).
+    pub fn body(&self) -> Option<Bytes> {
+        match self {
+            Replay::Ready(b) => Some(b.clone()),
+            Replay::Recorded(r) => match &*r.0.lock().expect("recording lock") {
+                Recorded::Done(b) => Some(b.clone()),
+                _ => None,
+            },
+            Replay::No => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Recording(Arc<Mutex<Recorded>>);
+
+enum Recorded {
+    Partial(BytesMut),
+    Done(Bytes),
+    /// Too large to keep, or it had trailers.
+    Abandoned,
+}
+
+/// A body passed through unchanged while a copy of it is recorded.
+struct Tee {
+    inner: Incoming,
+    rec: Recording,
+}
+
+impl Tee {
+    fn new(inner: Incoming) -> (Self, Recording) {
+        let rec = Recording(Arc::new(Mutex::new(Recorded::Partial(BytesMut::new()))));
+        (
+            Tee {
+                inner,
+                rec: rec.clone(),
+            },
+            rec,
+        )
+    }
+
+    fn finish(&self) {
+        let mut r = self.rec.0.lock().expect("recording lock");
+        if let Recorded::Partial(buf) = &mut *r {
+            *r = Recorded::Done(std::mem::take(buf).freeze());
+        }
+    }
+}
+
+impl hyper::body::Body for Tee {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let mut r = self.rec.0.lock().expect("recording lock");
+                match (&mut *r, frame.data_ref()) {
+                    (Recorded::Partial(buf), Some(d)) if (buf.len() + d.len()) as u64 <= BUFFER_BODY_MAX => {
+                        buf.extend_from_slice(d)
+                    }
+                    _ => *r = Recorded::Abandoned,
+                }
+                drop(r);
+                // Whoever polls may stop at the last frame without asking
+                // for the end.
+                if self.inner.is_end_stream() {
+                    self.finish();
+                }
+            }
+            Poll::Ready(None) => self.finish(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
