@@ -11,7 +11,6 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -28,9 +27,7 @@ pub async fn serve(listen: SocketAddr, ready: Option<std::path::PathBuf>) -> any
         let (tcp, _) = listener.accept().await?;
         tcp.set_nodelay(true)?;
         tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service_fn(handle))
-                .await;
+            let _ = isthmus_core::http::serve_connection(tcp, service_fn(handle)).await;
         });
     }
 }

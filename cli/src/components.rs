@@ -177,10 +177,15 @@ pub struct SidecarArgs {
     /// protocols, which would otherwise wait 1 s for detection.
     #[arg(long, value_delimiter = ',')]
     pub opaque_port: Vec<u16>,
-    /// Export a span per request over OTLP/HTTP (JSON) to this collector
-    /// base URL, e.g. http://127.0.0.1:4318 (`/v1/traces` is appended).
+    /// Export a span per request over OTLP to this collector base URL,
+    /// e.g. http://127.0.0.1:4318 for HTTP (`/v1/traces` is appended) or
+    /// http://127.0.0.1:4317 for gRPC. The other OTEL_* variables apply
+    /// (headers, timeout, OTEL_TRACES_SAMPLER and _ARG, OTEL_BSP_*).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// The OTLP transport: http/protobuf or grpc.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", default_value = "http/protobuf", value_parser = isthmus_sidecar::otlp::Protocol::parse)]
+    pub otlp_protocol: isthmus_sidecar::otlp::Protocol,
     /// Client connections open at once, per direction (from the app; from
     /// the mesh); more are closed as they arrive.
     #[arg(long, default_value_t = isthmus_sidecar::config::DEFAULT_MAX_CONNECTIONS)]
@@ -280,9 +285,13 @@ pub async fn gateway(a: GatewayArgs, log: &str) -> Result<(), CliError> {
         admin_addr: Some(a.admin_addr),
         peer_timeout: a.peer_timeout.into(),
     };
-    let running = isthmus_gateway::run(cfg, shutdown.clone())
-        .await
-        .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
+    let running = isthmus_gateway::run(cfg, shutdown.clone()).await.map_err(|e| {
+        let code = match &e {
+            isthmus_gateway::GatewayError::Agent(a) => agent_code(a),
+            _ => exit::FAILURE,
+        };
+        CliError::new(code, e.to_string())
+    })?;
     write_ready(
         a.common.ready_file.as_deref(),
         serde_json::json!({
@@ -326,14 +335,15 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
         dns_addr: a.dns_addr,
         opaque_ports: a.opaque_port,
         otlp_endpoint: a.otlp_endpoint,
+        otlp_protocol: a.otlp_protocol,
         max_connections: a.max_connections,
         max_requests_per_service: a.max_requests_per_service,
     };
     let running = isthmus_sidecar::run(cfg, shutdown.clone()).await.map_err(|e| {
-        let code = if e.is_bad_input() {
-            exit::BAD_INPUT
-        } else {
-            exit::FAILURE
+        let code = match &e {
+            isthmus_sidecar::SidecarError::Agent(a) => agent_code(a),
+            e if e.is_bad_input() => exit::BAD_INPUT,
+            _ => exit::FAILURE,
         };
         CliError::new(code, e.to_string())
     })?;
@@ -348,6 +358,19 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
         }),
     )?;
     finish(shutdown, running.done).await
+}
+
+/// The exit code of a component that could not get going with its
+/// controller: the same as the admin commands' for the same cause.
+fn agent_code(e: &isthmus_core::agent::AgentError) -> u8 {
+    use isthmus_core::agent::AgentError;
+    use isthmus_core::local::LocalError;
+    match e {
+        AgentError::Local(LocalError::NoController { .. }) => exit::NOT_FOUND,
+        AgentError::Local(LocalError::Unreachable { .. }) => exit::UNREACHABLE,
+        AgentError::Certificate(_) => exit::REFUSED,
+        _ => exit::FAILURE,
+    }
 }
 
 /// `--peer-timeout`, within `PEER_TIMEOUT_RANGE` (clap prints the error).

@@ -5,9 +5,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use isthmus_core::http::{Answer, HttpError};
 
 use crate::admin;
 use crate::error::CliError;
@@ -30,42 +28,14 @@ pub struct Args {
     dir: Option<PathBuf>,
 }
 
-/// An HTTP response as the demo and tests look at it.
-pub struct Answer {
-    pub status: u16,
-    pub error_kind: Option<String>,
-    pub body: String,
-    pub latency: Duration,
+/// GET `url` through the sidecar at `proxy` (HTTP proxy style).
+pub async fn call(proxy: &str, url: &str) -> Result<Answer, HttpError> {
+    isthmus_core::http::get_via(proxy, url).await
 }
 
-/// GET `url` through the sidecar at `proxy` (HTTP proxy style).
-pub async fn call(proxy: &str, url: &str) -> Result<Answer, String> {
-    let start = Instant::now();
-    let tcp = tokio::net::TcpStream::connect(proxy)
-        .await
-        .map_err(|e| format!("connect to sidecar {proxy}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(url)
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let error_kind = resp
-        .headers()
-        .get(isthmus_sidecar::ERROR_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok(Answer {
-        status,
-        error_kind,
-        body: String::from_utf8_lossy(&body).into_owned(),
-        latency: start.elapsed(),
-    })
+/// The kind of failure a sidecar reported, if it answered for itself.
+fn error_kind(a: &Answer) -> Option<&str> {
+    a.header(isthmus_sidecar::ERROR_HEADER)
 }
 
 struct Report {
@@ -191,7 +161,7 @@ async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster
     r.start("call east's echo from west before linking (must fail)");
     let before = call(&proxy, EAST_URL)
         .await
-        .map_err(|e| CliError::new(exit::FAILURE, e))?;
+        .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
     if before.status == 200 {
         return Err(CliError::new(
             exit::FAILURE,
@@ -201,8 +171,8 @@ async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster
     println!(
         "refused as expected: {} {} {}",
         before.status,
-        before.error_kind.as_deref().unwrap_or(""),
-        before.body.trim()
+        error_kind(&before).unwrap_or(""),
+        before.text().trim()
     );
 
     r.start("create a join token on east");
@@ -245,14 +215,14 @@ async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster
     for i in 1..=a.requests {
         let ans = call(&proxy, EAST_URL)
             .await
-            .map_err(|e| CliError::new(exit::FAILURE, e))?;
+            .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
         if ans.status != 200 {
             return Err(CliError::new(
                 exit::FAILURE,
-                format!("request {i}: {} {}", ans.status, ans.body.trim()),
+                format!("request {i}: {} {}", ans.status, ans.text().trim()),
             ));
         }
-        let v: serde_json::Value = serde_json::from_str(&ans.body)
+        let v: serde_json::Value = serde_json::from_slice(&ans.body)
             .map_err(|e| CliError::new(exit::FAILURE, format!("request {i}: not echo's answer: {e}")))?;
         let served = format!(
             "{}/{}",
@@ -427,7 +397,7 @@ impl Live {
                         .as_ref()
                         .ok()
                         .filter(|a| a.status == 200)
-                        .and_then(|a| serde_json::from_str::<serde_json::Value>(&a.body).ok())
+                        .and_then(|a| serde_json::from_slice::<serde_json::Value>(&a.body).ok())
                         .and_then(|v| v["cluster"].as_str().map(String::from));
                     calls.lock().expect("calls lock").push(LiveCall {
                         at,

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::error::CliError;
 use crate::exit;
@@ -68,9 +67,7 @@ pub async fn run(a: Args) -> Result<(), CliError> {
                     .body(Full::new(Bytes::from(body.to_string() + "\n")));
                 async move { resp }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            let _ = isthmus_core::http::serve_connection(tcp, svc).await;
         });
     }
 }

@@ -4,6 +4,8 @@
 mod admin;
 mod components;
 mod demo;
+#[cfg(test)]
+mod docs_check;
 mod echo;
 mod error;
 mod up;

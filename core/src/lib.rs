@@ -3,15 +3,22 @@
 //! - [`identity`]: SPIFFE IDs, the cluster CA, workload key pairs and CSRs.
 //! - [`bundle`]: per-trust-domain trust bundles and SVID verification.
 //! - [`tls`]: rustls configs whose verifiers check SPIFFE identities.
+//! - [`agent`]: a sidecar's or gateway's link to its controller (SVID
+//!   renewal, the config stream).
 //! - [`token`]: the join token codec (sans-IO).
 //! - [`tunnel`]: the header that opens every tunneled stream (sans-IO).
+//! - [`policy`]: the TrafficPolicy document and its validation.
+//! - [`naming`]: `clusterset.local` service names and `ns/name` keys.
 //! - [`grpc`]: tonic over our own rustls configs.
+//! - [`http`]: serving an HTTP connection; a one-request client.
+//! - [`net`]: binding and accepting.
+//! - [`metrics`]: the admin endpoint and what metrics share.
 //! - [`local`]: the files a local-mode cluster keeps in its directory.
-//! - [`naming`]: `clusterset.local` service names.
 
 pub mod agent;
 pub mod bundle;
 pub mod grpc;
+pub mod http;
 pub mod identity;
 pub mod local;
 pub mod metrics;

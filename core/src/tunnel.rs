@@ -62,6 +62,16 @@ pub enum RefuseCode {
 }
 
 impl RefuseCode {
+    pub const ALL: [RefuseCode; 7] = [
+        RefuseCode::UnknownPeer,
+        RefuseCode::NotExported,
+        RefuseCode::PortMismatch,
+        RefuseCode::NoEndpoints,
+        RefuseCode::PeerUnreachable,
+        RefuseCode::UpstreamConnect,
+        RefuseCode::BadRequest,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RefuseCode::UnknownPeer => "unknown_peer",
@@ -244,15 +254,7 @@ mod tests {
 
     #[test]
     fn response_round_trip() {
-        for code in [
-            RefuseCode::UnknownPeer,
-            RefuseCode::NotExported,
-            RefuseCode::PortMismatch,
-            RefuseCode::NoEndpoints,
-            RefuseCode::PeerUnreachable,
-            RefuseCode::UpstreamConnect,
-            RefuseCode::BadRequest,
-        ] {
+        for code in RefuseCode::ALL {
             // The metric label and the wire name are the same word.
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }

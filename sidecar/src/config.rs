@@ -46,8 +46,10 @@ pub struct Config {
     /// Service ports whose connections are opaque TCP without detection
     /// (server-first protocols, or to skip the detection wait).
     pub opaque_ports: Vec<u16>,
-    /// Export spans over OTLP/HTTP (JSON) to this base URL, if set.
+    /// Export spans over OTLP to this base URL, if set.
     pub otlp_endpoint: Option<String>,
+    /// The OTLP transport (`OTEL_EXPORTER_OTLP_PROTOCOL`).
+    pub otlp_protocol: crate::otlp::Protocol,
     /// Client connections open at once, per direction; more are closed as
     /// they arrive.
     pub max_connections: usize,
@@ -77,6 +79,7 @@ impl Config {
             dns_addr: None,
             opaque_ports: Vec::new(),
             otlp_endpoint: None,
+            otlp_protocol: crate::otlp::Protocol::HttpProtobuf,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_requests_per_service: DEFAULT_MAX_REQUESTS_PER_SERVICE,
         }

@@ -6,13 +6,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::local::error_chain;
 use isthmus_core::tls;
@@ -92,9 +92,7 @@ async fn serve_http(sc: Arc<Sidecar>, client: SpiffeId, stream: tokio_rustls::se
         let route = route.clone();
         async move { Ok::<_, std::convert::Infallible>(observed(sc, client, remote, route, req).await) }
     });
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(stream), svc)
-        .await;
+    let _ = isthmus_core::http::serve_connection(stream, svc).await;
 }
 
 /// One inbound request, with its metrics, access line and span.
@@ -109,15 +107,10 @@ async fn observed(
     let incoming = telemetry::incoming(&req);
     // With spans exported, this hop is a span of its own, the app's parent;
     // else the caller's span stays it.
-    let span = sc.otlp.as_ref().map(|_| {
-        let ctx = telemetry::this_hop(incoming);
-        telemetry::set_traceparent(&mut req, &ctx);
-        telemetry::SpanStart {
-            ctx,
-            parent: incoming,
-            wall: SystemTime::now(),
-            method: req.method().clone(),
-        }
+    let span = sc.otlp.as_ref().map(|x| {
+        let hop = telemetry::Hop::begin(x, otlp::Kind::Server, incoming, req.method());
+        telemetry::set_traceparent(&mut req, &hop.ctx());
+        hop
     });
     let line = sc.cfg.access_log.then(|| {
         let trace = incoming.map(|t| t.trace_id_hex()).unwrap_or_default();
@@ -133,7 +126,7 @@ async fn observed(
         line.print(&route, &resp, elapsed, &trace);
     }
     if let (Some(x), Some(span)) = (&sc.otlp, span) {
-        x.record(span.finish(otlp::Kind::Server, &route, &resp, elapsed));
+        span.end(x, &route, &resp);
     }
     sc.metrics.observe(route, resp.status().as_u16(), elapsed.as_secs_f64());
     resp

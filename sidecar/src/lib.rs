@@ -69,8 +69,8 @@ pub enum SidecarError {
     Name(#[from] isthmus_core::identity::IdentityError),
     #[error("cannot serve DNS on {addr}: {source}")]
     Dns { addr: SocketAddr, source: std::io::Error },
-    #[error("OTLP export: {0}")]
-    Otlp(String),
+    #[error(transparent)]
+    Otlp(#[from] otlp::OtlpError),
 }
 
 impl SidecarError {
@@ -155,11 +155,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
                 ("service.instance.id", cfg.instance.clone()),
                 ("isthmus.cluster", agent.cluster.clone()),
             ];
-            let (dropped, failed) = (metrics.spans_dropped.clone(), metrics.spans_failed.clone());
-            Some(
-                otlp::Exporter::start(endpoint, resource, dropped, failed, shutdown.clone())
-                    .map_err(SidecarError::Otlp)?,
-            )
+            Some(otlp::Exporter::start(
+                endpoint,
+                cfg.otlp_protocol,
+                resource,
+                metrics.spans.clone(),
+                shutdown.clone(),
+            )?)
         }
     };
     let sc = Arc::new(Sidecar {

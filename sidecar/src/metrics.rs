@@ -100,8 +100,7 @@ pub struct Metrics {
     pub tcp_connections: Family<TcpLabels, Counter>,
     pub request_bytes: Family<RouteLabels, Counter>,
     pub response_bytes: Family<RouteLabels, Counter>,
-    pub spans_dropped: Counter,
-    pub spans_failed: Counter,
+    pub spans: crate::otlp::SpanCounters,
     pub rejected: Family<RejectLabels, Counter>,
     pub level: Family<ServiceLabels, Gauge>,
     pub level_moves: Family<MoveLabels, Counter>,
@@ -150,8 +149,7 @@ impl Metrics {
             tcp_connections: Family::default(),
             request_bytes: Family::default(),
             response_bytes: Family::default(),
-            spans_dropped: Counter::default(),
-            spans_failed: Counter::default(),
+            spans: Default::default(),
             rejected: Family::default(),
             level: Family::default(),
             level_moves: Family::default(),
@@ -200,14 +198,19 @@ impl Metrics {
             m.response_bytes.clone(),
         );
         registry.register(
-            "isthmus_otlp_spans_dropped",
-            "Spans dropped because the OTLP export queue was full",
-            m.spans_dropped.clone(),
+            "isthmus_otlp_spans_ended",
+            "Sampled spans ended and handed to the OTLP batch processor",
+            m.spans.ended.clone(),
+        );
+        registry.register(
+            "isthmus_otlp_spans_exported",
+            "Spans the OTLP collector accepted",
+            m.spans.exported.clone(),
         );
         registry.register(
             "isthmus_otlp_spans_failed",
             "Spans lost because their OTLP export failed (collector unreachable or refusing)",
-            m.spans_failed.clone(),
+            m.spans.failed.clone(),
         );
         registry.register(
             "isthmus_failover_level",

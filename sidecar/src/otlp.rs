@@ -1,172 +1,264 @@
-//! Spans exported over OTLP/HTTP with JSON encoding (`POST <endpoint>/v1/traces`),
-//! when an endpoint is configured: a client span for each outbound request
-//! and a server span for each inbound one, in the W3C trace the request
-//! carries. Encoding is a pure function; one task batches and sends.
+//! Spans over OTLP, with the OpenTelemetry SDK and its OTLP exporter: a
+//! client span for each outbound request and a server span for each
+//! inbound one, in the W3C trace the request carries.
 //!
-//! JSON over HTTP is one of OTLP's standard transports, taken by every
-//! OpenTelemetry Collector; it needs no protobuf or gRPC client beside the
-//! ones the sidecar has.
+//! Configured the way every OpenTelemetry SDK is: `OTEL_EXPORTER_OTLP_*`
+//! (endpoint, headers, timeout, protocol `grpc` or `http/protobuf`),
+//! `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`, `OTEL_BSP_*` for
+//! the batch processor, `OTEL_RESOURCE_ATTRIBUTES`. The batch processor
+//! queues spans and exports them from its own thread; a full queue drops
+//! spans, so exporting never holds a request up.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+    Tracer as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanData, SpanExporter,
+};
 use prometheus_client::metrics::counter::Counter;
-use serde_json::{Value, json};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::trace::{TraceContext, to_hex};
+use crate::trace::TraceContext;
 
-/// Spans waiting to be sent beyond this are dropped (and counted): the
-/// data path never waits for the collector.
-const QUEUE: usize = 4096;
-const BATCH: usize = 512;
-const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// How often queued spans are exported, by default.
+const EXPORT_EVERY: Duration = Duration::from_secs(1);
+/// How long shutdown waits for the last spans to leave.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
+/// The OTLP transport, as `OTEL_EXPORTER_OTLP_PROTOCOL` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+impl Protocol {
+    /// `grpc` or `http/protobuf` (the OpenTelemetry spec's default).
+    pub fn parse(s: &str) -> Result<Self, OtlpError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "grpc" => Ok(Protocol::Grpc),
+            "http/protobuf" | "" => Ok(Protocol::HttpProtobuf),
+            other => Err(OtlpError::Protocol(other.to_string())),
+        }
+    }
+
+    /// From `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`, else `http/protobuf`.
+    pub fn from_env() -> Result<Self, OtlpError> {
+        let v = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+            .unwrap_or_default();
+        Self::parse(&v)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OtlpError {
+    #[error(
+        "OTLP protocol {0:?} is not supported: use grpc or http/protobuf (OTEL_EXPORTER_OTLP_PROTOCOL or --otlp-protocol)"
+    )]
+    Protocol(String),
+    #[error("OTLP exporter: {0}")]
+    Build(#[from] opentelemetry_otlp::ExporterBuildError),
+}
+
+/// What the sidecar counts of its spans (docs/metrics.md).
+#[derive(Clone, Default)]
+pub struct SpanCounters {
+    /// Sampled spans ended (handed to the batch processor).
+    pub ended: Counter,
+    /// Spans the collector took.
+    pub exported: Counter,
+    /// Spans whose export failed.
+    pub failed: Counter,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
-    Server = 2,
-    Client = 3,
+    Server,
+    Client,
 }
 
-#[derive(Clone, Debug)]
-pub struct Span {
-    pub ctx: TraceContext,
-    pub parent: Option<[u8; 8]>,
-    pub name: String,
-    pub kind: Kind,
-    pub start: SystemTime,
-    pub duration: Duration,
-    pub status: u16,
-    /// `x-isthmus-error` of a response the sidecar made itself.
-    pub error: Option<String>,
-    pub attributes: Vec<(&'static str, String)>,
-}
-
-/// The OTLP/JSON `ExportTraceServiceRequest` for `spans` of one resource.
-pub fn encode(resource: &[(&str, String)], spans: &[Span]) -> Value {
-    let attrs = |kv: &[(&str, String)]| -> Vec<Value> {
-        kv.iter()
-            .map(|(k, v)| json!({ "key": k, "value": { "stringValue": v } }))
-            .collect()
-    };
-    let nanos = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos().to_string();
-    let spans: Vec<Value> = spans
-        .iter()
-        .map(|s| {
-            let mut a = attrs(&s.attributes);
-            a.push(json!({ "key": "http.response.status_code", "value": { "intValue": s.status.to_string() } }));
-            if let Some(e) = &s.error {
-                a.push(json!({ "key": "isthmus.error", "value": { "stringValue": e } }));
-            }
-            // OTLP status: 1 OK, 2 ERROR; a server error or one the
-            // sidecar answered itself is an error.
-            let failed = s.status >= 500 || s.error.is_some();
-            json!({
-                "traceId": to_hex(&s.ctx.trace_id),
-                "spanId": to_hex(&s.ctx.span_id),
-                "parentSpanId": s.parent.map(|p| to_hex(&p)).unwrap_or_default(),
-                "name": s.name,
-                "kind": s.kind as u8,
-                "startTimeUnixNano": nanos(s.start),
-                "endTimeUnixNano": nanos(s.start + s.duration),
-                "attributes": a,
-                "status": { "code": if failed { 2 } else { 1 } },
-            })
-        })
-        .collect();
-    json!({
-        "resourceSpans": [{
-            "resource": { "attributes": attrs(resource) },
-            "scopeSpans": [{ "scope": { "name": "isthmus-sidecar" }, "spans": spans }],
-        }]
-    })
-}
-
-/// Hands spans to the sending task.
-#[derive(Clone)]
+/// Spans of this sidecar, exported over OTLP.
 pub struct Exporter {
-    tx: mpsc::Sender<Span>,
-    dropped: Counter,
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    counters: SpanCounters,
 }
 
 impl Exporter {
-    /// Start sending to `endpoint` (a base URL such as
-    /// `http://127.0.0.1:4318`; `/v1/traces` is appended).
+    /// Start exporting to `endpoint` (a base URL: `/v1/traces` is added for
+    /// HTTP) over `protocol`, as a resource with `attributes`. Needs a
+    /// tokio runtime (the gRPC transport's connection lives on it).
     pub fn start(
         endpoint: &str,
-        resource: Vec<(&'static str, String)>,
-        dropped: Counter,
-        failed: Counter,
+        protocol: Protocol,
+        attributes: Vec<(&'static str, String)>,
+        counters: SpanCounters,
         stop: CancellationToken,
-    ) -> Result<Self, String> {
-        let url: http::Uri = format!("{}/v1/traces", endpoint.trim_end_matches('/'))
-            .parse()
-            .map_err(|e| format!("OTLP endpoint {endpoint}: {e}"))?;
-        if url.scheme_str() != Some("http") {
-            return Err(format!(
-                "OTLP endpoint {endpoint}: only http:// is supported (run a collector beside the sidecar)"
-            ));
+    ) -> Result<Self, OtlpError> {
+        let base = endpoint.trim_end_matches('/');
+        let exporter = match protocol {
+            Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(base)
+                .build()?,
+            Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(format!("{base}/v1/traces"))
+                .build()?,
+        };
+        let resource = Resource::builder()
+            .with_attributes(attributes.into_iter().map(|(k, v)| KeyValue::new(k, v)))
+            .build();
+        // Spans leave each second unless OTEL_BSP_SCHEDULE_DELAY says
+        // otherwise (the SDK's default, 5 s, makes traces slow to appear).
+        let mut batch = BatchConfigBuilder::default();
+        if std::env::var_os("OTEL_BSP_SCHEDULE_DELAY").is_none() {
+            batch = batch.with_scheduled_delay(EXPORT_EVERY);
         }
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(send_batches(url, resource, rx, failed, stop));
-        Ok(Self { tx, dropped })
+        let processor = BatchSpanProcessor::builder(Counted {
+            inner: exporter,
+            counters: counters.clone(),
+        })
+        .with_batch_config(batch.build())
+        .build();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_resource(resource)
+            .build();
+        let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "isthmus-sidecar");
+        // Flush on shutdown off the async thread: the gRPC transport's
+        // connection is driven by this runtime while the flush waits.
+        let p = provider.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            let _ = tokio::task::spawn_blocking(move || p.shutdown_with_timeout(SHUTDOWN_FLUSH)).await;
+        });
+        Ok(Self {
+            provider,
+            tracer,
+            counters,
+        })
     }
 
-    /// Queue a span if it is sampled; never waits.
-    pub fn record(&self, span: Span) {
-        if span.ctx.flags & 1 == 1 && self.tx.try_send(span).is_err() {
-            self.dropped.inc();
+    /// Start this hop's span, a child of `parent` (else the root of a new
+    /// trace); also its context, for the next hop's `traceparent`.
+    pub fn begin(&self, kind: Kind, name: String, parent: Option<TraceContext>, start: SystemTime) -> Started {
+        let cx = match parent {
+            Some(p) => Context::new().with_remote_span_context(SpanContext::new(
+                TraceId::from_bytes(p.trace_id),
+                SpanId::from_bytes(p.span_id),
+                TraceFlags::new(p.flags),
+                true,
+                TraceState::default(),
+            )),
+            None => Context::new(),
+        };
+        let span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(match kind {
+                Kind::Server => SpanKind::Server,
+                Kind::Client => SpanKind::Client,
+            })
+            .with_start_time(start)
+            .start_with_context(&self.tracer, &cx);
+        let sc = span.span_context();
+        let ctx = TraceContext {
+            trace_id: sc.trace_id().to_bytes(),
+            span_id: sc.span_id().to_bytes(),
+            flags: sc.trace_flags().to_u8(),
+        };
+        Started { span, ctx }
+    }
+
+    /// End a span, named `name`, with what the request's answer said.
+    pub fn end(&self, mut started: Started, name: String, end: Ended) {
+        let span = &mut started.span;
+        if !span.is_recording() {
+            return;
         }
+        span.update_name(name);
+        span.set_attributes(end.attributes.into_iter().map(|(k, v)| KeyValue::new(k, v)));
+        span.set_attribute(KeyValue::new("http.response.status_code", i64::from(end.status)));
+        if let Some(kind) = end.error {
+            span.set_attribute(KeyValue::new("error.type", kind));
+        }
+        span.set_status(if end.status >= 500 {
+            Status::error(format!("HTTP {}", end.status))
+        } else {
+            Status::Ok
+        });
+        span.end_with_timestamp(end.at);
+        self.counters.ended.inc();
     }
 }
 
-async fn send_batches(
-    url: http::Uri,
-    resource: Vec<(&'static str, String)>,
-    mut rx: mpsc::Receiver<Span>,
-    failed: Counter,
-    stop: CancellationToken,
-) {
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let mut batch = Vec::with_capacity(BATCH);
-    loop {
-        let deadline = tokio::time::sleep(FLUSH_EVERY);
-        tokio::pin!(deadline);
-        let mut closed = false;
-        while batch.len() < BATCH {
-            tokio::select! {
-                _ = &mut deadline => break,
-                _ = stop.cancelled() => { closed = true; break }
-                s = rx.recv() => match s {
-                    Some(s) => batch.push(s),
-                    None => { closed = true; break }
-                },
-            }
-        }
-        if !batch.is_empty() {
-            let body = encode(&resource, &batch).to_string();
-            let req = http::Request::post(url.clone())
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .expect("valid request");
-            let ok = matches!(
-                tokio::time::timeout(Duration::from_secs(5), client.request(req)).await,
-                Ok(Ok(r)) if r.status().is_success()
-            );
-            if !ok {
-                failed.inc_by(batch.len() as u64);
-                tracing::debug!(spans = batch.len(), %url, "OTLP export failed; spans dropped");
-            }
-            batch.clear();
-        }
-        if closed {
-            return;
-        }
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        // Shut down already (or not started): nothing waits here.
+        let _ = self.provider.shutdown_with_timeout(Duration::ZERO);
+    }
+}
+
+/// A span begun, and its context for the next hop.
+pub struct Started {
+    span: opentelemetry_sdk::trace::Span,
+    pub ctx: TraceContext,
+}
+
+/// How a request ended, for its span.
+pub struct Ended {
+    pub status: u16,
+    /// The `x-isthmus-error` kind of an answer a sidecar made itself.
+    pub error: Option<String>,
+    pub attributes: Vec<(&'static str, String)>,
+    pub at: SystemTime,
+}
+
+/// The OTLP exporter, counting what it exports and what fails.
+#[derive(Debug)]
+struct Counted<E> {
+    inner: E,
+    counters: SpanCounters,
+}
+
+impl std::fmt::Debug for SpanCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpanCounters").finish_non_exhaustive()
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for Counted<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len() as u64;
+        let result = self.inner.export(batch).await;
+        match &result {
+            Ok(()) => self.counters.exported.inc_by(n),
+            Err(_) => self.counters.failed.inc_by(n),
+        };
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource)
     }
 }
 
@@ -175,30 +267,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn encodes_otlp_json() {
-        let ctx = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
-        let span = Span {
-            ctx,
-            parent: Some([1, 2, 3, 4, 5, 6, 7, 8]),
-            name: "outbound demo/echo".into(),
-            kind: Kind::Client,
-            start: UNIX_EPOCH + Duration::from_secs(2),
-            duration: Duration::from_millis(3),
-            status: 503,
-            error: Some("no-endpoints".into()),
-            attributes: vec![("isthmus.destination_cluster", "east".into())],
-        };
-        let v = encode(&[("service.name", "demo/client".into())], &[span]);
-        let rs = &v["resourceSpans"][0];
-        assert_eq!(rs["resource"]["attributes"][0]["value"]["stringValue"], "demo/client");
-        let s = &rs["scopeSpans"][0]["spans"][0];
-        assert_eq!(s["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(s["spanId"], "00f067aa0ba902b7");
-        assert_eq!(s["parentSpanId"], "0102030405060708");
-        assert_eq!(s["kind"], 3);
-        assert_eq!(s["startTimeUnixNano"], "2000000000");
-        assert_eq!(s["endTimeUnixNano"], "2003000000");
-        assert_eq!(s["status"]["code"], 2);
-        assert_eq!(s["attributes"][0]["key"], "isthmus.destination_cluster");
+    fn protocols_by_their_standard_names() {
+        assert_eq!(Protocol::parse("grpc").unwrap(), Protocol::Grpc);
+        assert_eq!(Protocol::parse("http/protobuf").unwrap(), Protocol::HttpProtobuf);
+        assert_eq!(Protocol::parse("").unwrap(), Protocol::HttpProtobuf);
+        assert!(Protocol::parse("http/json").is_err());
     }
 }

@@ -1,4 +1,7 @@
 //! Routing decisions for outbound requests (pure).
+//!
+//! Over 600 lines with its tests: the code itself is under 380; the
+//! split, failover and failback cases are tested here, beside it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

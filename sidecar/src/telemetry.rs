@@ -85,43 +85,61 @@ impl AccessLine {
     }
 }
 
-/// The span of one request through this sidecar, for OTLP.
-pub struct SpanStart {
-    pub ctx: TraceContext,
-    pub parent: Option<TraceContext>,
-    pub wall: SystemTime,
-    pub method: http::Method,
+/// This hop's span, when spans are exported.
+pub struct Hop {
+    started: otlp::Started,
+    method: http::Method,
 }
 
-impl SpanStart {
-    pub fn finish(
-        self,
-        kind: otlp::Kind,
-        route: &RouteLabels,
-        resp: &Response<Body>,
-        duration: Duration,
-    ) -> otlp::Span {
-        let method = self.method;
-        otlp::Span {
-            ctx: self.ctx,
-            parent: self.parent.map(|p| p.span_id),
-            name: format!("{} {method} {}", route.direction.as_str(), route.destination_service),
-            kind,
-            start: self.wall,
-            duration,
-            status: resp.status().as_u16(),
-            error: resp
-                .headers()
-                .get(ERROR_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
-            attributes: vec![
-                ("http.request.method", method.to_string()),
-                ("isthmus.source_cluster", route.source_cluster.clone()),
-                ("isthmus.destination_cluster", route.destination_cluster.clone()),
-                ("isthmus.destination_service", route.destination_service.clone()),
-            ],
+impl Hop {
+    /// Begin this hop's span as a child of `parent` (or a new trace's root).
+    pub fn begin(x: &otlp::Exporter, kind: otlp::Kind, parent: Option<TraceContext>, method: &http::Method) -> Self {
+        let name = format!("{} {method}", kind_word(kind));
+        Self {
+            started: x.begin(kind, name, parent, SystemTime::now()),
+            method: method.clone(),
         }
+    }
+
+    /// The context the next hop continues (`traceparent`).
+    pub fn ctx(&self) -> TraceContext {
+        self.started.ctx
+    }
+
+    /// End the span with the request's route and answer.
+    pub fn end(self, x: &otlp::Exporter, route: &RouteLabels, resp: &Response<Body>) {
+        let name = format!(
+            "{} {} {}",
+            route.direction.as_str(),
+            self.method,
+            route.destination_service
+        );
+        x.end(
+            self.started,
+            name,
+            otlp::Ended {
+                status: resp.status().as_u16(),
+                error: resp
+                    .headers()
+                    .get(ERROR_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+                attributes: vec![
+                    ("http.request.method", self.method.to_string()),
+                    ("isthmus.source_cluster", route.source_cluster.clone()),
+                    ("isthmus.destination_cluster", route.destination_cluster.clone()),
+                    ("isthmus.destination_service", route.destination_service.clone()),
+                ],
+                at: SystemTime::now(),
+            },
+        );
+    }
+}
+
+fn kind_word(kind: otlp::Kind) -> &'static str {
+    match kind {
+        otlp::Kind::Client => "outbound",
+        otlp::Kind::Server => "inbound",
     }
 }
 

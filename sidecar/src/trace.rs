@@ -59,16 +59,7 @@ impl TraceContext {
     }
 }
 
-/// Lowercase hex, without a formatting call per byte (this runs per request).
-pub fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
-    s
-}
+pub use isthmus_core::identity::hex as to_hex;
 
 impl fmt::Display for TraceContext {
     /// The `traceparent` header value (version 00, which defines only the

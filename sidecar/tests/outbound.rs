@@ -412,50 +412,92 @@ async fn grpc_unavailable_is_retried_on_another_endpoint() {
     stop.cancel();
 }
 
-/// An OTLP/HTTP collector: the JSON bodies POSTed to /v1/traces.
-async fn collector() -> (String, Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+type Spans = Arc<std::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>;
+
+/// An OTLP collector on the official protobuf definitions, over both
+/// transports: gRPC (`TraceService/Export`) and HTTP/protobuf (`POST
+/// /v1/traces`). Returns both base URLs and the spans received.
+async fn collector() -> (String, String, Spans) {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+    use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+    use prost::Message as _;
+
+    fn keep(got: &Spans, req: ExportTraceServiceRequest) {
+        let spans = req
+            .resource_spans
+            .into_iter()
+            .flat_map(|rs| rs.scope_spans)
+            .flat_map(|ss| ss.spans);
+        got.lock().unwrap().extend(spans);
+    }
+
+    struct Grpc(Spans);
+    #[tonic::async_trait]
+    impl TraceService for Grpc {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            keep(&self.0, req.into_inner());
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    let got: Spans = Arc::default();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_url = format!("http://{}", grpc.local_addr().unwrap());
+    let g = got.clone();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Grpc(g)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc)),
+    );
+
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_url = format!("http://{}", http.local_addr().unwrap());
     let g = got.clone();
     tokio::spawn(async move {
         loop {
-            let (tcp, _) = listener.accept().await.unwrap();
+            let (tcp, _) = http.accept().await.unwrap();
             let g = g.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let g = g.clone();
                     async move {
                         assert_eq!(req.uri().path(), "/v1/traces");
+                        assert_eq!(req.headers()["content-type"], "application/x-protobuf");
                         let body = req.into_body().collect().await.unwrap().to_bytes();
-                        g.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"{}"))))
+                        keep(&g, ExportTraceServiceRequest::decode(body).unwrap());
+                        let answer = ExportTraceServiceResponse::default().encode_to_vec();
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(answer))))
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
+                let _ = isthmus_core::http::serve_connection(tcp, svc).await;
             });
         }
     });
-    (url, got)
+    (grpc_url, http_url, got)
 }
 
-/// Both sidecars export a span of the request to an OTLP collector: the
-/// client's (kind CLIENT) a child of the caller's span, the server's (kind
-/// SERVER) a child of the client's and the parent of what the app sees.
+/// Both sidecars export a span of the request to an OTLP collector (the
+/// serving one over gRPC, the calling one over HTTP/protobuf): the client's
+/// (kind CLIENT) a child of the caller's span, the server's (kind SERVER) a
+/// child of the client's and the parent of what the app sees.
 #[tokio::test]
 async fn spans_are_exported_over_otlp() {
+    use isthmus_sidecar::otlp::Protocol;
     let stop = CancellationToken::new();
     let dir = tempfile::tempdir().unwrap();
     east(dir.path(), &stop).await;
-    let (url, got) = collector().await;
+    let (grpc_url, http_url, got) = collector().await;
     let echo = app(200, "ok", Duration::ZERO).await;
     let mut server = config(dir.path(), Some(echo), Duration::from_secs(15));
-    server.otlp_endpoint = Some(url.clone());
+    server.otlp_endpoint = Some(grpc_url);
+    server.otlp_protocol = Protocol::Grpc;
     isthmus_sidecar::run(server, stop.clone()).await.unwrap();
     let mut client = config(dir.path(), None, Duration::from_secs(15));
-    client.otlp_endpoint = Some(url);
+    client.otlp_endpoint = Some(http_url);
+    client.otlp_protocol = Protocol::HttpProtobuf;
     let client = isthmus_sidecar::run(client, stop.clone()).await.unwrap();
     until_ok(|| async { get(client.outbound_addr).await.0 == 200 }).await;
 
@@ -468,25 +510,28 @@ async fn spans_are_exported_over_otlp() {
         .and_then(isthmus_sidecar::trace::TraceContext::parse)
         .expect("the app saw a traceparent");
 
-    // Spans of our trace, as they arrive in batches (flushed each second).
-    let spans_of_trace = || -> Vec<serde_json::Value> {
+    // Spans of our trace, as they arrive in batches.
+    let trace_id = isthmus_sidecar::trace::TraceContext::parse(caller).unwrap().trace_id;
+    let spans_of_trace = || -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
         got.lock()
             .unwrap()
             .iter()
-            .flat_map(|b| b["resourceSpans"].as_array().unwrap().clone())
-            .flat_map(|rs| rs["scopeSpans"][0]["spans"].as_array().unwrap().clone())
-            .filter(|s| s["traceId"] == "0af7651916cd43dd8448eb211c80319c")
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
             .collect()
     };
     until_ok(|| async { spans_of_trace().len() == 2 }).await;
     let spans = spans_of_trace();
-    let client_span = spans.iter().find(|s| s["kind"] == 3).expect("a client span");
-    let server_span = spans.iter().find(|s| s["kind"] == 2).expect("a server span");
-    assert_eq!(client_span["parentSpanId"], "b7ad6b7169203331");
-    assert_eq!(server_span["parentSpanId"], client_span["spanId"]);
-    assert_eq!(server_span["spanId"], isthmus_sidecar::trace::to_hex(&app_saw.span_id));
-    assert_eq!(client_span["status"]["code"], 1);
-    assert_eq!(client_span["name"], "outbound GET demo/echo");
+    let client_span = spans.iter().find(|s| s.kind == 3).expect("a client span");
+    let server_span = spans.iter().find(|s| s.kind == 2).expect("a server span");
+    assert_eq!(
+        isthmus_sidecar::trace::to_hex(&client_span.parent_span_id),
+        "b7ad6b7169203331"
+    );
+    assert_eq!(server_span.parent_span_id, client_span.span_id);
+    assert_eq!(server_span.span_id, app_saw.span_id.to_vec());
+    assert_eq!(client_span.status.as_ref().map(|s| s.code), Some(1), "OK");
+    assert_eq!(client_span.name, "outbound GET demo/echo");
     stop.cancel();
 }
 

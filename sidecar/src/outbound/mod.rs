@@ -7,12 +7,11 @@
 pub mod retry;
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use isthmus_core::naming::{ServiceKey, ServiceName};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
@@ -42,9 +41,7 @@ pub(crate) async fn serve_http(sc: Arc<Sidecar>, tcp: TcpStream, _slot: OwnedSem
         let sc = sc.clone();
         async move { Ok::<_, std::convert::Infallible>(observed(sc, req).await) }
     });
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(tcp), svc)
-        .await;
+    let _ = isthmus_core::http::serve_connection(tcp, svc).await;
 }
 
 /// One outbound request, with its timeout, trace context, metrics, access
@@ -63,15 +60,13 @@ async fn observed(sc: Arc<Sidecar>, mut req: Request<Incoming>) -> Response<Body
         // A new trace: vendor state of a trace we do not continue goes.
         req.headers_mut().remove(trace::TRACESTATE);
     }
-    let ctx = telemetry::this_hop(parent);
+    let span = sc
+        .otlp
+        .as_ref()
+        .map(|x| telemetry::Hop::begin(x, otlp::Kind::Client, parent, req.method()));
+    let ctx = span.as_ref().map_or_else(|| telemetry::this_hop(parent), |s| s.ctx());
     telemetry::set_traceparent(&mut req, &ctx);
     let line = sc.cfg.access_log.then(|| telemetry::AccessLine::of(&req));
-    let span = sc.otlp.as_ref().map(|_| telemetry::SpanStart {
-        ctx,
-        parent,
-        wall: SystemTime::now(),
-        method: req.method().clone(),
-    });
     let timeout = sc.cfg.request_timeout;
     let resp = match tokio::time::timeout(timeout, forward(&sc, req, &mut route)).await {
         Ok(Ok(r)) => r,
@@ -86,7 +81,7 @@ async fn observed(sc: Arc<Sidecar>, mut req: Request<Incoming>) -> Response<Body
         line.print(&route, &resp, elapsed, &ctx.trace_id_hex());
     }
     if let (Some(x), Some(span)) = (&sc.otlp, span) {
-        x.record(span.finish(otlp::Kind::Client, &route, &resp, elapsed));
+        span.end(x, &route, &resp);
     }
     sc.metrics.observe(route, resp.status().as_u16(), elapsed.as_secs_f64());
     resp

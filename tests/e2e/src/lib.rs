@@ -5,8 +5,7 @@
 //! tests run in parallel without colliding; clusters are killed on drop (and
 //! their components exit with their parent).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -187,44 +186,35 @@ impl Response {
     }
 }
 
-/// GET `url` through the HTTP proxy (a sidecar's outbound) at `proxy`.
-pub fn get_via(proxy: &str, url: &str) -> std::io::Result<Response> {
-    let mut s = TcpStream::connect(proxy)?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    let host = url.trim_start_matches("http://").split('/').next().unwrap_or_default();
-    write!(s, "GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_string() };
-    Ok(Response { status, headers, body })
+/// The runtime the harness's async clients run on (tests are threads).
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime")
+    })
 }
 
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+/// GET `url` through the HTTP proxy (a sidecar's outbound) at `proxy`.
+pub fn get_via(proxy: &str, url: &str) -> std::io::Result<Response> {
+    let answer = runtime()
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(20), isthmus_core::http::get_via(proxy, url)).await
+        })
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("GET {url} via {proxy}")))?
+        .map_err(std::io::Error::other)?;
+    Ok(Response {
+        status: answer.status,
+        headers: answer
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect(),
+        body: answer.text(),
+    })
 }
 
 /// One component process (`isthmus controller|gateway|sidecar|echo ...`),

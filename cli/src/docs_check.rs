@@ -1,0 +1,128 @@
+//! The reference docs say what the code does: every metric registered in
+//! code is in docs/metrics.md and the reverse, every `x-isthmus-error` kind,
+//! exit code, opaque-connection outcome and tunnel refusal is documented.
+//! These tests fail when the two drift apart.
+
+use std::collections::BTreeSet;
+
+use prometheus_client::registry::Registry;
+
+fn doc(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The metric names a registry holds, without the `_total` counters carry
+/// on the wire. Read from its `Debug` form: the text encoding leaves out
+/// families that have no series yet, and nothing else lists descriptors.
+fn names_in(registry: &Registry) -> BTreeSet<String> {
+    let debug = format!("{registry:?}");
+    debug
+        .split("name: \"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The counters among them, whose series exist already (to check that the
+/// docs give them their `_total`).
+fn counters_in(registry: &Registry) -> BTreeSet<String> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).expect("encodes");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every component's registry, as it registers its metrics.
+fn registries() -> Vec<Registry> {
+    let mut sidecar = Registry::default();
+    isthmus_sidecar::metrics::Metrics::register(&mut sidecar);
+    let mut gateway = Registry::default();
+    isthmus_gateway::metrics::Metrics::register(&mut gateway);
+    let mut controller = Registry::default();
+    isthmus_controller::metrics::Metrics::register(&mut controller);
+    let mut svid = Registry::default();
+    isthmus_core::agent::SvidMetrics::default().register(&mut svid);
+    vec![sidecar, gateway, controller, svid]
+}
+
+/// The metric names in the first column of docs/metrics.md's tables.
+fn documented_metrics() -> BTreeSet<String> {
+    doc("metrics.md")
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `isthmus_"))
+        .filter_map(|l| l.split('`').next())
+        .map(|n| format!("isthmus_{n}"))
+        .collect()
+}
+
+#[test]
+fn every_metric_is_documented_and_every_documented_metric_exists() {
+    let registries = registries();
+    let code: BTreeSet<String> = registries.iter().flat_map(names_in).collect();
+    let documented = documented_metrics();
+    for c in registries.iter().flat_map(counters_in) {
+        assert!(
+            documented.contains(&format!("{c}_total")),
+            "counter {c} is not documented as {c}_total"
+        );
+    }
+    let docs: BTreeSet<String> = documented
+        .iter()
+        .map(|d| d.strip_suffix("_total").unwrap_or(d).to_string())
+        .collect();
+    assert!(code.len() > 30, "the registries look empty: {code:?}");
+    let undocumented: Vec<_> = code.difference(&docs).collect();
+    let stale: Vec<_> = docs.difference(&code).collect();
+    assert!(
+        undocumented.is_empty(),
+        "metrics missing from docs/metrics.md: {undocumented:?}"
+    );
+    assert!(
+        stale.is_empty(),
+        "docs/metrics.md lists metrics no component registers: {stale:?}"
+    );
+}
+
+#[test]
+fn every_label_value_of_metrics_is_documented() {
+    let metrics = doc("metrics.md");
+    for o in isthmus_sidecar::metrics::TcpOutcome::ALL {
+        assert!(
+            metrics.contains(&format!("`{}`", o.as_str())),
+            "TCP outcome {} not in docs/metrics.md",
+            o.as_str()
+        );
+    }
+    for c in isthmus_core::tunnel::RefuseCode::ALL {
+        assert!(
+            metrics.contains(&format!("`{}`", c.as_str())),
+            "refusal {} not in docs/metrics.md",
+            c.as_str()
+        );
+    }
+}
+
+#[test]
+fn every_error_kind_and_exit_code_is_in_the_cli_reference() {
+    let cli = doc("cli.md");
+    for k in isthmus_sidecar::ErrorKind::ALL {
+        assert!(
+            cli.contains(&format!("`{}`", k.as_str())),
+            "x-isthmus-error {} not in docs/cli.md",
+            k.as_str()
+        );
+    }
+    for code in crate::exit::ALL {
+        assert!(
+            cli.contains(&format!("\n| {code} |")),
+            "exit code {code} not in docs/cli.md's table"
+        );
+    }
+}
