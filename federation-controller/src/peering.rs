@@ -147,23 +147,30 @@ pub(crate) async fn dial_loop(shared: Arc<Shared>, peer: String) {
     }
 }
 
-async fn dial_once(shared: &Arc<Shared>, link: &LinkRecord, addr: &str) -> Result<(), String> {
+/// Why a peering stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("{}", error_chain(.0))]
+    Connect(#[from] tonic::transport::Error),
+    #[error("the peer refused the stream: {}", .0.message())]
+    Refused(#[from] Status),
+}
+
+async fn dial_once(shared: &Arc<Shared>, link: &LinkRecord, addr: &str) -> Result<(), DialError> {
     mark(shared, &link.cluster, |p| p.connected = false);
     let cfg = tls::client_config(
         Some(shared.svid.clone()),
         shared.bundles.clone(),
         Expect::Id(SpiffeId::controller(&link.trust_domain)),
         &[tls::ALPN_H2],
-    )
-    .map_err(|e| e.to_string())?;
-    let channel = isthmus_core::grpc::connect(addr, cfg)
-        .await
-        .map_err(|e| error_chain(&e))?;
+    )?;
+    let channel = isthmus_core::grpc::connect(addr, cfg).await?;
     let (tx, rx) = mpsc::channel(16);
     let inbound = PeeringClient::new(channel)
         .sync(ReceiverStream::new(rx))
-        .await
-        .map_err(|s| s.message().to_string())?
+        .await?
         .into_inner();
     run_session(shared.clone(), link.cluster.clone(), inbound, tx).await;
     Ok(())
