@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use isthmus_core::naming::{ServiceKey, ServiceName};
-use isthmus_proto::{ConfigSnapshot, Service};
+use isthmus_proto::{ConfigSnapshot, PolicyRoute, RequestPolicy, Service};
 
 /// Where one request goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +24,107 @@ pub struct Target {
     /// The service's policy's retry budget (percent, floor per second), if
     /// it has a policy; else the sidecar's shared budget applies.
     pub retry_budget: Option<(u32, u32)>,
+    /// Timeouts, retries and hedging of the request's route.
+    pub settings: RequestSettings,
+}
+
+/// How a request is treated on its way: its timeouts, what sends it
+/// again, and hedging. From the matched policy route, else the policy,
+/// else the defaults (the sidecar's `--request-timeout`, no per-try
+/// timeout, attempts bounded by the choices and the retry budget, the
+/// default retry conditions, no hedging).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestSettings {
+    /// The whole request's limit; `None`: the sidecar's.
+    pub timeout: Option<Duration>,
+    pub per_try_timeout: Option<Duration>,
+    /// Attempts in all, the first included.
+    pub attempts: Option<u32>,
+    pub retry_on: RetryOn,
+    pub hedge: Option<Hedge>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hedge {
+    pub after: Duration,
+    /// Copies beyond the first.
+    pub max: u32,
+}
+
+/// The conditions that send a request again (a policy's `retries.on`), as
+/// a set (the rules they feed: `outbound/retry.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RetryOn(u8);
+
+impl RetryOn {
+    pub const CONNECT_FAILURE: RetryOn = RetryOn(1);
+    pub const RESET: RetryOn = RetryOn(2);
+    pub const TIMEOUT: RetryOn = RetryOn(4);
+    pub const UNAVAILABLE: RetryOn = RetryOn(8);
+    pub const GATEWAY_ERROR: RetryOn = RetryOn(16);
+    pub const SERVER_ERROR: RetryOn = RetryOn(32);
+    pub const NONE: RetryOn = RetryOn(0);
+    /// `isthmus_core::policy::DEFAULT_RETRY_ON`.
+    pub const DEFAULT: RetryOn =
+        RetryOn(Self::CONNECT_FAILURE.0 | Self::RESET.0 | Self::TIMEOUT.0 | Self::UNAVAILABLE.0);
+
+    /// The set named by a policy (names checked when it was applied); none
+    /// named is the default set.
+    pub fn parse<S: AsRef<str>>(names: &[S]) -> Self {
+        if names.is_empty() {
+            return Self::default();
+        }
+        let mut set = Self::NONE;
+        for n in names {
+            set.0 |= match n.as_ref() {
+                "connect-failure" => Self::CONNECT_FAILURE.0,
+                "reset" => Self::RESET.0,
+                "timeout" => Self::TIMEOUT.0,
+                "unavailable" => Self::UNAVAILABLE.0,
+                "gateway-error" => Self::GATEWAY_ERROR.0,
+                "5xx" => Self::SERVER_ERROR.0,
+                _ => 0,
+            };
+        }
+        set
+    }
+
+    pub fn has(self, c: RetryOn) -> bool {
+        self.0 & c.0 != 0
+    }
+}
+
+impl Default for RetryOn {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl RequestSettings {
+    /// A route's settings over its policy's: each field from the first
+    /// that sets it (0 and empty are unset).
+    pub fn of(route: Option<&RequestPolicy>, policy: Option<&RequestPolicy>) -> Self {
+        let sources = [route, policy];
+        let first = |f: fn(&RequestPolicy) -> u32| sources.iter().flatten().map(|r| f(r)).find(|v| *v > 0);
+        let ms = |v: Option<u32>| v.map(|m| Duration::from_millis(u64::from(m)));
+        let retry_on = sources
+            .iter()
+            .flatten()
+            .find(|r| !r.retry_on.is_empty())
+            .map(|r| RetryOn::parse(&r.retry_on))
+            .unwrap_or_default();
+        let hedge = sources.iter().flatten().find(|r| r.hedge_after_ms > 0).map(|r| Hedge {
+            after: Duration::from_millis(u64::from(r.hedge_after_ms)),
+            max: r.hedge_max.max(1),
+        });
+        Self {
+            timeout: ms(first(|r| r.timeout_ms)),
+            per_try_timeout: ms(first(|r| r.per_try_timeout_ms)),
+            attempts: first(|r| r.attempts),
+            retry_on,
+            hedge,
+        }
+    }
 }
 
 impl Target {
@@ -197,6 +298,17 @@ pub fn choose_level(
     Some((st.level, None))
 }
 
+/// The policy's first route whose headers all match the request, if any.
+fn matched<'a>(svc: &'a Service, headers: Option<&http::HeaderMap>) -> Option<(usize, &'a PolicyRoute)> {
+    svc.policy.as_ref()?.routes.iter().enumerate().find(|(_, r)| {
+        r.headers.iter().all(|(k, v)| {
+            headers
+                .and_then(|h| h.get(k.as_str()))
+                .is_some_and(|got| got.as_bytes() == v.as_bytes())
+        })
+    })
+}
+
 /// The priority levels for a request: the policy's first route whose
 /// headers all match (a split, then one cluster per failover step), or by
 /// default the local cluster, then every other cluster alike. Also the
@@ -206,19 +318,9 @@ pub fn levels(
     svc: &Service,
     headers: Option<&http::HeaderMap>,
 ) -> (usize, f64, Vec<Vec<(String, u32)>>) {
-    let matched = svc.policy.as_ref().and_then(|p| {
-        p.routes
-            .iter()
-            .enumerate()
-            .find(|(_, r)| {
-                r.headers.iter().all(|(k, v)| {
-                    headers
-                        .and_then(|h| h.get(k.as_str()))
-                        .is_some_and(|got| got.as_bytes() == v.as_bytes())
-                })
-            })
-            .map(|(i, r)| (i, p.failover_threshold, r))
-    });
+    let matched = matched(svc, headers)
+        .filter(|(_, r)| !r.split.is_empty() || !r.failover.is_empty())
+        .map(|(i, r)| (i, svc.policy.as_ref().map_or(0.5, |p| p.failover_threshold), r));
     if let Some((i, threshold, r)) = matched {
         let mut levels = Vec::new();
         if !r.split.is_empty() {
@@ -277,6 +379,13 @@ pub fn route(snap: &ConfigSnapshot, name: &ServiceName, port: Option<u16>, inp: 
             got: p,
         });
     }
+    let settings = match &svc.policy {
+        None => RequestSettings::default(),
+        Some(p) => RequestSettings::of(
+            matched(svc, inp.headers).and_then(|(_, r)| r.requests.as_ref()),
+            p.requests.as_ref(),
+        ),
+    };
     let target = |cluster: &str| -> Target {
         let b = svc.backends.iter().find(|b| b.cluster == cluster);
         Target {
@@ -293,6 +402,7 @@ pub fn route(snap: &ConfigSnapshot, name: &ServiceName, port: Option<u16>, inp: 
                 .policy
                 .as_ref()
                 .map(|p| (p.retry_budget_percent, p.retry_budget_min_per_second)),
+            settings,
         }
     };
     if let Some(c) = &name.cluster {
@@ -516,16 +626,19 @@ mod tests {
             failover_threshold: threshold,
             retry_budget_percent: 20,
             retry_budget_min_per_second: 10,
+            requests: None,
             routes: vec![
                 PolicyRoute {
                     headers: [("x-canary".to_string(), "true".to_string())].into(),
                     split: vec![w("north", 1)],
                     failover: vec![],
+                    requests: None,
                 },
                 PolicyRoute {
                     headers: Default::default(),
                     split: vec![w("east", 80), w("west", 20)],
                     failover: vec!["north".into()],
+                    requests: None,
                 },
             ],
         });
