@@ -26,9 +26,10 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
-        .await
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Extended CONNECT (RFC 8441): how sidecars carry an upgrade between them.
+    builder.http2().enable_connect_protocol();
+    builder.serve_connection_with_upgrades(TokioIo::new(io), svc).await
 }
 
 /// An answer as the demo and the tests look at it.

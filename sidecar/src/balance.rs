@@ -124,8 +124,14 @@ impl Balancer {
         let s = self.entry(addr, now);
         s.pending = s.pending.saturating_sub(1);
         if !ok {
-            // A failure says nothing about how fast the endpoint serves; a
-            // quick refusal must not make it look like the fastest one.
+            // A quick failure says nothing about how fast the endpoint
+            // serves and must not make it look like the fastest one; a slow
+            // one (a timeout) does say it is slow.
+            let sample = rtt.as_nanos() as f64;
+            if sample > s.ewma_ns {
+                s.ewma_ns = sample;
+                s.stamp = now;
+            }
             s.failures += 1;
             if s.failures >= ENDPOINT_EJECT_AFTER
                 && !s.ejected(now)

@@ -57,6 +57,48 @@ pub async fn buffer_small_body(req: Request<Incoming>) -> Result<(Request<Body>,
     }
 }
 
+/// When a request's body ended: `None` until it has.
+pub type Ended = tokio::sync::watch::Receiver<Option<tokio::time::Instant>>;
+
+/// The body, and when it ended (at once for one already complete): a
+/// request's time limit counts from then.
+pub fn watch_end(req: Request<Body>) -> (Request<Body>, Ended) {
+    let done = req.body().is_end_stream();
+    let (tx, rx) = tokio::sync::watch::channel(done.then(tokio::time::Instant::now));
+    if done {
+        return (req, rx);
+    }
+    (req.map(|inner| EndWatch { inner, tx }.boxed()), rx)
+}
+
+/// A body that says when it has ended.
+struct EndWatch {
+    inner: Body,
+    tx: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
+}
+
+impl hyper::body::Body for EndWatch {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let ended = matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) || self.inner.is_end_stream();
+        if ended && self.tx.borrow().is_none() {
+            self.tx.send_replace(Some(tokio::time::Instant::now()));
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// How a request's body can be had again, to resend the request.
 pub enum Replay {
     Ready(Bytes),

@@ -156,6 +156,10 @@ pub enum ConnectError {
 pub enum ProxyError {
     #[error("request has no host: send it through this sidecar as an HTTP proxy or with a Host header")]
     NoHost,
+    #[error(
+        "CONNECT tunnels are not offered: send HTTP requests to this proxy, or dial the service's port on the sidecar's DNS address (--dns-addr) for any other TCP"
+    )]
+    Connect405,
     #[error("{0} is not a mesh service name (expected <name>.<namespace>.svc.clusterset.local)")]
     NotMeshName(String),
     #[error(transparent)]
@@ -178,14 +182,18 @@ pub enum ProxyError {
         "{service} has {limit} requests in flight from this workload already (the sidecar's --max-requests-per-service)"
     )]
     Overloaded { service: String, limit: usize },
-    #[error("no response within {0:?} (the sidecar's --request-timeout)")]
+    #[error("no response within {0:?} (the route's timeout, or the sidecar's --request-timeout)")]
     Timeout(Duration),
+    #[error("no response within {0:?} (the route's retries.perTryTimeout), and no attempt left")]
+    TryTimeout(Duration),
 }
 
 impl ProxyError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            ProxyError::NoHost | ProxyError::NotMeshName(_) | ProxyError::ClientBody(_) => ErrorKind::BadRequest,
+            ProxyError::NoHost | ProxyError::NotMeshName(_) | ProxyError::ClientBody(_) | ProxyError::Connect405 => {
+                ErrorKind::BadRequest
+            }
             ProxyError::Route(RouteError::UnknownService { .. }) => ErrorKind::UnknownService,
             ProxyError::Route(RouteError::PortMismatch { .. }) => ErrorKind::PortMismatch,
             ProxyError::Route(_) => ErrorKind::NoEndpoints,
@@ -193,7 +201,7 @@ impl ProxyError {
             ProxyError::Connect(_) => ErrorKind::ConnectFailed,
             ProxyError::Refused { .. } => ErrorKind::TunnelRefused,
             ProxyError::Upstream(_) => ErrorKind::UpstreamFailed,
-            ProxyError::Timeout(_) => ErrorKind::Timeout,
+            ProxyError::Timeout(_) | ProxyError::TryTimeout(_) => ErrorKind::Timeout,
             ProxyError::Overloaded { .. } => ErrorKind::Overloaded,
         }
     }

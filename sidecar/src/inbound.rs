@@ -142,7 +142,19 @@ async fn to_app(sc: &Sidecar, client: HeaderValue, remote: bool, req: Request<Bo
         return ErrorKind::NoService.response("this workload serves no service");
     };
     if req.headers().contains_key(probe::PROBE_HEADER) {
-        return probe::answer(app).await;
+        let http2 = sc.cfg.serve.as_ref().is_some_and(|s| s.app_http2);
+        return probe::answer(&sc.app_client, app, http2).await;
+    }
+    if req.method() == http::Method::CONNECT {
+        // An upgrade (WebSocket) from the calling sidecar.
+        let mut extra = http::HeaderMap::new();
+        extra.insert(CLIENT_ID_HEADER, client);
+        let mut resp = crate::upgrade::to_app(req, app, extra).await;
+        resp.headers_mut().insert(
+            SERVED_BY_HEADER,
+            HeaderValue::from_str(&sc.agent.cluster).expect("cluster names are ASCII"),
+        );
+        return resp;
     }
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.to_string());

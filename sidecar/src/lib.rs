@@ -36,6 +36,7 @@ pub mod route;
 mod router;
 mod telemetry;
 pub mod trace;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -95,6 +95,7 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub duration: HistogramFamily,
     pub retries: Family<RouteLabels, Counter>,
+    pub hedges: Family<RouteLabels, Counter>,
     pub connections: Family<DirectionLabels, Gauge>,
     pub ejections: Family<ServiceLabels, Counter>,
     pub tcp_connections: Family<TcpLabels, Counter>,
@@ -144,6 +145,7 @@ impl Metrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(isthmus_core::metrics::latency_histogram as fn() -> Histogram),
             retries: Family::default(),
+            hedges: Family::default(),
             connections: Family::default(),
             ejections: Family::default(),
             tcp_connections: Family::default(),
@@ -171,6 +173,11 @@ impl Metrics {
             "isthmus_retries",
             "Requests sent again: on another endpoint after a connect failure, or on a new session after their pooled session failed",
             m.retries.clone(),
+        );
+        registry.register(
+            "isthmus_hedges",
+            "Copies of idempotent requests sent because the first attempt had not answered within the route's hedge.after",
+            m.hedges.clone(),
         );
         registry.register(
             "isthmus_open_connections",

@@ -15,13 +15,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use isthmus_core::naming::{ServiceKey, ServiceName};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::Sidecar;
 use crate::body::{Body, empty, full};
 use crate::error::ErrorKind;
 use crate::health::Outcome;
+use crate::inbound::AppClient;
 use crate::metrics::{Direction, RouteLabels};
 use crate::route;
 
@@ -30,8 +30,11 @@ use crate::route;
 pub const PROBE_HEADER: &str = "x-isthmus-probe";
 /// How often each ejected (service, cluster) is probed.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
-/// How long one probe may take, end to end and at the app.
+/// How long one probe may take, end to end.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the serving side gives its app to answer a probe: well within
+/// `PROBE_TIMEOUT`, so a slow app reads as such, not as a lost probe.
+pub const APP_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Probe each ejected pair every `PROBE_INTERVAL`, one probe per pair at a
 /// time. Local pairs with no registered endpoints are not probed: they
@@ -98,14 +101,38 @@ async fn probe(sc: &Arc<Sidecar>, service: &ServiceKey, cluster: &str) -> Option
     Some(ok)
 }
 
-/// The serving side's answer to a probe: whether the app at `app` accepts
-/// a connection now.
-pub(crate) async fn answer(app: SocketAddr) -> Response<Body> {
-    match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(app)).await {
+/// The serving side's answer to a probe: whether its app answers a
+/// request now, not only whether it accepts a connection (a hung app still
+/// does that, from the kernel's backlog). Any answer counts, whatever its
+/// status; a refused connection, or no answer within `APP_PROBE_TIMEOUT`,
+/// does not. HTTP/1 apps get `GET /` with `x-isthmus-probe: 1`; h2c apps a
+/// gRPC health check (any answer, even UNIMPLEMENTED, counts).
+pub(crate) async fn answer(client: &AppClient, app: SocketAddr, http2: bool) -> Response<Body> {
+    let req = if http2 {
+        Request::post(format!("http://{app}/grpc.health.v1.Health/Check"))
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .header(PROBE_HEADER, "1")
+            // One gRPC message: uncompressed, empty (all fields default).
+            .body(full(Bytes::from_static(&[0, 0, 0, 0, 0])))
+    } else {
+        Request::get(format!("http://{app}/"))
+            .header(PROBE_HEADER, "1")
+            .body(empty())
+    };
+    let req = req.expect("a valid probe request");
+    match tokio::time::timeout(APP_PROBE_TIMEOUT, client.request(req)).await {
         Ok(Ok(_)) => Response::new(full(Bytes::from_static(b"ok\n"))),
-        Ok(Err(e)) => ErrorKind::AppUnavailable.response(&format!("the workload at {app} refuses connections: {e}")),
+        Ok(Err(e)) if e.is_connect() => ErrorKind::AppUnavailable.response(&format!(
+            "the workload at {app} refuses connections: {}",
+            isthmus_core::local::error_chain(&e)
+        )),
+        Ok(Err(e)) => ErrorKind::AppUnavailable.response(&format!(
+            "the workload at {app} did not answer a probe: {}",
+            isthmus_core::local::error_chain(&e)
+        )),
         Err(_) => ErrorKind::AppUnavailable.response(&format!(
-            "the workload at {app} did not accept a connection within {PROBE_TIMEOUT:?}"
+            "the workload at {app} did not answer a probe within {APP_PROBE_TIMEOUT:?}"
         )),
     }
 }

@@ -603,6 +603,7 @@ async fn a_policy_without_retry_budget_stops_retries() {
                 failover_threshold: 0.5,
                 retry_budget_percent: 0,
                 retry_budget_min_per_second: 0,
+                requests: None,
                 routes: vec![isthmus_proto::PolicyRoute {
                     headers: Default::default(),
                     split: vec![isthmus_proto::WeightedCluster {
@@ -610,6 +611,7 @@ async fn a_policy_without_retry_budget_stops_retries() {
                         weight: 1,
                     }],
                     failover: Vec::new(),
+                    requests: None,
                 }],
             }),
             delete: false,
@@ -625,5 +627,70 @@ async fn a_policy_without_retry_budget_stops_retries() {
         }
     }
     assert!(failed > 0, "no retries allowed, yet every request succeeded");
+    stop.cancel();
+}
+
+/// With `hedge: { after: 20ms }`, a request its endpoint has not answered
+/// in 20 ms gets a copy to the other endpoint, and the first answer wins:
+/// no call waits for the slow endpoint. Without the policy, the first calls
+/// the balancer sends there wait its 400 ms.
+#[tokio::test]
+async fn a_slow_endpoint_is_hedged_around() {
+    let stop = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    east(dir.path(), &stop).await;
+    sidecar(dir.path(), Some(app(200, "fast", Duration::ZERO).await), &stop).await;
+    sidecar(
+        dir.path(),
+        Some(app(200, "slow", Duration::from_millis(400)).await),
+        &stop,
+    )
+    .await;
+    let ctl = ClusterDir::new(dir.path()).connect().await.unwrap();
+    ctl.admin()
+        .apply_policy(isthmus_proto::ApplyPolicyRequest {
+            policy: Some(isthmus_proto::TrafficPolicy {
+                namespace: "demo".into(),
+                service: "echo".into(),
+                failover_threshold: 0.5,
+                retry_budget_percent: 100,
+                retry_budget_min_per_second: 100,
+                requests: Some(isthmus_proto::RequestPolicy {
+                    hedge_after_ms: 20,
+                    hedge_max: 1,
+                    ..Default::default()
+                }),
+                routes: Vec::new(),
+            }),
+            delete: false,
+        })
+        .await
+        .unwrap();
+    let client = sidecar(dir.path(), None, &stop).await;
+    until_ok(|| async { get(client.outbound_addr).await.0 == 200 }).await;
+    let mut slowest = Duration::ZERO;
+    let mut bodies = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let t = std::time::Instant::now();
+        let (status, body) = get(client.outbound_addr).await;
+        assert_eq!(status, 200);
+        bodies.insert(body);
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_millis(300),
+        "a call waited {slowest:?} for the slow endpoint"
+    );
+    let admin = client.admin_addr.unwrap();
+    let m = isthmus_core::http::get_via(&admin.to_string(), &format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text();
+    let hedges: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("isthmus_hedges_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(hedges >= 1.0, "no hedge was sent:\n{m}");
     stop.cancel();
 }
