@@ -5,6 +5,8 @@
 //! tests run in parallel without colliding; clusters are killed on drop (and
 //! their components exit with their parent).
 
+pub mod three;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -527,4 +529,113 @@ impl Impact {
             self.after
         )
     }
+}
+
+/// The interop peers' Python (tests/interop/setup.sh: a venv with grpcio
+/// and websockets, plus curl and h2load), prepared once per test process.
+/// A machine that lacks them gets them installed; a failure to do so fails
+/// the test rather than skipping it.
+pub fn interop_python() -> PathBuf {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        let script = repo().join("tests/interop/setup.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tests/interop/setup.sh");
+        assert!(
+            out.status.success(),
+            "tests/interop/setup.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let py = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        PathBuf::from(py)
+    })
+    .clone()
+}
+
+/// The workspace's root directory.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A program not of ours (a Python server, say) that prints one JSON line
+/// on stdout once it listens, e.g. `{"port": 41234}`. Killed on drop.
+pub struct Program {
+    pub ready: serde_json::Value,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Program {
+    pub fn start(dir: &Path, name: &str, program: &Path, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let log = dir.join(format!("{name}.log"));
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name} ({}): {e}", program.display()));
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("{name} did not say it was ready within 60 s"));
+        let ready = serde_json::from_str(&line).unwrap_or_else(|e| {
+            panic!(
+                "{name} printed {line:?} ({e}); its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        Program { ready, log, child }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.ready["port"].as_u64().expect("a port") as u16
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident memory of a process, in KiB (from /proc).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Send `signal` (`STOP`, `CONT`, `KILL`...) to a process.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
 }

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Prepare the interop peers: Debian tools (curl, h2load) and a Python venv with
+# requirements.txt. Idempotent and cheap when already done. All progress goes
+# to stderr; the last (only) stdout line is the venv's python path.
+#
+#   ISTHMUS_INTEROP_VENV  venv location (default: <repo>/target/interop-venv)
+#   PYTHON                interpreter to create the venv with (default: python3)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+venv="${ISTHMUS_INTEROP_VENV:-$repo/target/interop-venv}"
+python="${PYTHON:-python3}"
+req="$here/requirements.txt"
+
+log() { echo "interop setup: $*" >&2; }
+
+# --- Debian packages, only for commands that are missing --------------------
+missing=()
+command -v curl >/dev/null || missing+=(curl)
+command -v h2load >/dev/null || missing+=(nghttp2-client)
+# Debian ships venv/ensurepip separately from python3 (package python3-venv).
+if ! command -v "$python" >/dev/null || ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
+  missing+=(python3 python3-venv)
+fi
+if ((${#missing[@]})); then
+  sudo=()
+  [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get update -qq >&2
+  "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+# --- venv --------------------------------------------------------------------
+mkdir -p "$(dirname "$venv")"
+# Serialise concurrent runs (e.g. parallel tests) on the same venv.
+exec 9>"$venv.lock"
+flock 9
+
+# The stamp ties the venv to this requirements.txt and interpreter version.
+want="$(cat "$req" <("$python" -VV) | sha256sum | cut -d' ' -f1)"
+stamp="$venv/.isthmus-requirements.sha256"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] \
+  && "$venv/bin/python" -c 'import grpc, grpc_health, websockets' 2>/dev/null; then
+  log "venv up to date: $venv"
+else
+  log "creating venv $venv"
+  # Only ever delete something that is a venv (guards a mistyped override).
+  if [[ -e "$venv" && ! -f "$venv/pyvenv.cfg" ]]; then
+    log "refusing to replace $venv: exists and is not a venv"
+    exit 1
+  fi
+  rm -rf "$venv"
+  "$python" -m venv "$venv" >&2
+  # Wheels only: building grpcio from source takes very long; fail fast instead.
+  "$venv/bin/python" -m pip install --disable-pip-version-check -q \
+    --only-binary=:all: -r "$req" >&2
+  echo "$want" >"$stamp"
+fi
+
+echo "$venv/bin/python"
