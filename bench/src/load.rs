@@ -84,6 +84,19 @@ pub async fn fixed_rate(
     duration: Duration,
     body: usize,
 ) -> anyhow::Result<FixedRate> {
+    fixed_rate_of(t, rate, conns, duration, (http::Method::POST, "/echo"), body).await
+}
+
+/// As `fixed_rate`, for any method and path (`GET /`: an idempotent request,
+/// which a sidecar may hedge).
+pub async fn fixed_rate_of(
+    t: &Target,
+    rate: u32,
+    conns: u32,
+    duration: Duration,
+    (method, path): (http::Method, &'static str),
+    body: usize,
+) -> anyhow::Result<FixedRate> {
     let payload = Bytes::from(vec![b'a'; body]);
     let interval = Duration::from_secs_f64(f64::from(conns) / f64::from(rate));
     let start = Instant::now() + Duration::from_millis(20);
@@ -91,7 +104,7 @@ pub async fn fixed_rate(
     let mut tasks = Vec::new();
     for i in 0..conns {
         let mut send = connect(t).await?;
-        let (t, payload) = (t.clone(), payload.clone());
+        let (t, payload, method) = (t.clone(), payload.clone(), method.clone());
         let first = start + interval.mul_f64(f64::from(i) / f64::from(conns));
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3).expect("histogram bounds");
@@ -101,7 +114,7 @@ pub async fn fixed_rate(
             while due < end {
                 tokio::time::sleep_until(due.into()).await;
                 let began = if last_done > due { due } else { Instant::now() };
-                let req = request(&t, http::Method::POST, "/echo", payload.clone());
+                let req = request(&t, method.clone(), path, payload.clone());
                 let ok = call(&mut send, req).await;
                 last_done = Instant::now();
                 sent += 1;

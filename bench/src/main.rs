@@ -2,6 +2,7 @@
 //! in one run on one machine. See docs/benchmarks.md for what each figure
 //! means; `scripts/bench` builds, runs this and draws the chart.
 
+mod hedge;
 mod load;
 mod procs;
 mod report;
@@ -33,12 +34,23 @@ struct Cli {
 enum Cmd {
     /// Start two clusters and a stunnel pair, measure every path, write the report.
     Run(RunArgs),
+    /// Hedging: p50/p99 of a service with a slow endpoint, or slow
+    /// answers, without and with a TrafficPolicy `hedge`, side by side.
+    Hedge(hedge::HedgeArgs),
     /// The benchmark's application server (started by `run`).
     Upstream {
         #[arg(long)]
         listen: SocketAddr,
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// Answer every request this late.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        delay: Duration,
+        /// Answer this share of requests (at random) `--slow-delay` later.
+        #[arg(long, default_value_t = 0.0)]
+        slow_share: f64,
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        slow_delay: Duration,
     },
 }
 
@@ -144,11 +156,26 @@ pub struct Results {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Upstream { listen, ready_file } => tokio::runtime::Builder::new_current_thread()
+        Cmd::Upstream {
+            listen,
+            ready_file,
+            delay,
+            slow_share,
+            slow_delay,
+        } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(upstream::serve(listen, ready_file)),
+            .block_on(upstream::serve(
+                listen,
+                ready_file,
+                upstream::Lateness {
+                    delay,
+                    slow_share,
+                    slow_delay,
+                },
+            )),
         Cmd::Run(args) => run(args),
+        Cmd::Hedge(args) => hedge::run(args),
     }
 }
 

@@ -223,10 +223,16 @@ pub fn markdown(r: &Results) -> String {
 
 /// Replace the generated section of `path` with `section`, or append it.
 pub fn splice(path: &Path, section: &str) -> std::io::Result<()> {
+    splice_between(path, section, BEGIN, END)
+}
+
+/// Replace what lies between `begin` and `end` (markers included, and in
+/// `section` too) in the file at `path`, or append `section`.
+pub fn splice_between(path: &Path, section: &str, begin: &str, end: &str) -> std::io::Result<()> {
     let old = std::fs::read_to_string(path).unwrap_or_default();
-    let new = match (old.find(BEGIN), old.find(END)) {
-        (Some(b), Some(e)) if b < e => format!("{}{}{}", &old[..b], section.trim_end(), &old[e + END.len()..]),
-        _ => format!("{}\n{section}", old.trim_end()),
+    let new = match (old.find(begin), old.find(end)) {
+        (Some(b), Some(e)) if b < e => format!("{}{}{}", &old[..b], section.trim_end(), &old[e + end.len()..]),
+        _ => format!("{}\n\n{section}\n", old.trim_end()),
     };
     std::fs::write(path, new)
 }

@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -17,7 +18,16 @@ type Body = BoxBody<Bytes, Infallible>;
 
 const CHUNK: usize = 64 * 1024;
 
-pub async fn serve(listen: SocketAddr, ready: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+/// How late the server answers: always `delay`, and `slow_delay` more for
+/// a `slow_share` of requests (at random).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Lateness {
+    pub delay: Duration,
+    pub slow_share: f64,
+    pub slow_delay: Duration,
+}
+
+pub async fn serve(listen: SocketAddr, ready: Option<std::path::PathBuf>, late: Lateness) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     if let Some(path) = ready {
@@ -27,7 +37,17 @@ pub async fn serve(listen: SocketAddr, ready: Option<std::path::PathBuf>) -> any
         let (tcp, _) = listener.accept().await?;
         tcp.set_nodelay(true)?;
         tokio::spawn(async move {
-            let _ = isthmus_core::http::serve_connection(tcp, service_fn(handle)).await;
+            let svc = service_fn(move |req| async move {
+                let mut wait = late.delay;
+                if late.slow_share > 0.0 && rand::random::<f64>() < late.slow_share {
+                    wait += late.slow_delay;
+                }
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                handle(req).await
+            });
+            let _ = isthmus_core::http::serve_connection(tcp, svc).await;
         });
     }
 }

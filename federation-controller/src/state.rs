@@ -263,6 +263,7 @@ mod tests {
             failover_threshold: 0.5,
             retry_budget_percent: 20,
             retry_budget_min_per_second: 10,
+            requests: None,
             routes: vec![isthmus_proto::PolicyRoute {
                 headers: Default::default(),
                 split: vec![isthmus_proto::WeightedCluster {
@@ -270,6 +271,7 @@ mod tests {
                     weight: 3,
                 }],
                 failover: vec!["north".into()],
+                requests: None,
             }],
         };
         let mut st = State::new("west", "west.mesh");
