@@ -27,7 +27,7 @@ use crate::{join, peering};
 #[tonic::async_trait]
 impl Admin for Svc {
     async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<CreateTokenResponse>, Status> {
-        auth::admin(&self.0, &req)?;
+        auth::admin(&self.0, &req).await?;
         let r = req.into_inner();
         let ttl = if r.ttl_seconds == 0 {
             DEFAULT_TOKEN_TTL
@@ -53,24 +53,26 @@ impl Admin for Svc {
             priority: (r.priority > 0).then_some(r.priority),
         };
         let expires = now + ttl.as_secs() as i64;
-        self.0.update(|state| {
-            // Drop tokens that can never be used again, so the file stays small.
-            state.tokens.retain(|_, t| t.expires_unix > now - 24 * 3600);
-            state.tokens.insert(
-                id.clone(),
-                TokenRecord {
-                    id: id.clone(),
-                    secret_hash: hash,
-                    created_unix: now,
-                    expires_unix: expires,
-                    uses_left: uses,
-                    used_by: vec![],
-                    revoked: false,
-                    root_fingerprint: tok.root_fingerprint.clone(),
-                },
-            );
-            Ok(())
-        })?;
+        self.0
+            .update(|state| {
+                // Drop tokens that can never be used again, so the file stays small.
+                state.tokens.retain(|_, t| t.expires_unix > now - 24 * 3600);
+                state.tokens.insert(
+                    id.clone(),
+                    TokenRecord {
+                        id: id.clone(),
+                        secret_hash: hash,
+                        created_unix: now,
+                        expires_unix: expires,
+                        uses_left: uses,
+                        used_by: vec![],
+                        revoked: false,
+                        root_fingerprint: tok.root_fingerprint.clone(),
+                    },
+                );
+                Ok(())
+            })
+            .await?;
         self.0.metrics.tokens_created.inc();
         tracing::info!(token_id = %id, ttl_s = ttl.as_secs(), uses, "join token created");
         Ok(Response::new(CreateTokenResponse {
@@ -81,7 +83,7 @@ impl Admin for Svc {
     }
 
     async fn link(&self, req: Request<LinkRequest>) -> Result<Response<LinkResponse>, Status> {
-        auth::admin(&self.0, &req)?;
+        auth::admin(&self.0, &req).await?;
         let joined = match JoinToken::decode(&req.into_inner().token) {
             Ok(tok) => peering::join(self.0.clone(), &tok).await,
             Err(e) => Err(join::LinkError::from(e)),
@@ -96,7 +98,7 @@ impl Admin for Svc {
     }
 
     async fn export(&self, req: Request<ExportRequest>) -> Result<Response<ExportResponse>, Status> {
-        auth::admin(&self.0, &req)?;
+        auth::admin(&self.0, &req).await?;
         let r = req.into_inner();
         let key = ServiceKey::new(&r.namespace, &r.name);
         identity::validate_name(&key.namespace).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -126,19 +128,22 @@ impl Admin for Svc {
                 )));
             }
         }
-        let exports = self.0.update(|state| {
-            if !state.exports.contains_key(&key) {
-                state.exports.insert(
-                    key.clone(),
-                    ExportRecord {
-                        namespace: r.namespace,
-                        name: r.name,
-                        created_unix: unix_now(),
-                    },
-                );
-            }
-            Ok(state.exports.len())
-        })?;
+        let exports = self
+            .0
+            .update(|state| {
+                if !state.exports.contains_key(&key) {
+                    state.exports.insert(
+                        key.clone(),
+                        ExportRecord {
+                            namespace: r.namespace,
+                            name: r.name,
+                            created_unix: unix_now(),
+                        },
+                    );
+                }
+                Ok(state.exports.len())
+            })
+            .await?;
         self.0.metrics.exports.set(exports as i64);
         tracing::info!(service = %key, "exported");
         self.0.changed();
@@ -146,7 +151,7 @@ impl Admin for Svc {
     }
 
     async fn apply_policy(&self, req: Request<ApplyPolicyRequest>) -> Result<Response<ApplyPolicyResponse>, Status> {
-        auth::admin(&self.0, &req)?;
+        auth::admin(&self.0, &req).await?;
         let r = req.into_inner();
         let policy = r
             .policy
@@ -154,15 +159,18 @@ impl Admin for Svc {
         // Checked whole before anything is stored: nothing half-applied.
         isthmus_core::policy::validate(&policy).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let key = ServiceKey::new(&policy.namespace, &policy.service);
-        let changed = self.0.update(|state| {
-            let before = state.policies.get(&key).cloned();
-            if r.delete {
-                state.policies.remove(&key);
-            } else {
-                state.set_policy(&policy);
-            }
-            Ok(state.policies.get(&key) != before.as_ref())
-        })?;
+        let changed = self
+            .0
+            .update(|state| {
+                let before = state.policies.get(&key).cloned();
+                if r.delete {
+                    state.policies.remove(&key);
+                } else {
+                    state.set_policy(&policy);
+                }
+                Ok(state.policies.get(&key) != before.as_ref())
+            })
+            .await?;
         if changed {
             tracing::info!(service = %key, delete = r.delete, "traffic policy applied");
             self.0.metrics.policy_changes.inc();
@@ -172,7 +180,7 @@ impl Admin for Svc {
     }
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        auth::admin(&self.0, &req)?;
+        auth::admin(&self.0, &req).await?;
         let snap = self.0.snapshot();
         let ca = self.0.ca.load();
         let ours = ca.fingerprints();
@@ -231,7 +239,7 @@ impl Admin for Svc {
     }
 
     async fn list_tokens(&self, req: Request<ListTokensRequest>) -> Result<Response<ListTokensResponse>, Status> {
-        auth::admin(&self.0, &req)?;
+        auth::admin(&self.0, &req).await?;
         let now = unix_now();
         let state = self.0.state.lock().expect("state lock");
         let signer = self.0.ca.load().signer().fingerprint();
@@ -252,32 +260,33 @@ impl Admin for Svc {
     }
 
     async fn revoke_token(&self, req: Request<RevokeTokenRequest>) -> Result<Response<RevokeTokenResponse>, Status> {
-        auth::admin(&self.0, &req)?;
+        auth::admin(&self.0, &req).await?;
         let id = req.into_inner().id;
         let now = unix_now();
         let signer = self.0.ca.load().signer().fingerprint();
-        self.0.update(|state| {
-            let t = state
-                .tokens
-                .get_mut(&id)
-                .ok_or_else(|| Status::not_found(format!("no join token {id:?} (`isthmus token list` shows them)")))?;
-            match t.state(now, &signer) {
-                "usable" => {
-                    t.revoked = true;
-                    Ok(())
+        self.0
+            .update(|state| {
+                let t = state.tokens.get_mut(&id).ok_or_else(|| {
+                    Status::not_found(format!("no join token {id:?} (`isthmus token list` shows them)"))
+                })?;
+                match t.state(now, &signer) {
+                    "usable" => {
+                        t.revoked = true;
+                        Ok(())
+                    }
+                    other => Err(Status::failed_precondition(format!(
+                        "join token {id} is {other} already: it cannot be used to link"
+                    ))),
                 }
-                other => Err(Status::failed_precondition(format!(
-                    "join token {id} is {other} already: it cannot be used to link"
-                ))),
-            }
-        })?;
+            })
+            .await?;
         self.0.metrics.token_revocations.inc();
         tracing::info!(token_id = %id, "join token revoked");
         Ok(Response::new(RevokeTokenResponse {}))
     }
 
     async fn unlink(&self, req: Request<UnlinkRequest>) -> Result<Response<UnlinkResponse>, Status> {
-        auth::admin(&self.0, &req)?;
+        auth::admin(&self.0, &req).await?;
         let peer = req.into_inner().cluster;
         let connected = self
             .0
@@ -286,7 +295,7 @@ impl Admin for Svc {
             .expect("peers lock")
             .get(&peer)
             .is_some_and(|p| p.connected);
-        if !peering::remove_link(&self.0, &peer, "unlinked by an operator") {
+        if !peering::remove_link(&self.0, &peer, "unlinked by an operator").await {
             let known: Vec<String> = self.0.state.lock().expect("state lock").links.keys().cloned().collect();
             return Err(Status::not_found(format!(
                 "cluster {} has no link with {peer:?} (links: {})",
@@ -309,7 +318,7 @@ impl Admin for Svc {
         &self,
         req: Request<WorkloadCredentialRequest>,
     ) -> Result<Response<WorkloadCredentialResponse>, Status> {
-        auth::admin(&self.0, &req)?;
+        auth::admin(&self.0, &req).await?;
         let r = req.into_inner();
         let id = auth::workload_id(&self.0.cfg.trust_domain, &r.namespace, &r.service_account)?;
         if !r.service.is_empty() {
@@ -317,24 +326,26 @@ impl Admin for Svc {
         }
         let (secret, hash) = token::new_secret();
         let cred_id = format!("{:016x}", rand::random::<u64>());
-        self.0.update(|state| {
-            state.workloads.insert(
-                cred_id.clone(),
-                crate::state::WorkloadRecord {
-                    id: cred_id.clone(),
-                    namespace: r.namespace.clone(),
-                    service_account: r.service_account.clone(),
-                    service: if r.service.is_empty() {
-                        r.service_account.clone()
-                    } else {
-                        r.service.clone()
+        self.0
+            .update(|state| {
+                state.workloads.insert(
+                    cred_id.clone(),
+                    crate::state::WorkloadRecord {
+                        id: cred_id.clone(),
+                        namespace: r.namespace.clone(),
+                        service_account: r.service_account.clone(),
+                        service: if r.service.is_empty() {
+                            r.service_account.clone()
+                        } else {
+                            r.service.clone()
+                        },
+                        secret_hash: hash,
+                        created_unix: unix_now(),
                     },
-                    secret_hash: hash,
-                    created_unix: unix_now(),
-                },
-            );
-            Ok(())
-        })?;
+                );
+                Ok(())
+            })
+            .await?;
         tracing::info!(%id, credential = %cred_id, "workload credential created");
         Ok(Response::new(WorkloadCredentialResponse {
             credential: credential::format(&cred_id, &secret),
@@ -347,7 +358,7 @@ impl Admin for Svc {
         &self,
         req: Request<ListWorkloadCredentialsRequest>,
     ) -> Result<Response<ListWorkloadCredentialsResponse>, Status> {
-        auth::admin(&self.0, &req)?;
+        auth::admin(&self.0, &req).await?;
         let td = &self.0.cfg.trust_domain;
         let state = self.0.state.lock().expect("state lock");
         let mut credentials: Vec<WorkloadCredentialInfo> = state
@@ -368,21 +379,23 @@ impl Admin for Svc {
         &self,
         req: Request<RevokeWorkloadCredentialRequest>,
     ) -> Result<Response<RevokeWorkloadCredentialResponse>, Status> {
-        auth::admin(&self.0, &req)?;
+        auth::admin(&self.0, &req).await?;
         let id = req.into_inner().id;
-        self.0.update(|state| {
-            state.workloads.remove(&id).map(|_| ()).ok_or_else(|| {
-                Status::not_found(format!(
-                    "no workload credential {id:?} (`isthmus workload list` shows them)"
-                ))
+        self.0
+            .update(|state| {
+                state.workloads.remove(&id).map(|_| ()).ok_or_else(|| {
+                    Status::not_found(format!(
+                        "no workload credential {id:?} (`isthmus workload list` shows them)"
+                    ))
+                })
             })
-        })?;
+            .await?;
         tracing::info!(credential = %id, "workload credential revoked");
         Ok(Response::new(RevokeWorkloadCredentialResponse {}))
     }
 
     async fn rotate_ca(&self, req: Request<RotateCaRequest>) -> Result<Response<RotateCaResponse>, Status> {
-        auth::admin(&self.0, &req)?;
+        auth::admin(&self.0, &req).await?;
         let r = req.into_inner();
         let grace = if r.retire_after_seconds == 0 {
             self.0.cfg.svid_ttl
@@ -393,21 +406,25 @@ impl Admin for Svc {
         crate::ca::no_rotation_under_way(&self.0.state.lock().expect("state lock"))
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let new = identity::Ca::generate(&self.0.cfg.trust_domain).map_err(|e| Status::internal(e.to_string()))?;
-        // The key is on disk before the state names it.
+        // The key is stored before the state names it.
         let key_file = crate::ca::key_file(&new);
         self.0
-            .dir
-            .write_atomic(&key_file, new.key_pem().as_bytes(), true)
+            .store
+            .write_key(&key_file, &new.key_pem())
+            .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        let staged = self.0.update(|state| {
-            crate::ca::stage(state, &new, grace, unix_now()).map_err(|e| Status::failed_precondition(e.to_string()))
-        });
+        let staged = self
+            .0
+            .update(|state| {
+                crate::ca::stage(state, &new, grace, unix_now()).map_err(|e| Status::failed_precondition(e.to_string()))
+            })
+            .await;
         if let Err(e) = staged {
-            let _ = std::fs::remove_file(self.0.dir.file(&key_file));
+            let _ = self.0.store.delete_key(&key_file).await;
             return Err(e);
         }
         tracing::info!(root = %new.fingerprint(), retire_after_s = grace.as_secs(), "root rotation started: new root staged");
-        self.0.reload_ca();
+        self.0.reload_ca().await;
         Ok(Response::new(RotateCaResponse {
             new_root_fingerprint: new.fingerprint(),
         }))

@@ -13,21 +13,37 @@ pub(crate) enum Caller {
     Workload {
         namespace: String,
         service_account: String,
-        /// The one service it may register as a backend of.
-        service: String,
+        /// The one service it may register as a backend of; `None` (a
+        /// Kubernetes service account): any Service of its namespace.
+        service: Option<String>,
     },
 }
 
 /// Who presented the request's bearer credential.
-pub(crate) fn caller<T>(shared: &Shared, req: &Request<T>) -> Result<Caller, Status> {
+pub(crate) async fn caller<T>(shared: &Shared, req: &Request<T>) -> Result<Caller, Status> {
     let presented = req
         .metadata()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| Status::unauthenticated("missing credential"))?;
-    if token::secret_matches(presented.as_bytes(), &shared.local_token_hash) {
+    if let Some(hash) = &shared.local_token_hash
+        && token::secret_matches(presented.as_bytes(), hash)
+    {
         return Ok(Caller::Admin);
+    }
+    if let Some(reviewer) = &shared.kube
+        && crate::k8s::auth::is_jwt(presented)
+    {
+        let sa = reviewer.review(presented).await.map_err(|e| match e {
+            crate::k8s::auth::ReviewError::Api(e) => Status::unavailable(format!("cannot review the token: {e}")),
+            other => Status::unauthenticated(other.to_string()),
+        })?;
+        return Ok(Caller::Workload {
+            namespace: sa.namespace,
+            service_account: sa.name,
+            service: None,
+        });
     }
     let wrong = || Status::unauthenticated("unknown or altered credential");
     let (id, secret) = credential::parse(presented).ok_or_else(wrong)?;
@@ -39,13 +55,13 @@ pub(crate) fn caller<T>(shared: &Shared, req: &Request<T>) -> Result<Caller, Sta
     Ok(Caller::Workload {
         namespace: rec.namespace.clone(),
         service_account: rec.service_account.clone(),
-        service: rec.service.clone(),
+        service: Some(rec.service.clone()),
     })
 }
 
 /// The Admin service is the operator's alone.
-pub(crate) fn admin<T>(shared: &Shared, req: &Request<T>) -> Result<(), Status> {
-    match caller(shared, req)? {
+pub(crate) async fn admin<T>(shared: &Shared, req: &Request<T>) -> Result<(), Status> {
+    match caller(shared, req).await? {
         Caller::Admin => Ok(()),
         Caller::Workload { .. } => Err(Status::permission_denied(
             "a workload credential cannot use the Admin service; use the cluster's admin token",
@@ -54,13 +70,13 @@ pub(crate) fn admin<T>(shared: &Shared, req: &Request<T>) -> Result<(), Status> 
 }
 
 /// A workload may act only as the identity its credential is bound to.
-pub(crate) fn acting_as<T>(
+pub(crate) async fn acting_as<T>(
     shared: &Shared,
     req: &Request<T>,
     namespace: &str,
     service_account: &str,
 ) -> Result<Caller, Status> {
-    let caller = caller(shared, req)?;
+    let caller = caller(shared, req).await?;
     match &caller {
         Caller::Workload {
             namespace: ns,

@@ -13,11 +13,11 @@
 use std::time::Duration;
 
 use isthmus_core::identity::{self, Ca};
-use isthmus_core::local::ClusterDir;
 use rustls::pki_types::CertificateDer;
 
 use crate::ControllerError;
 use crate::state::{RootPhase, RootRecord, State};
+use crate::store::Store;
 
 /// The roots of the state, with their keys loaded.
 pub(crate) struct Authority {
@@ -25,14 +25,15 @@ pub(crate) struct Authority {
 }
 
 impl Authority {
-    pub(crate) fn load(dir: &ClusterDir, trust_domain: &str, records: &[RootRecord]) -> Result<Self, ControllerError> {
+    /// The roots of `records`, with their keys from `store`.
+    pub(crate) async fn load(
+        store: &Store,
+        trust_domain: &str,
+        records: &[RootRecord],
+    ) -> Result<Self, ControllerError> {
         let mut roots = Vec::with_capacity(records.len());
         for r in records {
-            let path = dir.file(&r.key_file);
-            let key = std::fs::read_to_string(&path).map_err(|e| ControllerError::Io {
-                path: path.display().to_string(),
-                source: e,
-            })?;
+            let key = store.read_key(&r.key_file).await?;
             roots.push((r.clone(), Ca::load(trust_domain, &r.chain_pem, &key)?));
         }
         let signers = roots.iter().filter(|(r, _)| r.phase == RootPhase::Signing).count();
@@ -220,11 +221,12 @@ mod tests {
         assert_eq!(s.roots[0].key_file, key_file(&new));
     }
 
-    #[test]
-    fn authority_bundle_and_signer() {
+    #[tokio::test]
+    async fn authority_bundle_and_signer() {
         isthmus_core::install_crypto_provider();
         let tmp = tempfile::tempdir().unwrap();
-        let dir = ClusterDir::new(tmp.path());
+        let dir = isthmus_core::local::ClusterDir::new(tmp.path());
+        let store = Store::Dir(dir.clone());
         let mut s = State::new("east", "east.mesh");
         let old = Ca::generate("east.mesh").unwrap();
         let new = Ca::generate("east.mesh").unwrap();
@@ -234,20 +236,20 @@ mod tests {
         s.roots.push(first_root(&old));
         stage(&mut s, &new, Duration::ZERO, 0).unwrap();
 
-        let a = Authority::load(&dir, "east.mesh", &s.roots).unwrap();
+        let a = Authority::load(&store, "east.mesh", &s.roots).await.unwrap();
         assert_eq!(a.signer().fingerprint(), old.fingerprint());
         assert_eq!(a.fingerprints(), [old.fingerprint(), new.fingerprint()]);
         assert_eq!(a.staged(), Some(new.fingerprint()));
 
         assert!(promote(&mut s, MIN_STAGED_SECS));
-        let a = Authority::load(&dir, "east.mesh", &s.roots).unwrap();
+        let a = Authority::load(&store, "east.mesh", &s.roots).await.unwrap();
         assert_eq!(a.signer().fingerprint(), new.fingerprint());
         assert_eq!(a.fingerprints(), [new.fingerprint(), old.fingerprint()]);
         assert_eq!(a.staged(), None);
 
         // A state whose key file is gone is an error naming the file.
         std::fs::remove_file(dir.file(&key_file(&new))).unwrap();
-        let err = Authority::load(&dir, "east.mesh", &s.roots).err().unwrap();
+        let err = Authority::load(&store, "east.mesh", &s.roots).await.err().unwrap();
         assert!(err.to_string().contains(&key_file(&new)), "{err}");
     }
 }

@@ -45,6 +45,31 @@ pub struct Config {
     /// A CA to use on first start instead of generating a root: PEM chain
     /// (signing certificate first, up to the root) and PEM private key.
     pub ca_files: Option<(PathBuf, PathBuf)>,
+    /// Keep the state in the Kubernetes API instead of `dir` (and lead, or
+    /// stand by, by a Lease).
+    pub kube: Option<KubeSettings>,
+    /// Control addresses put in `controller.json` for components (comma
+    /// separated; several replicas, or a Service name), if not the bound one.
+    pub advertise_control: Option<String>,
+}
+
+/// A lease is held this long without renewal before a standby takes over.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
+/// The controller's namespace on Kubernetes.
+pub const DEFAULT_NAMESPACE: &str = "isthmus-system";
+
+/// The controller on Kubernetes.
+#[derive(Clone, Debug)]
+pub struct KubeSettings {
+    /// A kubeconfig file; else `KUBECONFIG`, `~/.kube/config`, or the
+    /// in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+    /// Where the controller's own objects live (Lease, Secrets, ConfigMap).
+    pub namespace: String,
+    /// This replica's name in the Lease (the pod's name).
+    pub replica: String,
+    pub lease: Duration,
 }
 
 impl Config {
@@ -64,6 +89,8 @@ impl Config {
             import_lease: DEFAULT_IMPORT_LEASE,
             admin_addr: None,
             ca_files: None,
+            kube: None,
+            advertise_control: None,
         }
     }
 }

@@ -39,7 +39,7 @@ impl Control for Svc {
         &self,
         req: Request<CertificateRequest>,
     ) -> Result<Response<CertificateResponse>, Status> {
-        auth::acting_as(&self.0, &req, &req.get_ref().namespace, &req.get_ref().service_account)?;
+        auth::acting_as(&self.0, &req, &req.get_ref().namespace, &req.get_ref().service_account).await?;
         let r = req.into_inner();
         let id = auth::workload_id(&self.0.cfg.trust_domain, &r.namespace, &r.service_account)?;
         let ca = self.0.ca.load();
@@ -65,21 +65,39 @@ impl Control for Svc {
         match &req.get_ref().node {
             Some(watch_request::Node::Sidecar(s)) => {
                 // Serving a service means receiving its traffic: a
-                // credential allows one service, not any in its namespace.
-                if let auth::Caller::Workload { service, .. } =
-                    auth::acting_as(&self.0, &req, &s.namespace, &s.service_account)?
+                // credential allows one service, not any in its namespace;
+                // a service account (Kubernetes), a Service of its own
+                // namespace that exists.
+                let caller = auth::acting_as(&self.0, &req, &s.namespace, &s.service_account).await?;
+                if let auth::Caller::Workload { service, .. } = caller
                     && !s.service.is_empty()
-                    && s.service != service
                 {
-                    return Err(Status::permission_denied(format!(
-                        "this credential may serve {}/{service}, not {}/{}",
-                        s.namespace, s.namespace, s.service
-                    )));
+                    match (service, &self.0.kube) {
+                        (Some(service), _) if s.service != service => {
+                            return Err(Status::permission_denied(format!(
+                                "this credential may serve {}/{service}, not {}/{}",
+                                s.namespace, s.namespace, s.service
+                            )));
+                        }
+                        (None, Some(api)) => {
+                            let exists = api
+                                .service_exists(&s.namespace, &s.service)
+                                .await
+                                .map_err(|e| Status::unavailable(format!("cannot look the Service up: {e}")))?;
+                            if !exists {
+                                return Err(Status::permission_denied(format!(
+                                    "there is no Service {}/{}: create it before its workloads register",
+                                    s.namespace, s.service
+                                )));
+                            }
+                        }
+                        _ => {}
+                    }
                 }
             }
             Some(watch_request::Node::Gateway(_)) => {
                 let gw = SpiffeId::gateway(&self.0.cfg.trust_domain);
-                auth::acting_as(&self.0, &req, &gw.namespace, &gw.service_account)?;
+                auth::acting_as(&self.0, &req, &gw.namespace, &gw.service_account).await?;
             }
             None => {}
         }

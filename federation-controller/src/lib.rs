@@ -17,6 +17,7 @@ mod ca;
 pub mod config;
 mod control;
 pub mod join;
+pub mod k8s;
 pub mod metrics;
 mod peering;
 mod peering_service;
@@ -35,6 +36,7 @@ use isthmus_core::bundle::TrustBundles;
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::local::{ClusterDir, ControllerInfo};
 use isthmus_core::tls::{self, ClientAuth, SvidResolver};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +44,7 @@ pub use config::Config;
 pub use state::{State, StateError};
 
 use crate::shared::{Registry, Shared};
+use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
@@ -59,6 +62,8 @@ pub enum ControllerError {
     Io { path: String, source: std::io::Error },
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
 }
 
 /// A running controller.
@@ -69,32 +74,96 @@ pub struct Running {
     pub done: tokio::task::JoinHandle<()>,
 }
 
-/// Start the controller: bind its ports, publish `controller.json`, serve
-/// until `shutdown` is cancelled.
-pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, ControllerError> {
-    let (state, ca) = store::open(&cfg)?;
-    let dir = ClusterDir::new(&cfg.dir);
-    let local_token = match dir.local_token() {
-        Ok(t) if !t.is_empty() => t,
-        _ => {
-            let (t, _) = isthmus_core::token::new_secret();
-            dir.write_atomic(isthmus_core::local::LOCAL_TOKEN_FILE, t.as_bytes(), true)?;
-            t
-        }
-    };
+/// The control and peering listeners, bound before the controller serves.
+pub(crate) struct Ports {
+    pub control: TcpListener,
+    pub peering: TcpListener,
+    pub control_addr: SocketAddr,
+    pub peering_addr: SocketAddr,
+}
 
+/// Start the controller: bind its ports, and serve until `shutdown` is
+/// cancelled. In local mode it serves at once from its directory; on
+/// Kubernetes it serves once it leads (a standby closes connections at
+/// once, so components try the next address).
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, ControllerError> {
+    isthmus_core::identity::validate_name(&cfg.cluster)
+        .map_err(|e| ControllerError::Config(format!("cluster name: {e}")))?;
+    isthmus_core::identity::validate_trust_domain(&cfg.trust_domain)?;
     let (control, control_addr) = isthmus_core::net::bind(cfg.control_addr).await?;
     let (peering, peering_addr) = isthmus_core::net::bind(cfg.peering_addr).await?;
-
+    let ports = Ports {
+        control,
+        peering,
+        control_addr,
+        peering_addr,
+    };
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
+    let ready = isthmus_core::metrics::Ready::default();
+    let admin_addr =
+        isthmus_core::metrics::serve_admin(cfg.admin_addr, registry, ready.clone(), shutdown.clone()).await?;
+    let done = match cfg.kube.clone() {
+        None => {
+            let dir = ClusterDir::new(&cfg.dir);
+            std::fs::create_dir_all(&cfg.dir).map_err(|e| ControllerError::Io {
+                path: cfg.dir.display().to_string(),
+                source: e,
+            })?;
+            let local_token = match dir.local_token() {
+                Ok(t) if !t.is_empty() => t,
+                _ => {
+                    let (t, _) = isthmus_core::token::new_secret();
+                    dir.write_atomic(isthmus_core::local::LOCAL_TOKEN_FILE, t.as_bytes(), true)?;
+                    t
+                }
+            };
+            let hash = isthmus_core::token::hash_secret(local_token.as_bytes());
+            let (_, mut tasks) =
+                start(cfg, Store::Dir(dir), Some(hash), None, ports, metrics, shutdown.clone()).await?;
+            ready.set(true);
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                tasks.shutdown().await;
+            })
+        }
+        Some(k) => {
+            let client = k8s::client(&k)
+                .await
+                .map_err(|e| ControllerError::Config(e.to_string()))?;
+            tokio::spawn(k8s::lead(cfg, k, client, ports, metrics, ready, shutdown))
+        }
+    };
+    Ok(Running {
+        control_addr,
+        peering_addr,
+        admin_addr,
+        done,
+    })
+}
+
+/// Open the store and serve: control and peering ports, the lease keeper,
+/// SVID renewal, peering streams to dial. Publishes `controller.json`.
+pub(crate) async fn start(
+    cfg: Config,
+    store: Store,
+    local_token_hash: Option<String>,
+    kube: Option<kube::Client>,
+    ports: Ports,
+    metrics: metrics::Metrics,
+    shutdown: CancellationToken,
+) -> Result<(Arc<Shared>, tokio::task::JoinSet<()>), ControllerError> {
+    let Ports {
+        control,
+        peering,
+        control_addr,
+        peering_addr,
+    } = ports;
+    let (state, ca) = store::open(&cfg, &store).await?;
     if let Ok(t) = isthmus_core::identity::not_after_of(ca.signer().anchor_der()) {
         metrics.root_expiry.set(t);
     }
     metrics.exports.set(state.exports.len() as i64);
-    let ready = isthmus_core::metrics::Ready::default();
-    let admin_addr =
-        isthmus_core::metrics::serve_admin(cfg.admin_addr, registry, ready.clone(), shutdown.clone()).await?;
     let svid = ca
         .signer()
         .issue_local(&SpiffeId::controller(&cfg.trust_domain), cfg.svid_ttl)?;
@@ -103,8 +172,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
             .advertise_peering
             .clone()
             .unwrap_or_else(|| peering_addr.to_string()),
-        dir: dir.clone(),
-        local_token_hash: isthmus_core::token::hash_secret(local_token.as_bytes()),
+        store,
+        writer: tokio::sync::Mutex::new(()),
+        local_token_hash,
         state: Mutex::new(state),
         registry: Mutex::new(Registry::default()),
         peers: Mutex::new(BTreeMap::new()),
@@ -113,6 +183,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
         version: watch::channel(1).0,
         shutdown: shutdown.clone(),
         metrics,
+        kube: kube.map(crate::k8s::auth::Reviewer::new),
         ca: ArcSwap::from_pointee(ca),
         cfg,
     });
@@ -145,27 +216,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
     let info = ControllerInfo {
         cluster: shared.cfg.cluster.clone(),
         trust_domain: shared.cfg.trust_domain.clone(),
-        control_addr: control_addr.to_string(),
+        control_addr: shared
+            .cfg
+            .advertise_control
+            .clone()
+            .unwrap_or_else(|| control_addr.to_string()),
         peering_addr: shared.peering_advertised.clone(),
         pid: std::process::id(),
     };
-    dir.write_atomic(
-        isthmus_core::local::CONTROLLER_FILE,
-        &serde_json::to_vec_pretty(&info).expect("serializes"),
-        false,
-    )?;
+    shared.store.publish_info(&info).await?;
     tracing::info!(cluster = %info.cluster, trust_domain = %info.trust_domain, %control_addr, %peering_addr,
         root = %shared.ca.load().signer().fingerprint(), "controller ready");
-
-    let done = tokio::spawn(async move {
-        shutdown.cancelled().await;
-        tasks.shutdown().await;
-    });
-    ready.set(true);
-    Ok(Running {
-        control_addr,
-        peering_addr,
-        admin_addr,
-        done,
-    })
+    Ok((shared, tasks))
 }

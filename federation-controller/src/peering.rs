@@ -108,6 +108,7 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
             );
             Ok(())
         })
+        .await
         .map_err(|status| {
             raced
                 .take()
@@ -280,10 +281,10 @@ async fn run_session(
             r = version.changed() => if r.is_err() { break },
             m = inbound.message() => match m {
                 Ok(Some(PeerMessage { msg: Some(Msg::Unlinked(_)) })) => {
-                    remove_link(&shared, &peer, "the peer unlinked");
+                    remove_link(&shared, &peer, "the peer unlinked").await;
                     break;
                 }
-                Ok(Some(m)) => apply(&shared, &peer, m),
+                Ok(Some(m)) => apply(&shared, &peer, m).await,
                 Ok(None) => break,
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "peering stream error");
@@ -299,7 +300,7 @@ async fn run_session(
     tracing::info!(%peer, "peering stream down");
 }
 
-fn apply(shared: &Shared, peer: &str, m: PeerMessage) {
+async fn apply(shared: &Shared, peer: &str, m: PeerMessage) {
     let mut changed = false;
     match m.msg {
         Some(Msg::Heartbeat(h)) => mark(shared, peer, |p| {
@@ -330,21 +331,23 @@ fn apply(shared: &Shared, peer: &str, m: PeerMessage) {
             changed = true;
         }
         Some(Msg::Bundle(b)) => {
-            let updated = shared.update(|state| {
-                let Some(link) = state.links.get_mut(peer) else {
-                    return Ok(false);
-                };
-                if b.trust_domain != link.trust_domain || identity::certs_from_pem(&b.roots_pem).is_err() {
-                    tracing::warn!(%peer, "ignoring malformed bundle update");
-                    return Ok(false);
-                }
-                let before = link.clone();
-                link.roots_pem = b.roots_pem;
-                if !b.gateway_addr.is_empty() {
-                    link.gateway_addr = b.gateway_addr;
-                }
-                Ok(*link != before)
-            });
+            let updated = shared
+                .update(|state| {
+                    let Some(link) = state.links.get_mut(peer) else {
+                        return Ok(false);
+                    };
+                    if b.trust_domain != link.trust_domain || identity::certs_from_pem(&b.roots_pem).is_err() {
+                        tracing::warn!(%peer, "ignoring malformed bundle update");
+                        return Ok(false);
+                    }
+                    let before = link.clone();
+                    link.roots_pem = b.roots_pem;
+                    if !b.gateway_addr.is_empty() {
+                        link.gateway_addr = b.gateway_addr;
+                    }
+                    Ok(*link != before)
+                })
+                .await;
             match updated {
                 Ok(true) => {
                     shared.rebuild_bundles();
@@ -363,8 +366,8 @@ fn apply(shared: &Shared, peer: &str, m: PeerMessage) {
 
 /// End the link with `peer` on this side: its bundle, imports and gateway
 /// go, so its workloads are refused from now on. False if it was not linked.
-pub(crate) fn remove_link(shared: &Shared, peer: &str, why: &str) -> bool {
-    let removed = shared.update(|state| Ok(state.links.remove(peer).is_some()));
+pub(crate) async fn remove_link(shared: &Shared, peer: &str, why: &str) -> bool {
+    let removed = shared.update(|state| Ok(state.links.remove(peer).is_some())).await;
     match removed {
         Ok(true) => {
             shared.peers.lock().expect("peers lock").remove(peer);
@@ -401,7 +404,7 @@ pub(crate) async fn lease_keeper(shared: Arc<Shared>) {
         for peer in &expired {
             tracing::warn!(%peer, "no heartbeat for the import lease: imports withdrawn");
         }
-        shared.advance_rotation();
+        shared.advance_rotation().await;
         publish_metrics(&shared);
         if !expired.is_empty() {
             shared.changed();

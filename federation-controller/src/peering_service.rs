@@ -44,11 +44,13 @@ impl Peering for Svc {
         };
         join::check_request(&shared.cfg.cluster, &shared.cfg.trust_domain, &r).map_err(refused)?;
         let now = unix_now();
-        shared.update(|state| {
-            join::check_token(state, &r, now).map_err(refused)?;
-            join::spend(state, &r, now);
-            Ok(())
-        })?;
+        shared
+            .update(|state| {
+                join::check_token(state, &r, now).map_err(refused)?;
+                join::spend(state, &r, now);
+                Ok(())
+            })
+            .await?;
         shared.rebuild_bundles();
         shared.changed();
         tracing::info!(peer = %r.cluster, trust_domain = %r.trust_domain, "linked (join accepted)");

@@ -12,16 +12,16 @@ use crate::shared::Shared;
 impl Shared {
     /// Move a root rotation on: promote a staged root once every linked
     /// peer holds it, and drop retiring roots whose time has come.
-    pub fn advance_rotation(&self) {
+    pub async fn advance_rotation(&self) {
         // The state leads; the loaded roots follow. If loading failed after
         // a step was saved, try again rather than stall the rotation.
         let saved: Vec<_> = self.state.lock().expect("state lock").roots.clone();
         let loaded: Vec<_> = self.ca.load().records().map(|(r, _)| r.clone()).collect();
         if saved != loaded {
-            self.reload_ca();
+            self.reload_ca().await;
         }
         let Some(staged) = self.ca.load().staged() else {
-            self.retire_roots();
+            self.retire_roots().await;
             return;
         };
         let waiting: Vec<String> = {
@@ -37,17 +37,20 @@ impl Shared {
         if !waiting.is_empty() {
             return;
         }
-        match self.update(|state| Ok(ca::promote(state, isthmus_core::unix_now()))) {
+        match self
+            .update(|state| Ok(ca::promote(state, isthmus_core::unix_now())))
+            .await
+        {
             Ok(true) => {
                 tracing::info!(root = %staged, "every peer holds the new root: it signs from now on");
-                self.reload_ca();
+                self.reload_ca().await;
             }
             Ok(false) => {}
             Err(e) => tracing::error!(error = %e.message(), "promoting the new root failed"),
         }
     }
 
-    fn retire_roots(&self) {
+    async fn retire_roots(&self) {
         let now = isthmus_core::unix_now();
         // Cheap check first: this runs on every tick of the lease keeper.
         let due = self
@@ -60,13 +63,13 @@ impl Shared {
         if !due {
             return;
         }
-        match self.update(|state| Ok(ca::retire_due(state, now))) {
+        match self.update(|state| Ok(ca::retire_due(state, now))).await {
             Ok(gone) if !gone.is_empty() => {
-                self.reload_ca();
+                self.reload_ca().await;
                 // The state no longer names them: their keys can go.
                 for f in gone {
                     tracing::info!(key = %f, "old root retired");
-                    if let Err(e) = std::fs::remove_file(self.dir.file(&f)) {
+                    if let Err(e) = self.store.delete_key(&f).await {
                         tracing::warn!(key = %f, error = %e, "could not delete a retired root's key");
                     }
                 }
@@ -78,20 +81,17 @@ impl Shared {
 
     /// The roots in the state changed: load them, publish the bundle, and
     /// re-issue our own SVID if the signer moved.
-    pub fn reload_ca(&self) {
+    pub async fn reload_ca(&self) {
         let roots = self.state.lock().expect("state lock").roots.clone();
-        let next = match ca::Authority::load(&self.dir, &self.cfg.trust_domain, &roots) {
+        let next = match ca::Authority::load(&self.store, &self.cfg.trust_domain, &roots).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "loading the cluster's roots failed");
                 return;
             }
         };
-        if let Err(e) = self
-            .dir
-            .write_atomic(isthmus_core::local::CA_FILE, next.bundle_pem().as_bytes(), false)
-        {
-            tracing::error!(error = %e, "writing the bundle file failed");
+        if let Err(e) = self.store.publish_bundle(&next.bundle_pem()).await {
+            tracing::error!(error = %e, "publishing the bundle failed");
         }
         let moved = next.signer().fingerprint() != self.ca.load().signer().fingerprint();
         if let Ok(t) = isthmus_core::identity::not_after_of(next.signer().anchor_der()) {

@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use isthmus_core::bundle::TrustBundles;
-use isthmus_core::local::ClusterDir;
 use isthmus_core::tls::{SharedBundles, SvidResolver};
 use isthmus_proto::{ConfigSnapshot, GatewayRegistration, Peer, SidecarRegistration, TrustBundle};
 use tokio::sync::watch;
@@ -16,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::state::State;
+use crate::store::Store;
 use crate::{ca, metrics, snapshot};
 
 /// Link health as peers and operators see it.
@@ -53,11 +53,14 @@ pub(crate) struct Registry {
 /// What every task of the controller shares.
 pub(crate) struct Shared {
     pub cfg: Config,
-    pub dir: ClusterDir,
+    pub store: Store,
+    /// One change of the durable state at a time (each waits for its save).
+    pub writer: tokio::sync::Mutex<()>,
     /// This cluster's roots; replaced whole when a rotation moves on.
     pub ca: ArcSwap<ca::Authority>,
-    /// Hash of the admin token in the cluster directory (`local.token`).
-    pub local_token_hash: String,
+    /// Hash of the admin token in the cluster directory (`local.token`);
+    /// on Kubernetes there is none (the API's own access control applies).
+    pub local_token_hash: Option<String>,
     pub peering_advertised: String,
     pub state: Mutex<State>,
     pub registry: Mutex<Registry>,
@@ -68,6 +71,8 @@ pub(crate) struct Shared {
     pub version: watch::Sender<u64>,
     pub shutdown: CancellationToken,
     pub metrics: metrics::Metrics,
+    /// On Kubernetes: who workloads are (TokenReview), and the API.
+    pub kube: Option<crate::k8s::auth::Reviewer>,
 }
 
 impl Shared {
@@ -79,18 +84,28 @@ impl Shared {
     /// Change the durable state: `change` edits a copy, the copy is saved,
     /// and only then does it replace the state in memory. A change that
     /// fails, or cannot be saved, leaves no trace.
-    pub fn update<T>(&self, change: impl FnOnce(&mut State) -> Result<T, tonic::Status>) -> Result<T, tonic::Status> {
-        let mut state = self.state.lock().expect("state lock");
-        let mut next = state.clone();
+    pub async fn update<T>(
+        &self,
+        change: impl FnOnce(&mut State) -> Result<T, tonic::Status>,
+    ) -> Result<T, tonic::Status> {
+        let _one = self.writer.lock().await;
+        let mut next = self.state.lock().expect("state lock").clone();
         let out = change(&mut next)?;
-        if next != *state {
-            next.save(self.dir.path()).map_err(|e| {
+        if next != *self.state.lock().expect("state lock") {
+            self.store.save(&next).await.map_err(|e| {
                 tracing::error!(error = %e, "saving state failed");
                 tonic::Status::internal(format!("could not save state: {e}"))
             })?;
-            *state = next;
+            *self.state.lock().expect("state lock") = next;
         }
         Ok(out)
+    }
+
+    /// Take in what the Kubernetes API holds (exports, policies, join
+    /// tokens): it is stored there already, so nothing is saved.
+    pub fn absorb(&self, change: impl FnOnce(&mut State)) {
+        change(&mut self.state.lock().expect("state lock"));
+        self.changed();
     }
 
     pub fn rebuild_bundles(&self) {
