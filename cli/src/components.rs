@@ -33,28 +33,57 @@ pub struct Common {
 #[derive(clap::Args, Clone)]
 pub struct Credential {
     /// File holding this workload's credential (`isthmus workload
-    /// credential`); it allows SVIDs for this identity only. Without it the
-    /// cluster directory's admin token is used.
+    /// credential`), or on Kubernetes its service-account token (projected,
+    /// audience `isthmus`); it allows SVIDs for this identity only. Read
+    /// again at each request, so a rotated token is picked up. Without it
+    /// the cluster directory's admin token is used.
     #[arg(long, env = "ISTHMUS_CREDENTIAL_FILE")]
     pub credential_file: Option<PathBuf>,
 }
 
 impl Credential {
-    fn read(&self) -> Result<Option<String>, CliError> {
+    /// The credential file, checked readable now.
+    fn source(&self) -> Result<Option<isthmus_core::local::Credential>, CliError> {
         let Some(path) = &self.credential_file else {
             return Ok(None);
         };
-        let s = std::fs::read_to_string(path)
+        let c = isthmus_core::local::Credential::File(path.clone());
+        c.current()
             .map_err(|e| CliError::new(exit::BAD_INPUT, format!("--credential-file {}: {e}", path.display())))?;
-        Ok(Some(s.trim().to_string()))
+        Ok(Some(c))
     }
 }
 
 #[derive(clap::Args)]
 pub struct ControllerArgs {
-    /// Cluster directory: state, CA and the files local components read.
-    #[arg(long, env = "ISTHMUS_DIR")]
-    pub dir: PathBuf,
+    /// Cluster directory: state, CA and the files local components read
+    /// (local mode).
+    #[arg(long, env = "ISTHMUS_DIR", required_unless_present_any = ["kube", "kubeconfig", "context"])]
+    pub dir: Option<PathBuf>,
+    /// Keep the state in the Kubernetes API instead (in-cluster config,
+    /// KUBECONFIG or ~/.kube/config), and lead or stand by by a Lease.
+    #[arg(long)]
+    pub kube: bool,
+    /// kubeconfig file (implies --kube).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// kubeconfig context (implies --kube).
+    #[arg(long)]
+    pub context: Option<String>,
+    /// Namespace of the controller's own objects (Lease, Secrets, ConfigMap).
+    #[arg(long, env = "ISTHMUS_NAMESPACE", default_value = isthmus_controller::config::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// This replica's name in the Lease [default: $POD_NAME, else host name and pid].
+    #[arg(long, env = "POD_NAME")]
+    pub replica: Option<String>,
+    /// How long a leader's Lease lasts without renewal: a standby takes
+    /// over this long after the leader stops.
+    #[arg(long, default_value_t = isthmus_controller::config::DEFAULT_LEASE.into())]
+    pub lease: humantime::Duration,
+    /// Control addresses components are told, comma separated (every
+    /// replica's, or a Service name), if not the bound one.
+    #[arg(long)]
+    pub advertise_control: Option<String>,
     /// Cluster name (lowercase letters, digits, '-').
     #[arg(long)]
     pub cluster: String,
@@ -244,7 +273,20 @@ pub async fn controller(a: ControllerArgs, log: &str) -> Result<(), CliError> {
     init_logging(log);
     let shutdown = shutdown_token(a.common.exit_with_parent);
     let td = a.trust_domain.clone().unwrap_or_else(|| format!("{}.mesh", a.cluster));
-    let mut cfg = isthmus_controller::Config::new(&a.dir, &a.cluster, &td);
+    let mut cfg = isthmus_controller::Config::new(a.dir.clone().unwrap_or_default(), &a.cluster, &td);
+    if a.kube || a.kubeconfig.is_some() || a.context.is_some() {
+        cfg.kube = Some(isthmus_controller::config::KubeSettings {
+            kubeconfig: a.kubeconfig,
+            context: a.context,
+            namespace: a.namespace,
+            replica: a.replica.unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                format!("{}-{}", host.trim(), std::process::id())
+            }),
+            lease: a.lease.into(),
+        });
+    }
+    cfg.advertise_control = a.advertise_control;
     cfg.control_addr = a.control_addr;
     cfg.peering_addr = a.peering_addr;
     cfg.advertise_peering = a.advertise_peering;
@@ -276,7 +318,7 @@ pub async fn gateway(a: GatewayArgs, log: &str) -> Result<(), CliError> {
     init_logging(log);
     let shutdown = shutdown_token(a.common.exit_with_parent);
     let cfg = isthmus_gateway::Config {
-        credential: a.credential.read()?,
+        credential: a.credential.source()?,
         dir: a.dir,
         tunnel_addr: a.tunnel_addr,
         quic_addr: a.quic_addr,
@@ -321,7 +363,7 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
         .or_else(|| a.service.clone())
         .unwrap_or_else(|| "default".to_string());
     let cfg = isthmus_sidecar::Config {
-        credential: a.credential.read()?,
+        credential: a.credential.source()?,
         dir: a.dir,
         namespace: a.namespace,
         service_account: sa,

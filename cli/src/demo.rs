@@ -10,6 +10,7 @@ use isthmus_core::http::{Answer, HttpError};
 use crate::admin;
 use crate::error::CliError;
 use crate::exit;
+use crate::kube::Target;
 use crate::up::{self, LocalCluster};
 
 #[derive(clap::Args)]
@@ -180,7 +181,7 @@ async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster
     println!("{token}");
 
     r.start("link west to east with the token");
-    admin::link(&west_dir, &token).await.map(|_| ())?;
+    admin::link(&Target::Dir(west_dir.clone()), &token).await.map(|_| ())?;
     let hb = wait_for("the link to become active", Duration::from_secs(20), || async {
         let s = admin::fetch_status(&west_dir).await.ok()?;
         s.links
@@ -192,7 +193,7 @@ async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster
     println!("      link west -> east active, last heartbeat {hb} ms ago");
 
     r.start("export demo/echo from east");
-    admin::export(&east_dir, "demo/echo").await?;
+    admin::export(&Target::Dir(east_dir.clone()), "demo/echo").await?;
     wait_for("west to import echo from east", Duration::from_secs(20), || async {
         let s = admin::fetch_status(&west_dir).await.ok()?;
         s.services
@@ -334,7 +335,7 @@ spec:
             ),
         )
         .map_err(|e| fail(format!("{}: {e}", file.display())))?;
-        admin::apply(&west_dir, &file.display().to_string(), false).await?;
+        admin::apply(&Target::Dir(west_dir.clone()), &file.display().to_string(), false).await?;
         // The sidecars have it within a second.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let live = Live::start(proxy);

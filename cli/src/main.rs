@@ -8,6 +8,7 @@ mod demo;
 mod docs_check;
 mod echo;
 mod error;
+mod kube;
 mod up;
 
 use std::path::PathBuf;
@@ -69,7 +70,7 @@ enum Cmd {
     /// Link this cluster to the cluster that issued <TOKEN>.
     Link {
         #[command(flatten)]
-        dir: DirArg,
+        target: kube::TargetArgs,
         /// The token printed by `isthmus token create` on the other cluster.
         token: String,
     },
@@ -77,7 +78,7 @@ enum Cmd {
     /// imports are removed here, and its calls are refused from now on.
     Unlink {
         #[command(flatten)]
-        dir: DirArg,
+        target: kube::TargetArgs,
         /// The linked cluster's name (`isthmus status` lists them).
         cluster: String,
     },
@@ -92,12 +93,12 @@ enum Cmd {
     /// a hint for each problem found.
     Check {
         #[command(flatten)]
-        dir: DirArg,
+        target: kube::TargetArgs,
     },
     /// Export a service (<namespace>/<name>) to every linked cluster.
     Export {
         #[command(flatten)]
-        dir: DirArg,
+        target: kube::TargetArgs,
         /// For example demo/echo.
         service: String,
     },
@@ -106,7 +107,7 @@ enum Cmd {
     /// Validated whole; an invalid policy changes nothing.
     Apply {
         #[command(flatten)]
-        dir: DirArg,
+        target: kube::TargetArgs,
         /// The policy document ("-" for standard input).
         #[arg(short = 'f', long = "file")]
         file: String,
@@ -118,7 +119,7 @@ enum Cmd {
     /// Show a cluster's links, trust and services.
     Status {
         #[command(flatten)]
-        dir: DirArg,
+        target: kube::TargetArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -163,14 +164,14 @@ fn main() -> ExitCode {
             Cmd::Demo(a) => demo::run(a).await,
             Cmd::Up(a) => up::run(a, &cli.log).await,
             Cmd::Token(t) => admin::token(t).await,
-            Cmd::Link { dir, token } => admin::link(&dir.dir, &token).await,
-            Cmd::Unlink { dir, cluster } => admin::unlink(&dir.dir, &cluster).await,
+            Cmd::Link { target, token } => admin::link(&target.resolve().await?, &token).await,
+            Cmd::Unlink { target, cluster } => admin::unlink(&target.resolve().await?, &cluster).await,
             Cmd::Ca(c) => admin::ca(c).await,
             Cmd::Workload(w) => admin::workload(w).await,
-            Cmd::Check { dir } => admin::check(&dir.dir).await,
-            Cmd::Export { dir, service } => admin::export(&dir.dir, &service).await,
-            Cmd::Status { dir, json } => admin::status(&dir.dir, json).await,
-            Cmd::Apply { dir, file, delete } => admin::apply(&dir.dir, &file, delete).await,
+            Cmd::Check { target } => admin::check(&target.resolve().await?).await,
+            Cmd::Export { target, service } => admin::export(&target.resolve().await?, &service).await,
+            Cmd::Status { target, json } => admin::status(&target.resolve().await?, json).await,
+            Cmd::Apply { target, file, delete } => admin::apply(&target.resolve().await?, &file, delete).await,
             Cmd::Controller(a) => components::controller(a, &cli.log).await,
             Cmd::Gateway(a) => components::gateway(a, &cli.log).await,
             Cmd::Sidecar(a) => components::sidecar(a, &cli.log).await,

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bundle::TrustBundles;
 use crate::identity::{self, IdentityError, SpiffeId, Svid, WorkloadKey};
-use crate::local::{ClusterDir, LocalClient, LocalError, error_chain};
+use crate::local::{ClusterDir, Credential, LocalClient, LocalError, error_chain};
 use crate::tls::{SharedBundles, SvidResolver, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +106,7 @@ impl Agent {
     /// directory's admin token is used (a component the operator runs).
     pub async fn start(
         dir: &ClusterDir,
-        credential: Option<&str>,
+        credential: Option<&Credential>,
         namespace: &str,
         service_account: &str,
         node: watch_request::Node,
@@ -116,7 +116,7 @@ impl Agent {
         let deadline = tokio::time::Instant::now() + wait;
         let client = loop {
             let connected = match credential {
-                Some(c) => dir.connect_with(c.to_string()).await,
+                Some(c) => dir.connect_as(c.clone()).await,
                 None => dir.connect().await,
             };
             match connected {

@@ -43,7 +43,8 @@ pub fn tls_incoming(
     ReceiverStream::new(rx)
 }
 
-/// A gRPC channel to `addr` over TLS with `config`. Connects eagerly, so an
+/// A gRPC channel to `addr` (or the first of several, comma separated, that
+/// answers) over TLS with `config`. Connects eagerly, so an
 /// unreachable or unauthenticated server is reported here.
 pub async fn connect(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Channel, tonic::transport::Error> {
     let (ep, connector) = endpoint(addr, config)?;
@@ -59,21 +60,47 @@ pub fn connect_lazy(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Cha
 type Connector =
     tower::util::BoxCloneSyncService<http::Uri, TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, io::Error>;
 
+/// Time for one address to accept and finish the TLS handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn endpoint(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<(Endpoint, Connector), tonic::transport::Error> {
-    let ep = Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(5))
+    // `addr` may list several addresses, comma separated (a controller's
+    // replicas): each is tried in turn until one completes the handshake.
+    // A standby closes connections at once, so it costs one round trip.
+    let addrs: Arc<Vec<String>> = Arc::new(addr.split(',').map(|a| a.trim().to_string()).collect());
+    let ep = Endpoint::from_shared(format!("http://{}", addrs[0]))?
+        .connect_timeout(CONNECT_TIMEOUT * addrs.len() as u32)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10));
-    let addr = addr.to_string();
     let connector = tower::service_fn(move |_uri: http::Uri| {
-        let addr = addr.clone();
+        let addrs = addrs.clone();
         let config = config.clone();
         async move {
-            let tcp = TcpStream::connect(&addr).await?;
-            tcp.set_nodelay(true)?;
-            let tls = TlsConnector::from(config).connect(crate::tls::sni(), tcp).await?;
-            Ok::<_, io::Error>(TokioIo::new(tls))
+            let mut failure: Option<io::Error> = None;
+            for addr in addrs.iter() {
+                let attempt = async {
+                    let tcp = TcpStream::connect(addr.as_str()).await?;
+                    tcp.set_nodelay(true)?;
+                    TlsConnector::from(config.clone()).connect(crate::tls::sni(), tcp).await
+                };
+                match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+                    Ok(Ok(tls)) => return Ok::<_, io::Error>(TokioIo::new(tls)),
+                    Ok(Err(e)) => {
+                        // A certificate refused says more than a closed
+                        // connection: keep that one to report.
+                        if failure.as_ref().is_none_or(|f| f.kind() != io::ErrorKind::InvalidData) {
+                            failure = Some(e);
+                        }
+                    }
+                    Err(_) => {
+                        failure.get_or_insert_with(|| {
+                            io::Error::new(io::ErrorKind::TimedOut, format!("{addr}: timed out"))
+                        });
+                    }
+                }
+            }
+            Err(failure.unwrap_or_else(|| io::Error::other("no address to connect to")))
         }
     });
     Ok((ep, tower::util::BoxCloneSyncService::new(connector)))

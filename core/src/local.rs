@@ -122,6 +122,11 @@ impl ClusterDir {
 
     /// Connect presenting `token`: the admin token, or a workload credential.
     pub async fn connect_with(&self, token: String) -> Result<LocalClient, LocalError> {
+        self.connect_as(Credential::Token(token)).await
+    }
+
+    /// Connect presenting `credential`.
+    pub async fn connect_as(&self, credential: Credential) -> Result<LocalClient, LocalError> {
         let info = self.controller_info()?;
         let mut bundles = TrustBundles::new();
         bundles
@@ -147,7 +152,7 @@ impl ClusterDir {
         Ok(LocalClient {
             info,
             channel,
-            token,
+            credential,
             bundles,
         })
     }
@@ -158,20 +163,47 @@ impl ClusterDir {
 pub struct LocalClient {
     pub info: ControllerInfo,
     channel: Channel,
-    token: String,
+    credential: Credential,
     /// What the controller's certificate is verified against: `ca.pem` at
     /// first, then the bundles of each config snapshot, so that a root
     /// rotation does not cut a long-running component off its controller.
     pub bundles: SharedBundles,
 }
 
-/// Adds the local token to every request.
+/// What a component presents to its controller.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    /// The admin token, or a workload credential, read once.
+    Token(String),
+    /// A file read at every request: a workload credential, or a
+    /// Kubernetes service-account token that the kubelet rotates.
+    File(PathBuf),
+}
+
+impl Credential {
+    /// The credential as of now.
+    pub fn current(&self) -> std::io::Result<String> {
+        match self {
+            Credential::Token(t) => Ok(t.clone()),
+            Credential::File(p) => Ok(std::fs::read_to_string(p)?.trim().to_string()),
+        }
+    }
+}
+
+/// Adds the credential to every request.
 #[derive(Clone)]
-pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+pub struct Bearer(Credential);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
+        let token = self
+            .0
+            .current()
+            .map_err(|e| tonic::Status::unauthenticated(format!("cannot read the credential: {e}")))?;
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| tonic::Status::unauthenticated("the credential is not printable ASCII"))?;
+        req.metadata_mut().insert("authorization", value);
         Ok(req)
     }
 }
@@ -180,7 +212,7 @@ pub type AuthChannel = InterceptedService<Channel, Bearer>;
 
 impl LocalClient {
     fn bearer(&self) -> Bearer {
-        Bearer(format!("Bearer {}", self.token).parse().expect("token is ASCII"))
+        Bearer(self.credential.clone())
     }
 
     pub fn control(&self) -> isthmus_proto::control_client::ControlClient<AuthChannel> {

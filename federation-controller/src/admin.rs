@@ -10,18 +10,16 @@ use isthmus_core::unix_now;
 use isthmus_proto::admin_server::Admin;
 use isthmus_proto::{
     ApplyPolicyRequest, ApplyPolicyResponse, CreateTokenRequest, CreateTokenResponse, ExportRequest, ExportResponse,
-    LinkRequest, LinkResponse, LinkStatus, ListTokensRequest, ListTokensResponse, ListWorkloadCredentialsRequest,
+    LinkRequest, LinkResponse, ListTokensRequest, ListTokensResponse, ListWorkloadCredentialsRequest,
     ListWorkloadCredentialsResponse, RevokeTokenRequest, RevokeTokenResponse, RevokeWorkloadCredentialRequest,
-    RevokeWorkloadCredentialResponse, RootStatus, RotateCaRequest, RotateCaResponse, StatusRequest, StatusResponse,
-    TokenInfo, UnlinkRequest, UnlinkResponse, WorkloadCredentialInfo, WorkloadCredentialRequest,
-    WorkloadCredentialResponse,
+    RevokeWorkloadCredentialResponse, RotateCaRequest, RotateCaResponse, StatusRequest, StatusResponse, TokenInfo,
+    UnlinkRequest, UnlinkResponse, WorkloadCredentialInfo, WorkloadCredentialRequest, WorkloadCredentialResponse,
 };
 use tonic::{Request, Response, Status};
 
 use crate::auth::{self, credential};
-use crate::config::{DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL};
 use crate::shared::Svc;
-use crate::state::{ExportRecord, TokenRecord};
+use crate::state::ExportRecord;
 use crate::{join, peering};
 
 #[tonic::async_trait]
@@ -29,52 +27,25 @@ impl Admin for Svc {
     async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<CreateTokenResponse>, Status> {
         auth::admin(&self.0, &req).await?;
         let r = req.into_inner();
-        let ttl = if r.ttl_seconds == 0 {
-            DEFAULT_TOKEN_TTL
-        } else {
-            Duration::from_secs(r.ttl_seconds)
-        };
-        if ttl > MAX_TOKEN_TTL {
-            return Err(Status::invalid_argument("--ttl may be at most 7 days"));
-        }
-        let uses = if r.uses == 0 { 1 } else { r.uses };
-        let (secret, hash) = token::new_secret();
-        let id = format!("{:016x}", rand::random::<u64>());
         let now = unix_now();
-        let (_, quic) = self.0.gateway_addrs();
-        let tok = JoinToken {
-            cluster: self.0.cfg.cluster.clone(),
-            trust_domain: self.0.cfg.trust_domain.clone(),
-            peering: vec![self.0.peering_advertised.clone()],
-            gateway: if quic.is_empty() { vec![] } else { vec![quic] },
-            root_fingerprint: self.0.ca.load().signer().fingerprint(),
-            id: id.clone(),
-            secret,
-            priority: (r.priority > 0).then_some(r.priority),
-        };
-        let expires = now + ttl.as_secs() as i64;
+        let (tok, rec) = join::issue(
+            &self.0.join_info(),
+            Duration::from_secs(r.ttl_seconds),
+            r.uses,
+            Some(r.priority),
+            now,
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (id, expires, uses) = (rec.id.clone(), rec.expires_unix, rec.uses_left);
         self.0
             .update(|state| {
-                // Drop tokens that can never be used again, so the file stays small.
-                state.tokens.retain(|_, t| t.expires_unix > now - 24 * 3600);
-                state.tokens.insert(
-                    id.clone(),
-                    TokenRecord {
-                        id: id.clone(),
-                        secret_hash: hash,
-                        created_unix: now,
-                        expires_unix: expires,
-                        uses_left: uses,
-                        used_by: vec![],
-                        revoked: false,
-                        root_fingerprint: tok.root_fingerprint.clone(),
-                    },
-                );
+                state.tokens.retain(|_, t| !join::forgotten(t, now));
+                state.tokens.insert(rec.id.clone(), rec);
                 Ok(())
             })
             .await?;
         self.0.metrics.tokens_created.inc();
-        tracing::info!(token_id = %id, ttl_s = ttl.as_secs(), uses, "join token created");
+        tracing::info!(token_id = %id, ttl_s = expires - now, uses, "join token created");
         Ok(Response::new(CreateTokenResponse {
             token: tok.encode(),
             id,
@@ -181,61 +152,7 @@ impl Admin for Svc {
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         auth::admin(&self.0, &req).await?;
-        let snap = self.0.snapshot();
-        let ca = self.0.ca.load();
-        let ours = ca.fingerprints();
-        let state = self.0.state.lock().expect("state lock").clone();
-        let peers = self.0.peers.lock().expect("peers lock").clone();
-        let links = state
-            .links
-            .values()
-            .map(|l| {
-                let rt = peers.get(&l.cluster);
-                let age = rt
-                    .and_then(|p| p.last_heartbeat)
-                    .map(|t| t.elapsed().as_millis() as i64)
-                    .unwrap_or(-1);
-                let fp = identity::certs_from_pem(&l.roots_pem)
-                    .ok()
-                    .and_then(|c| c.first().map(identity::fingerprint))
-                    .unwrap_or_default();
-                LinkStatus {
-                    cluster: l.cluster.clone(),
-                    trust_domain: l.trust_domain.clone(),
-                    state: peering::link_state(rt, self.0.cfg.import_lease).to_string(),
-                    heartbeat_age_ms: age,
-                    gateway_addr: l.gateway_addr.clone(),
-                    bundle_fingerprint: fp,
-                    priority: l.priority.unwrap_or(0),
-                    peer_has_our_roots: rt.is_some_and(|p| ours.iter().all(|f| p.holds_our_roots.contains(f))),
-                    imports: rt
-                        .filter(|p| p.imports.live)
-                        .map(|p| p.imports.services.len() as u32)
-                        .unwrap_or(0),
-                }
-            })
-            .collect();
-        let roots = ca
-            .records()
-            .map(|(r, c)| RootStatus {
-                fingerprint: c.fingerprint(),
-                state: r.phase.as_str().to_string(),
-                not_after_unix: identity::not_after_of(c.anchor_der()).unwrap_or_default(),
-                retire_unix: r.retire_unix.unwrap_or_default(),
-            })
-            .collect();
-        let (tunnel, quic) = self.0.gateway_addrs();
-        Ok(Response::new(StatusResponse {
-            cluster: self.0.cfg.cluster.clone(),
-            trust_domain: self.0.cfg.trust_domain.clone(),
-            root_fingerprint: ca.signer().fingerprint(),
-            links,
-            services: snap.services,
-            gateway_tunnel_addr: tunnel,
-            gateway_quic_addr: quic,
-            roots,
-            svid_expires_unix: self.0.svid.not_after().unwrap_or_default(),
-        }))
+        Ok(Response::new(self.0.status()))
     }
 
     async fn list_tokens(&self, req: Request<ListTokensRequest>) -> Result<Response<ListTokensResponse>, Status> {

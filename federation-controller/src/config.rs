@@ -17,6 +17,12 @@ pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 /// A peer silent this long has its imports withdrawn.
 pub const DEFAULT_IMPORT_LEASE: Duration = Duration::from_secs(10);
+/// After it starts (or takes over as leader), a controller gives its
+/// sidecars and gateway this long to reconnect and register before it
+/// tells peers what it exports or removes imports: until then its registry
+/// is empty, and announcing that would withdraw every export for a moment.
+/// Heartbeats flow meanwhile, so peers keep their imports.
+pub const SETTLE: Duration = Duration::from_secs(2);
 /// A join token lives this long unless asked otherwise.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
 /// The longest a join token may live.

@@ -7,7 +7,75 @@ use isthmus_core::token::{self, JoinToken};
 use isthmus_proto::JoinRequest;
 use tonic::{Code, Status};
 
-use crate::state::{LinkRecord, State};
+use crate::config::{DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL};
+use crate::state::{LinkRecord, State, TokenRecord};
+
+/// What a join token says about the cluster that issues it. The controller
+/// knows it; on Kubernetes it publishes it (`join.json` in its ConfigMap)
+/// so that `isthmus token create` can issue tokens through the API.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JoinInfo {
+    pub cluster: String,
+    pub trust_domain: String,
+    /// Peering addresses (every replica's, or a name that reaches them).
+    pub peering: Vec<String>,
+    /// The gateway's QUIC address, once a gateway has registered.
+    pub gateway: Vec<String>,
+    /// The signing root's fingerprint: what tokens pin.
+    pub root_fingerprint: String,
+}
+
+/// Why a token cannot be issued.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IssueError {
+    #[error("--ttl may be at most 7 days")]
+    TtlTooLong,
+}
+
+/// A new join token and the record its issuer keeps of it (the secret
+/// only as a hash). `ttl` and `uses` of zero mean the defaults (15 min,
+/// one use).
+pub fn issue(
+    info: &JoinInfo,
+    ttl: std::time::Duration,
+    uses: u32,
+    priority: Option<u32>,
+    now: i64,
+) -> Result<(JoinToken, TokenRecord), IssueError> {
+    let ttl = if ttl.is_zero() { DEFAULT_TOKEN_TTL } else { ttl };
+    if ttl > MAX_TOKEN_TTL {
+        return Err(IssueError::TtlTooLong);
+    }
+    let (secret, hash) = token::new_secret();
+    let id = format!("{:016x}", rand::random::<u64>());
+    let tok = JoinToken {
+        cluster: info.cluster.clone(),
+        trust_domain: info.trust_domain.clone(),
+        peering: info.peering.clone(),
+        gateway: info.gateway.clone(),
+        root_fingerprint: info.root_fingerprint.clone(),
+        id: id.clone(),
+        secret,
+        priority: priority.filter(|p| *p > 0),
+    };
+    let rec = TokenRecord {
+        id,
+        secret_hash: hash,
+        created_unix: now,
+        expires_unix: now + ttl.as_secs() as i64,
+        uses_left: uses.max(1),
+        used_by: vec![],
+        revoked: false,
+        root_fingerprint: info.root_fingerprint.clone(),
+    };
+    Ok((tok, rec))
+}
+
+/// Tokens that can never be used again are forgotten a day after they
+/// expire, so the store stays small.
+pub fn forgotten(rec: &TokenRecord, now: i64) -> bool {
+    rec.expires_unix <= now - 24 * 3600
+}
 
 /// Why the issuer refused a join.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -159,6 +227,10 @@ pub enum LinkError {
     Refused { cluster: String, status: Status },
     #[error("the issuer calls itself {said:?}, but the token was issued by {token:?}")]
     WrongName { said: String, token: String },
+    #[error(
+        "the token was issued by cluster {issuer}, but the Link is named {link}: name the Link after the cluster it links to"
+    )]
+    MisnamedLink { link: String, issuer: String },
     #[error("{0}")]
     Internal(String),
 }
@@ -177,14 +249,14 @@ impl LinkError {
                 Code::Unavailable => "unreachable",
                 _ => "refused",
             },
-            LinkError::OwnToken(_) | LinkError::WrongName { .. } => "refused",
+            LinkError::OwnToken(_) | LinkError::WrongName { .. } | LinkError::MisnamedLink { .. } => "refused",
             LinkError::Internal(_) => "error",
         }
     }
 
     pub fn status(&self) -> Status {
         let code = match self {
-            LinkError::Malformed(_) => Code::InvalidArgument,
+            LinkError::Malformed(_) | LinkError::MisnamedLink { .. } => Code::InvalidArgument,
             LinkError::AlreadyLinked { .. } => Code::AlreadyExists,
             LinkError::Unreachable { .. } => Code::Unavailable,
             LinkError::Refused { status, .. } => status.code(),

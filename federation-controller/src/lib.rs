@@ -184,6 +184,7 @@ pub(crate) async fn start(
         shutdown: shutdown.clone(),
         metrics,
         kube: kube.map(crate::k8s::auth::Reviewer::new),
+        started: tokio::time::Instant::now(),
         ca: ArcSwap::from_pointee(ca),
         cfg,
     });

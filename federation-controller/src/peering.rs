@@ -42,7 +42,8 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
         &shared.state.lock().expect("state lock"),
         tok,
     )?;
-    let addr = &tok.peering[0];
+    // Every address the token lists is tried in turn (several replicas).
+    let addr = &tok.peering.join(",");
     let cfg = tls::pinned_client_config(
         &tok.root_fingerprint,
         SpiffeId::controller(&tok.trust_domain),
@@ -169,11 +170,17 @@ async fn dial_once(shared: &Arc<Shared>, link: &LinkRecord, addr: &str) -> Resul
     )?;
     let channel = isthmus_core::grpc::connect(addr, cfg).await?;
     let (tx, rx) = mpsc::channel(16);
-    let inbound = PeeringClient::new(channel)
+    let mut inbound = PeeringClient::new(channel)
         .sync(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    run_session(shared.clone(), link.cluster.clone(), inbound, tx).await;
+    run_session(shared.clone(), link.cluster.clone(), &mut inbound, tx).await;
+    // Let the last message (an unlink notice) reach the peer before the
+    // call is dropped: wait, briefly, for the peer to end its side.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(Some(_)) = inbound.message().await {}
+    })
+    .await;
     Ok(())
 }
 
@@ -181,7 +188,7 @@ async fn dial_once(shared: &Arc<Shared>, link: &LinkRecord, addr: &str) -> Resul
 pub(crate) async fn session(
     shared: Arc<Shared>,
     peer: String,
-    inbound: Streaming<PeerMessage>,
+    mut inbound: Streaming<PeerMessage>,
     out: mpsc::Sender<Result<PeerMessage, Status>>,
 ) {
     let (tx, rx) = mpsc::channel::<PeerMessage>(16);
@@ -193,7 +200,7 @@ pub(crate) async fn session(
             }
         }
     });
-    run_session(shared, peer, inbound, tx).await;
+    run_session(shared, peer, &mut inbound, tx).await;
     // Let the last messages (an unlink notice) go out before the stream ends.
     if tokio::time::timeout(Duration::from_secs(1), &mut forward)
         .await
@@ -219,7 +226,7 @@ fn mark(shared: &Shared, peer: &str, f: impl FnOnce(&mut PeerRuntime)) {
 async fn run_session(
     shared: Arc<Shared>,
     peer: String,
-    mut inbound: Streaming<PeerMessage>,
+    inbound: &mut Streaming<PeerMessage>,
     tx: mpsc::Sender<PeerMessage>,
 ) {
     tracing::info!(%peer, "peering stream up");
@@ -260,7 +267,8 @@ async fn run_session(
             let reg = shared.registry.lock().expect("registry lock");
             snapshot::exports(&state, reg.sidecars.values())
         };
-        if last_exports.as_ref() != Some(&exports) {
+        // Exports wait until the registry has settled (config::SETTLE).
+        if shared.settled() && last_exports.as_ref() != Some(&exports) {
             let m = Msg::Exports(ExportList {
                 services: exports.clone(),
             });
@@ -271,6 +279,7 @@ async fn run_session(
         }
         tokio::select! {
             _ = shared.shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(shared.settled_at()), if !shared.settled() => {}
             _ = heartbeat.tick() => {
                 let your_roots = identity::certs_from_pem(&link.roots_pem)
                     .map(|c| c.iter().map(identity::fingerprint).collect())

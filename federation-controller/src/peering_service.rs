@@ -43,6 +43,9 @@ impl Peering for Svc {
             e.status()
         };
         join::check_request(&shared.cfg.cluster, &shared.cfg.trust_domain, &r).map_err(refused)?;
+        // On Kubernetes, tokens are made through the API (`isthmus token
+        // create` writes their Secrets): read them as they are now.
+        shared.refresh_tokens().await?;
         let now = unix_now();
         shared
             .update(|state| {

@@ -8,15 +8,18 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use isthmus_core::bundle::TrustBundles;
+use isthmus_core::identity;
 use isthmus_core::tls::{SharedBundles, SvidResolver};
-use isthmus_proto::{ConfigSnapshot, GatewayRegistration, Peer, SidecarRegistration, TrustBundle};
+use isthmus_proto::{
+    ConfigSnapshot, GatewayRegistration, LinkStatus, Peer, RootStatus, SidecarRegistration, StatusResponse, TrustBundle,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::state::State;
 use crate::store::Store;
-use crate::{ca, metrics, snapshot};
+use crate::{ca, metrics, peering, snapshot};
 
 /// Link health as peers and operators see it.
 #[derive(Clone, Debug)]
@@ -73,9 +76,21 @@ pub(crate) struct Shared {
     pub metrics: metrics::Metrics,
     /// On Kubernetes: who workloads are (TokenReview), and the API.
     pub kube: Option<crate::k8s::auth::Reviewer>,
+    /// When this controller started serving (`config::SETTLE`).
+    pub started: tokio::time::Instant,
 }
 
 impl Shared {
+    /// When the registry can be believed: components have had
+    /// `config::SETTLE` to reconnect.
+    pub fn settled_at(&self) -> tokio::time::Instant {
+        self.started + crate::config::SETTLE
+    }
+
+    pub fn settled(&self) -> bool {
+        tokio::time::Instant::now() >= self.settled_at()
+    }
+
     /// Something sidecars, gateways or peers see has changed.
     pub fn changed(&self) {
         self.version.send_modify(|v| *v += 1);
@@ -101,11 +116,104 @@ impl Shared {
         Ok(out)
     }
 
-    /// Take in what the Kubernetes API holds (exports, policies, join
-    /// tokens): it is stored there already, so nothing is saved.
-    pub fn absorb(&self, change: impl FnOnce(&mut State)) {
-        change(&mut self.state.lock().expect("state lock"));
-        self.changed();
+    /// Take in what the Kubernetes API holds (exports, policies): it is
+    /// stored there already, so nothing is saved. `change` says whether it
+    /// changed anything; only then do sidecars and peers hear of it.
+    pub async fn absorb(&self, change: impl FnOnce(&mut State) -> bool) -> bool {
+        // Under the writer's lock: an update in flight replaces the state
+        // whole when its save is done, and would undo this change.
+        let _one = self.writer.lock().await;
+        let changed = change(&mut self.state.lock().expect("state lock"));
+        if changed {
+            self.changed();
+        }
+        changed
+    }
+
+    /// Read the join tokens again from the store, where the CLI writes them
+    /// on Kubernetes (in local mode the controller made them itself).
+    pub async fn refresh_tokens(&self) -> Result<(), tonic::Status> {
+        let Store::Kube(k) = &self.store else {
+            return Ok(());
+        };
+        let _one = self.writer.lock().await;
+        let tokens = k
+            .load_tokens()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("cannot read join tokens: {e}")))?;
+        self.state.lock().expect("state lock").tokens = tokens;
+        Ok(())
+    }
+
+    /// What `isthmus status` shows, as of now.
+    pub fn status(&self) -> StatusResponse {
+        let snap = self.snapshot();
+        let ca = self.ca.load();
+        let ours = ca.fingerprints();
+        let state = self.state.lock().expect("state lock").clone();
+        let peers = self.peers.lock().expect("peers lock").clone();
+        let links = state
+            .links
+            .values()
+            .map(|l| {
+                let rt = peers.get(&l.cluster);
+                let age = rt
+                    .and_then(|p| p.last_heartbeat)
+                    .map(|t| t.elapsed().as_millis() as i64)
+                    .unwrap_or(-1);
+                let fp = identity::certs_from_pem(&l.roots_pem)
+                    .ok()
+                    .and_then(|c| c.first().map(identity::fingerprint))
+                    .unwrap_or_default();
+                LinkStatus {
+                    cluster: l.cluster.clone(),
+                    trust_domain: l.trust_domain.clone(),
+                    state: peering::link_state(rt, self.cfg.import_lease).to_string(),
+                    heartbeat_age_ms: age,
+                    gateway_addr: l.gateway_addr.clone(),
+                    bundle_fingerprint: fp,
+                    priority: l.priority.unwrap_or(0),
+                    peer_has_our_roots: rt.is_some_and(|p| ours.iter().all(|f| p.holds_our_roots.contains(f))),
+                    imports: rt
+                        .filter(|p| p.imports.live)
+                        .map(|p| p.imports.services.len() as u32)
+                        .unwrap_or(0),
+                }
+            })
+            .collect();
+        let roots = ca
+            .records()
+            .map(|(r, c)| RootStatus {
+                fingerprint: c.fingerprint(),
+                state: r.phase.as_str().to_string(),
+                not_after_unix: identity::not_after_of(c.anchor_der()).unwrap_or_default(),
+                retire_unix: r.retire_unix.unwrap_or_default(),
+            })
+            .collect();
+        let (tunnel, quic) = self.gateway_addrs();
+        StatusResponse {
+            cluster: self.cfg.cluster.clone(),
+            trust_domain: self.cfg.trust_domain.clone(),
+            root_fingerprint: ca.signer().fingerprint(),
+            links,
+            services: snap.services,
+            gateway_tunnel_addr: tunnel,
+            gateway_quic_addr: quic,
+            roots,
+            svid_expires_unix: self.svid.not_after().unwrap_or_default(),
+        }
+    }
+
+    /// What a join token issued now says about this cluster.
+    pub fn join_info(&self) -> crate::join::JoinInfo {
+        let (_, quic) = self.gateway_addrs();
+        crate::join::JoinInfo {
+            cluster: self.cfg.cluster.clone(),
+            trust_domain: self.cfg.trust_domain.clone(),
+            peering: self.peering_advertised.split(',').map(str::to_string).collect(),
+            gateway: if quic.is_empty() { vec![] } else { vec![quic] },
+            root_fingerprint: self.ca.load().signer().fingerprint(),
+        }
     }
 
     pub fn rebuild_bundles(&self) {

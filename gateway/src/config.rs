@@ -25,7 +25,7 @@ pub const CONTROLLER_WAIT: Duration = Duration::from_secs(30);
 pub struct Config {
     pub dir: std::path::PathBuf,
     /// Workload credential for the gateway identity (else the admin token).
-    pub credential: Option<String>,
+    pub credential: Option<isthmus_core::local::Credential>,
     /// TCP address for local sidecars' tunnels.
     pub tunnel_addr: SocketAddr,
     /// UDP address for peer gateways.

@@ -131,7 +131,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
     let dir = ClusterDir::new(&cfg.dir);
     let agent = Agent::start(
         &dir,
-        cfg.credential.as_deref(),
+        cfg.credential.as_ref(),
         SYSTEM_NAMESPACE,
         "gateway",
         node,
@@ -154,8 +154,17 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
     let transport = quic::transport(cfg.peer_timeout);
     server_config.transport_config(transport.clone());
+    // Stateless resets are keyed by a cluster secret, so that a restarted
+    // gateway's resets are believed. Local mode has one (`local.token`); a
+    // gateway without it (on Kubernetes) keys them per process: a peer then
+    // notices a restart by the silence watchdog instead, within
+    // `--peer-timeout`.
+    let reset_secret = match dir.local_token() {
+        Ok(t) if !t.is_empty() => t,
+        _ => isthmus_core::token::new_secret().0,
+    };
     let endpoint = quinn::Endpoint::new(
-        quic::endpoint_config(&dir.local_token().map_err(AgentError::from)?),
+        quic::endpoint_config(&reset_secret),
         Some(server_config),
         udp,
         Arc::new(quinn::TokioRuntime),

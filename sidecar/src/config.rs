@@ -24,7 +24,7 @@ pub const CONTROLLER_WAIT: Duration = Duration::from_secs(30);
 pub struct Config {
     pub dir: PathBuf,
     /// Workload credential for this identity (else the admin token).
-    pub credential: Option<String>,
+    pub credential: Option<isthmus_core::local::Credential>,
     pub namespace: String,
     pub service_account: String,
     /// The service this workload serves, with the port clients call and

@@ -126,7 +126,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     });
     let agent = Agent::start(
         &dir,
-        cfg.credential.as_deref(),
+        cfg.credential.as_ref(),
         &cfg.namespace,
         &cfg.service_account,
         node,

@@ -1,17 +1,27 @@
 //! `isthmus check`: verify a cluster and say what to fix. The findings
 //! are a pure function of its status (unit-tested).
 
-use std::path::Path;
-
 use isthmus_proto::StatusResponse;
 
 use super::status::{fetch_status, lacking_our_roots, or_none, until};
 use crate::error::{CliError, exit};
+use crate::kube::Target;
+
 /// One finding of `isthmus check`.
-struct Finding {
+pub struct Finding {
     ok: bool,
     what: String,
     hint: String,
+}
+
+impl Finding {
+    pub fn new(ok: bool, what: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            ok,
+            what: what.into(),
+            hint: hint.into(),
+        }
+    }
 }
 
 /// What `isthmus check` concludes from a status, without I/O (unit-tested).
@@ -102,20 +112,34 @@ fn findings(s: &StatusResponse, now: i64) -> Vec<Finding> {
     out
 }
 
-pub async fn check(dir: &Path) -> Result<(), CliError> {
-    let s = fetch_status(dir).await.map_err(|e| {
-        CliError::new(
-            e.code,
-            format!(
-                "{}\n  hint: is the controller running? `isthmus up --dir {}` or `isthmus controller --dir {}`",
-                e.message,
-                dir.display(),
-                dir.display()
-            ),
-        )
-    })?;
-    println!("cluster {} ({}): controller reachable", s.cluster, s.trust_domain);
-    let found = findings(&s, isthmus_core::unix_now());
+pub async fn check(target: &Target) -> Result<(), CliError> {
+    let mut found = Vec::new();
+    let status = match target {
+        Target::Dir(dir) => {
+            let s = fetch_status(dir).await.map_err(|e| {
+                CliError::new(
+                    e.code,
+                    format!(
+                        "{}\n  hint: is the controller running? `isthmus up --dir {}` or `isthmus controller --dir {}`",
+                        e.message,
+                        dir.display(),
+                        dir.display()
+                    ),
+                )
+            })?;
+            println!("cluster {} ({}): controller reachable", s.cluster, s.trust_domain);
+            Some(s)
+        }
+        Target::Kube(k) => {
+            println!("Kubernetes ({}), controller namespace {}", k.context, k.namespace);
+            let (kube_found, s) = crate::kube::check::findings(k).await?;
+            found = kube_found;
+            s
+        }
+    };
+    if let Some(s) = &status {
+        found.extend(findings(s, isthmus_core::unix_now()));
+    }
     let problems = found.iter().filter(|f| !f.ok).count();
     for f in &found {
         println!("{} {}", if f.ok { "ok  " } else { "FAIL" }, f.what);

@@ -17,7 +17,7 @@ mod token;
 mod workload;
 
 pub use ca::{CaCmd, ca};
-pub use check::check;
+pub use check::{Finding, check};
 pub use service::{apply, export};
 pub use status::{fetch_status, status};
 pub use token::{TokenCmd, create_token, link, token, unlink};

@@ -1,15 +1,19 @@
 //! Exports and traffic policies: `isthmus export`, `isthmus apply`.
 
-use std::path::Path;
-
 use isthmus_core::naming::ServiceKey;
 use isthmus_proto::ExportRequest;
 
 use super::connect;
 use crate::error::{CliError, exit};
-pub async fn export(dir: &Path, service: &str) -> Result<(), CliError> {
-    let ServiceKey { namespace, name } =
-        ServiceKey::parse(service).map_err(|e| CliError::new(exit::BAD_INPUT, e.to_string()))?;
+use crate::kube::Target;
+
+pub async fn export(target: &Target, service: &str) -> Result<(), CliError> {
+    let key = ServiceKey::parse(service).map_err(|e| CliError::new(exit::BAD_INPUT, e.to_string()))?;
+    let dir = match target {
+        Target::Dir(dir) => dir,
+        Target::Kube(k) => return crate::kube::service::export(k, &key).await,
+    };
+    let ServiceKey { namespace, name } = key;
     let c = connect(dir).await?;
     c.admin()
         .export(ExportRequest {
@@ -25,7 +29,7 @@ pub async fn export(dir: &Path, service: &str) -> Result<(), CliError> {
 }
 
 /// Read, check and apply a TrafficPolicy document.
-pub async fn apply(dir: &Path, file: &str, delete: bool) -> Result<(), CliError> {
+pub async fn apply(target: &Target, file: &str, delete: bool) -> Result<(), CliError> {
     let text = if file == "-" {
         std::io::read_to_string(std::io::stdin())
     } else {
@@ -37,6 +41,10 @@ pub async fn apply(dir: &Path, file: &str, delete: bool) -> Result<(), CliError>
     let policy = doc
         .to_proto()
         .map_err(|e| CliError::new(exit::BAD_INPUT, format!("{file}: {e}")))?;
+    let dir = match target {
+        Target::Dir(dir) => dir,
+        Target::Kube(k) => return crate::kube::service::apply(k, doc, delete).await,
+    };
     let c = connect(dir).await?;
     let key = ServiceKey::new(&policy.namespace, &policy.service);
     let r = c

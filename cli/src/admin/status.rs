@@ -7,13 +7,26 @@ use isthmus_proto::{StatusRequest, StatusResponse};
 
 use super::connect;
 use crate::error::CliError;
+use crate::kube::Target;
+
 pub async fn fetch_status(dir: &Path) -> Result<StatusResponse, CliError> {
     let c = connect(dir).await?;
     Ok(c.admin().status(StatusRequest {}).await?.into_inner())
 }
 
-pub async fn status(dir: &Path, json: bool) -> Result<(), CliError> {
-    let s = fetch_status(dir).await?;
+pub async fn status(target: &Target, json: bool) -> Result<(), CliError> {
+    let s = match target {
+        Target::Dir(dir) => fetch_status(dir).await?,
+        Target::Kube(k) => {
+            let (s, age) = k.status().await?;
+            if age > crate::kube::STALE_STATUS {
+                eprintln!(
+                    "warning: this status was published {age}s ago: no controller seems to lead (`isthmus check --kube`)"
+                );
+            }
+            s
+        }
+    };
     if json {
         println!("{}", status_json(&s));
         return Ok(());

@@ -9,12 +9,14 @@ use isthmus_proto::{CreateTokenRequest, LinkRequest, ListTokensRequest, RevokeTo
 use super::connect;
 use super::status::until;
 use crate::error::{CliError, exit};
+use crate::kube::Target;
+
 #[derive(Subcommand)]
 pub enum TokenCmd {
     /// Create a join token. Give it to `isthmus link` on the other cluster.
     Create {
         #[command(flatten)]
-        dir: crate::DirArg,
+        target: crate::kube::TargetArgs,
         /// How long the token can be used (for example 15m, 1h; at most 7d).
         #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
         ttl: Duration,
@@ -29,7 +31,7 @@ pub enum TokenCmd {
     /// List this cluster's join tokens and what became of them.
     List {
         #[command(flatten)]
-        dir: crate::DirArg,
+        target: crate::kube::TargetArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -37,7 +39,7 @@ pub enum TokenCmd {
     /// Revoke an unused join token, so nobody can link with it.
     Revoke {
         #[command(flatten)]
-        dir: crate::DirArg,
+        target: crate::kube::TargetArgs,
         /// The token's id (`isthmus token list`).
         id: String,
     },
@@ -46,18 +48,27 @@ pub enum TokenCmd {
 pub async fn token(cmd: TokenCmd) -> Result<(), CliError> {
     match cmd {
         TokenCmd::Create {
-            dir,
+            target,
             ttl,
             uses,
             priority,
         } => {
-            let t = create_token(&dir.dir, ttl, uses, priority).await?;
+            check_token_args(ttl, uses)?;
+            let t = match target.resolve().await? {
+                Target::Dir(dir) => create_token(&dir, ttl, uses, priority).await?,
+                Target::Kube(k) => crate::kube::tokens::create(&k, ttl, uses, priority).await?,
+            };
             println!("{t}");
             Ok(())
         }
-        TokenCmd::List { dir, json } => {
-            let c = connect(&dir.dir).await?;
-            let tokens = c.admin().list_tokens(ListTokensRequest {}).await?.into_inner().tokens;
+        TokenCmd::List { target, json } => {
+            let tokens = match target.resolve().await? {
+                Target::Dir(dir) => {
+                    let c = connect(&dir).await?;
+                    c.admin().list_tokens(ListTokensRequest {}).await?.into_inner().tokens
+                }
+                Target::Kube(k) => crate::kube::tokens::list(&k).await?,
+            };
             if json {
                 let v: Vec<_> = tokens
                     .iter()
@@ -101,22 +112,32 @@ pub async fn token(cmd: TokenCmd) -> Result<(), CliError> {
             }
             Ok(())
         }
-        TokenCmd::Revoke { dir, id } => {
-            let c = connect(&dir.dir).await?;
-            c.admin().revoke_token(RevokeTokenRequest { id: id.clone() }).await?;
+        TokenCmd::Revoke { target, id } => {
+            match target.resolve().await? {
+                Target::Dir(dir) => {
+                    let c = connect(&dir).await?;
+                    c.admin().revoke_token(RevokeTokenRequest { id: id.clone() }).await?;
+                }
+                Target::Kube(k) => crate::kube::tokens::revoke(&k, &id).await?,
+            }
             println!("revoked join token {id}: linking with it is refused from now on");
             Ok(())
         }
     }
 }
 
-pub async fn create_token(dir: &Path, ttl: Duration, uses: u32, priority: Option<u32>) -> Result<String, CliError> {
+fn check_token_args(ttl: Duration, uses: u32) -> Result<(), CliError> {
     if uses == 0 {
         return Err(CliError::new(exit::BAD_INPUT, "--uses must be at least 1"));
     }
     if ttl < Duration::from_secs(1) {
         return Err(CliError::new(exit::BAD_INPUT, "--ttl must be at least 1s"));
     }
+    Ok(())
+}
+
+pub async fn create_token(dir: &Path, ttl: Duration, uses: u32, priority: Option<u32>) -> Result<String, CliError> {
+    check_token_args(ttl, uses)?;
     let c = connect(dir).await?;
     let r = c
         .admin()
@@ -130,9 +151,13 @@ pub async fn create_token(dir: &Path, ttl: Duration, uses: u32, priority: Option
     Ok(r.token)
 }
 
-pub async fn link(dir: &Path, token: &str) -> Result<(), CliError> {
+pub async fn link(target: &Target, token: &str) -> Result<(), CliError> {
     // Catch a garbled token before bothering the controller.
     isthmus_core::token::JoinToken::decode(token).map_err(|e| CliError::new(exit::BAD_INPUT, e.to_string()))?;
+    let dir = match target {
+        Target::Dir(dir) => dir,
+        Target::Kube(k) => return crate::kube::tokens::link(k, token).await,
+    };
     let c = connect(dir).await?;
     let r = c
         .admin()
@@ -148,7 +173,11 @@ pub async fn link(dir: &Path, token: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-pub async fn unlink(dir: &Path, cluster: &str) -> Result<(), CliError> {
+pub async fn unlink(target: &Target, cluster: &str) -> Result<(), CliError> {
+    let dir = match target {
+        Target::Dir(dir) => dir,
+        Target::Kube(k) => return crate::kube::tokens::unlink(k, cluster).await,
+    };
     let c = connect(dir).await?;
     let r = c
         .admin()

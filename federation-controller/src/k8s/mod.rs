@@ -1,11 +1,16 @@
 //! The controller on Kubernetes: its resources (`crds.rs`), its state in
 //! the API (`store.rs`), leader election (`lease.rs`), identities from
 //! service-account tokens (`auth.rs`), and the reconcilers that keep the
-//! API and the mesh in step (`reconcile.rs`).
+//! API and the mesh in step (`reconcile.rs` and one file per resource).
 
 pub mod auth;
 pub mod crds;
+pub mod export;
 pub mod lease;
+pub mod link;
+pub mod mirror;
+pub mod policy;
+pub mod rbac;
 pub mod reconcile;
 pub mod store;
 
@@ -81,7 +86,7 @@ pub(crate) async fn lead(
                 return;
             }
         };
-    tasks.spawn(reconcile::run(Arc::clone(&shared), client));
+    tasks.spawn(reconcile::run(Arc::clone(&shared), client, k.namespace.clone()));
     ready.set(true);
     match elector.hold(&shutdown).await {
         Ok(()) => {
@@ -110,6 +115,34 @@ async fn refuse(
             _ = until.cancelled() => return (control, peering),
             r = control.accept() => drop(r),
             r = peering.accept() => drop(r),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The manifests in deploy/kubernetes are generated from the code; a
+    /// change to either shows here. `UPDATE_MANIFESTS=1` rewrites them.
+    #[test]
+    fn deploy_manifests_are_in_step_with_the_code() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+        let files = [
+            ("crds.yaml", super::crds::yaml()),
+            ("rbac.yaml", super::rbac::yaml(crate::config::DEFAULT_NAMESPACE)),
+        ];
+        for (name, want) in files {
+            let path = dir.join(name);
+            let want = format!("# Generated from federation-controller/src/k8s ({name}); do not edit.\n{want}");
+            if std::env::var_os("UPDATE_MANIFESTS").is_some() {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &want).unwrap();
+            }
+            let have = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                have == want,
+                "{} is out of date: run `UPDATE_MANIFESTS=1 cargo test -p isthmus-controller --lib deploy_manifests`",
+                path.display()
+            );
         }
     }
 }

@@ -11,7 +11,8 @@
 //!   Secret's resourceVersion, so two joins cannot spend one use twice;
 //! - ConfigMap `isthmus-cluster`: what components and the CLI read, as the
 //!   cluster directory's files are in local mode (`controller.json`,
-//!   `ca.pem`) and the status (`status.json`).
+//!   `ca.pem`), the status (`status.pb`, `status-time`) and what join tokens
+//!   say about the cluster (`join.json`).
 //!
 //! Exports and policies are not stored: they are the `ServiceExport` and
 //! `TrafficPolicy` objects themselves.
@@ -30,6 +31,10 @@ pub const KEYS_SECRET: &str = "isthmus-ca-keys";
 pub const CLUSTER_CONFIGMAP: &str = "isthmus-cluster";
 pub const TOKEN_PREFIX: &str = "isthmus-token-";
 pub const TOKEN_LABEL: &str = "isthmus.dev/join-token";
+/// Keys of the cluster ConfigMap besides `controller.json` and `ca.pem`.
+pub const JOIN_FILE: &str = "join.json";
+pub const STATUS_FILE: &str = "status.pb";
+pub const STATUS_TIME: &str = "status-time";
 /// Field manager for server-side apply.
 pub const MANAGER: &str = "isthmus-controller";
 
@@ -238,6 +243,37 @@ impl KubeStore {
             .patch(
                 CLUSTER_CONFIGMAP,
                 &PatchParams::apply(&format!("{MANAGER}-{}", keys.join("-"))).force(),
+                &Patch::Apply(&cm),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+impl KubeStore {
+    /// The cluster's status (`status.pb`, a `StatusResponse`), when it was
+    /// taken (`status-time`, unix seconds), and what tokens say about the
+    /// cluster (`join.json`), in the cluster's ConfigMap.
+    pub async fn publish_status(&self, join_json: String, status: Vec<u8>, at: i64) -> Result<(), KubeStoreError> {
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(CLUSTER_CONFIGMAP.into()),
+                ..Default::default()
+            },
+            data: Some(
+                [
+                    (JOIN_FILE.to_string(), join_json),
+                    (STATUS_TIME.to_string(), at.to_string()),
+                ]
+                .into(),
+            ),
+            binary_data: Some([(STATUS_FILE.to_string(), ByteString(status))].into()),
+            ..Default::default()
+        };
+        Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace)
+            .patch(
+                CLUSTER_CONFIGMAP,
+                &PatchParams::apply(&format!("{MANAGER}-status")).force(),
                 &Patch::Apply(&cm),
             )
             .await?;

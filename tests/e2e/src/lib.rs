@@ -5,6 +5,7 @@
 //! tests run in parallel without colliding; clusters are killed on drop (and
 //! their components exit with their parent).
 
+pub mod apiserver;
 pub mod three;
 
 use std::io::Read;
