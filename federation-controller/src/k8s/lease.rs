@@ -194,8 +194,11 @@ impl Elector {
                 Ok((false, _)) => return Err(LeaseError::Lost(last_renewed.elapsed())),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not renew the lease");
-                    // Past the lease, another replica may lead: stop.
-                    if last_renewed.elapsed() >= self.duration {
+                    // Step down before the lease runs out (client-go's
+                    // renew deadline): a standby may take it at its end,
+                    // and two leaders must not overlap, clocks being what
+                    // they are.
+                    if last_renewed.elapsed() >= self.duration * 2 / 3 {
                         return Err(LeaseError::Lost(last_renewed.elapsed()));
                     }
                 }
