@@ -251,6 +251,93 @@ pub fn count_ready(slice: &serde_json::Value) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::k8s::fake::{Fake, condition, not_found};
+
+    const SE: &str = "/apis/multicluster.x-k8s.io/v1beta1/namespaces/demo/serviceexports/echo";
+
+    fn export(finalizer: bool, deleting: bool) -> ServiceExport {
+        let mut se = ServiceExport::new("echo", Default::default());
+        se.metadata.namespace = Some("demo".into());
+        se.metadata.generation = Some(1);
+        if finalizer {
+            se.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        }
+        if deleting {
+            se.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        }
+        se
+    }
+
+    fn echo_service() -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "echo", "namespace": "demo"},
+            "spec": {"type": "ClusterIP", "ports": [{"port": 8080}]}
+        })
+    }
+
+    /// Answer the export's status patch; what it wrote.
+    async fn status_patch(fake: &mut Fake) -> crate::k8s::fake::Seen {
+        let answer = serde_json::to_value(export(true, false)).unwrap();
+        fake.answer("PATCH", &format!("{SE}/status"), 200, answer).await
+    }
+
+    #[tokio::test]
+    async fn reconcile_first_puts_the_finalizer_on() {
+        let mut fake = Fake::new().await;
+        let task = tokio::spawn(reconcile(Arc::new(export(false, false)), fake.ctx.clone()));
+        let seen = fake
+            .answer("PATCH", SE, 200, serde_json::to_value(export(true, false)).unwrap())
+            .await;
+        assert_eq!(seen.content_type, "application/json-patch+json");
+        assert!(seen.body.to_string().contains(FINALIZER), "{}", seen.body);
+        task.await.unwrap().expect("reconciled");
+        assert!(
+            fake.ctx.shared.state.lock().unwrap().exports.is_empty(),
+            "nothing exported yet"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_export_of_a_missing_service_is_refused_in_its_status() {
+        let mut fake = Fake::new().await;
+        let task = tokio::spawn(reconcile(Arc::new(export(true, false)), fake.ctx.clone()));
+        fake.answer("GET", "/api/v1/namespaces/demo/services/echo", 404, not_found("echo"))
+            .await;
+        let patch = status_patch(&mut fake).await;
+        assert_eq!(patch.content_type, "application/merge-patch+json");
+        let (status, reason, message) = condition(&patch.body, VALID);
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "NoService"));
+        assert!(message.contains("demo/echo"), "{message}");
+        task.await.unwrap().expect("reconciled");
+        assert!(fake.ctx.shared.state.lock().unwrap().exports.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_valid_export_is_recorded_then_withdrawn_on_deletion() {
+        let mut fake = Fake::new().await;
+        let task = tokio::spawn(reconcile(Arc::new(export(true, false)), fake.ctx.clone()));
+        fake.answer("GET", "/api/v1/namespaces/demo/services/echo", 200, echo_service())
+            .await;
+        let patch = status_patch(&mut fake).await;
+        assert_eq!(condition(&patch.body, VALID).0, "True");
+        // No sidecar serves it yet: valid, recorded, but not ready.
+        assert_eq!(condition(&patch.body, READY).1, "Pending");
+        task.await.unwrap().expect("reconciled");
+        let key = ServiceKey::new("demo", "echo");
+        assert!(fake.ctx.shared.state.lock().unwrap().exports.contains_key(&key));
+
+        // Deleted: the export is withdrawn, then the finalizer comes off.
+        let task = tokio::spawn(reconcile(Arc::new(export(true, true)), fake.ctx.clone()));
+        let seen = fake
+            .answer("PATCH", SE, 200, serde_json::to_value(export(false, true)).unwrap())
+            .await;
+        assert!(seen.body.to_string().contains("remove"), "{}", seen.body);
+        task.await.unwrap().expect("cleaned up");
+        assert!(!fake.ctx.shared.state.lock().unwrap().exports.contains_key(&key));
+    }
 
     fn key() -> ServiceKey {
         ServiceKey::new("demo", "echo")

@@ -249,6 +249,55 @@ pub fn worth_writing(old: &LinkStatus, new: &LinkStatus) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::k8s::crds::LinkSpec;
+    use crate::k8s::fake::{Fake, condition};
+
+    fn link(secret: Option<&str>) -> Link {
+        let mut l = Link::new(
+            "west",
+            LinkSpec {
+                token_secret: secret.map(str::to_string),
+            },
+        );
+        l.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        l.metadata.generation = Some(1);
+        l
+    }
+
+    /// Answer the Link's status patch; what it wrote.
+    async fn status_patch(fake: &mut Fake) -> crate::k8s::fake::Seen {
+        let answer = serde_json::to_value(link(None)).unwrap();
+        fake.answer("PATCH", "/apis/isthmus.dev/v1alpha1/links/west/status", 200, answer)
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_link_without_a_token_says_so() {
+        let mut fake = Fake::new().await;
+        let task = tokio::spawn(reconcile(Arc::new(link(None)), fake.ctx.clone()));
+        let patch = status_patch(&mut fake).await;
+        task.await.unwrap().expect("reconciled");
+        let (status, reason, _) = condition(&patch.body, LINKED);
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "NoToken"));
+    }
+
+    #[tokio::test]
+    async fn a_malformed_token_is_refused_and_its_secret_deleted() {
+        let mut fake = Fake::new().await;
+        let secret = "/api/v1/namespaces/isthmus-system/secrets/isthmus-link-1";
+        let body = serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "isthmus-link-1"},
+            "data": {"token": "bm90LWEtdG9rZW4="}
+        });
+        let task = tokio::spawn(reconcile(Arc::new(link(Some("isthmus-link-1"))), fake.ctx.clone()));
+        fake.answer("GET", secret, 200, body.clone()).await;
+        fake.answer("DELETE", secret, 200, body).await;
+        let patch = status_patch(&mut fake).await;
+        task.await.unwrap().expect("reconciled");
+        let (status, reason, message) = condition(&patch.body, LINKED);
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "Malformed"), "{message}");
+        assert!(fake.ctx.shared.state.lock().unwrap().links.is_empty());
+    }
 
     #[test]
     fn heartbeats_alone_are_written_only_when_well_behind() {

@@ -331,7 +331,105 @@ async fn publish(ctx: &Ctx) -> Result<(), ReconcileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::k8s::fake::Fake;
     use isthmus_proto::{Backend, Service as MeshService};
+
+    #[tokio::test]
+    async fn imports_are_applied_and_stale_ones_removed() {
+        let mut fake = Fake::new().await;
+        let want: BTreeMap<ServiceKey, Import> = [(
+            ServiceKey::new("demo", "echo"),
+            Import {
+                port: 8080,
+                clusters: ["west".to_string()].into(),
+            },
+        )]
+        .into();
+        let ctx = fake.ctx.clone();
+        let task = tokio::spawn(async move { imports(&ctx, &want).await });
+        let svc = fake
+            .answer(
+                "PATCH",
+                "/api/v1/namespaces/demo/services/derived-echo",
+                200,
+                serde_json::json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "derived-echo", "namespace": "demo"},
+                    "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 8080}]}
+                }),
+            )
+            .await;
+        assert_eq!(svc.content_type, "application/apply-patch+yaml");
+        assert_eq!(svc.body["metadata"]["labels"][SERVICE_NAME_LABEL], "echo");
+        assert!(
+            svc.body["spec"].get("selector").is_none(),
+            "a derived Service selects no pods"
+        );
+        let si_path = "/apis/multicluster.x-k8s.io/v1beta1/namespaces/demo/serviceimports/echo";
+        let si = fake
+            .answer(
+                "PATCH",
+                si_path,
+                200,
+                serde_json::json!({
+                    "apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceImport",
+                    "metadata": {"name": "echo", "namespace": "demo", "generation": 1},
+                    "spec": {"ports": [{"port": 8080}], "type": "ClusterSetIP", "ips": ["10.96.0.10"]}
+                }),
+            )
+            .await;
+        assert_eq!(
+            si.body["spec"]["ips"][0], "10.96.0.10",
+            "the import's IP is its derived Service's"
+        );
+        assert_eq!(si.body["spec"]["type"], "ClusterSetIP");
+        let status = fake
+            .answer("PATCH", &format!("{si_path}/status"), 200, si.body.clone())
+            .await;
+        assert_eq!(status.body["status"]["clusters"][0]["cluster"], "west");
+        assert_eq!(status.body["status"]["conditions"][0]["type"], "Ready");
+        // One import nobody exports any more, with its derived Service.
+        fake.answer(
+            "GET",
+            "/apis/multicluster.x-k8s.io/v1beta1/serviceimports",
+            200,
+            serde_json::json!({
+                "apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceImportList", "metadata": {},
+                "items": [si.body, {
+                    "apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceImport",
+                    "metadata": {"name": "old", "namespace": "demo"},
+                    "spec": {"ports": [{"port": 80}], "type": "ClusterSetIP"}
+                }]
+            }),
+        )
+        .await;
+        let gone = serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"});
+        fake.answer(
+            "DELETE",
+            "/apis/multicluster.x-k8s.io/v1beta1/namespaces/demo/serviceimports/old",
+            200,
+            gone.clone(),
+        )
+        .await;
+        fake.answer(
+            "GET",
+            "/api/v1/services",
+            200,
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "ServiceList", "metadata": {},
+                "items": [svc.body, {
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "derived-old", "namespace": "demo",
+                                 "labels": {SERVICE_NAME_LABEL: "old", "app.kubernetes.io/managed-by": "isthmus"}},
+                    "spec": {"ports": [{"port": 80}]}
+                }]
+            }),
+        )
+        .await;
+        fake.answer("DELETE", "/api/v1/namespaces/demo/services/derived-old", 200, gone)
+            .await;
+        assert!(task.await.unwrap().expect("mirrored"), "no linked peer to wait for");
+    }
 
     fn svc(name: &str, exported: bool, clusters: &[&str]) -> MeshService {
         MeshService {

@@ -6,6 +6,8 @@
 pub mod auth;
 pub mod crds;
 pub mod export;
+#[cfg(test)]
+mod fake;
 pub mod lease;
 pub mod link;
 pub mod mirror;

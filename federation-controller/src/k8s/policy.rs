@@ -171,6 +171,55 @@ async fn apply(tp: &TrafficPolicy, ctx: &Ctx, api: &Api<TrafficPolicy>) -> Resul
 mod tests {
     use super::*;
     use crate::k8s::crds::TrafficPolicySpec;
+    use crate::k8s::fake::{Fake, condition};
+
+    const LIST: &str = "/apis/isthmus.dev/v1alpha1/namespaces/demo/trafficpolicies";
+
+    async fn reconciled(fake: &mut Fake, tp: TrafficPolicy) -> serde_json::Value {
+        let mut tp = tp;
+        tp.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        tp.metadata.generation = Some(3);
+        let list = serde_json::json!({
+            "apiVersion": "isthmus.dev/v1alpha1", "kind": "TrafficPolicyList", "metadata": {},
+            "items": [serde_json::to_value(&tp).unwrap()]
+        });
+        let task = tokio::spawn(reconcile(Arc::new(tp.clone()), fake.ctx.clone()));
+        fake.answer("GET", LIST, 200, list).await;
+        let name = tp.metadata.name.clone().unwrap();
+        let patch = fake
+            .answer(
+                "PATCH",
+                &format!("{LIST}/{name}/status"),
+                200,
+                serde_json::to_value(&tp).unwrap(),
+            )
+            .await;
+        task.await.unwrap().expect("reconciled");
+        assert_eq!(patch.body["status"]["conditions"][0]["observedGeneration"], 3);
+        patch.body
+    }
+
+    #[tokio::test]
+    async fn a_valid_policy_reaches_sidecars_and_says_accepted() {
+        let mut fake = Fake::new().await;
+        let tp = policy("echo", None, 1, "routes:\n- split:\n  - cluster: west\n    weight: 1\n");
+        let status = reconciled(&mut fake, tp).await;
+        assert_eq!(condition(&status, ACCEPTED).0, "True");
+        let key = ServiceKey::new("demo", "echo");
+        let applied = fake.ctx.shared.state.lock().unwrap().policy(&key).expect("in force");
+        assert_eq!(applied.routes[0].split[0].cluster, "west");
+    }
+
+    #[tokio::test]
+    async fn an_invalid_policy_is_refused_with_the_field_named() {
+        let mut fake = Fake::new().await;
+        let tp = policy("echo", None, 1, "routes:\n- split:\n  - cluster: west\n    weight: 0\n");
+        let status = reconciled(&mut fake, tp).await;
+        let (accepted, reason, message) = condition(&status, ACCEPTED);
+        assert_eq!((accepted.as_str(), reason.as_str()), ("False", "Invalid"));
+        assert!(message.contains("spec.routes[0].split[0].weight"), "{message}");
+        assert!(fake.ctx.shared.state.lock().unwrap().policies.is_empty());
+    }
 
     fn policy(name: &str, service: Option<&str>, created: i64, yaml: &str) -> TrafficPolicy {
         let mut spec: isthmus_core::policy::Spec = serde_saphyr::from_str(yaml).expect("spec");
