@@ -84,6 +84,17 @@ pub struct ControllerArgs {
     /// replica's, or a Service name), if not the bound one.
     #[arg(long)]
     pub advertise_control: Option<String>,
+    /// Serve the sidecar-injecting admission webhook here (with --kube);
+    /// the leader serves it.
+    #[arg(long)]
+    pub webhook_addr: Option<SocketAddr>,
+    /// A name the API server dials the webhook by: its Service's DNS name,
+    /// or an IP (repeat) [default: isthmus-controller.<namespace>.svc].
+    #[arg(long = "webhook-name")]
+    pub webhook_names: Vec<String>,
+    /// The image injected pods run the sidecar and its init step from.
+    #[arg(long, default_value = concat!("isthmus:", env!("CARGO_PKG_VERSION")))]
+    pub sidecar_image: String,
     /// Cluster name (lowercase letters, digits, '-').
     #[arg(long)]
     pub cluster: String,
@@ -278,12 +289,22 @@ pub async fn controller(a: ControllerArgs, log: &str) -> Result<(), CliError> {
         cfg.kube = Some(isthmus_controller::config::KubeSettings {
             kubeconfig: a.kubeconfig,
             context: a.context,
-            namespace: a.namespace,
             replica: a.replica.unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
                 format!("{}-{}", host.trim(), std::process::id())
             }),
             lease: a.lease.into(),
+            webhook: a.webhook_addr.map(|addr| isthmus_controller::config::WebhookSettings {
+                addr,
+                names: if a.webhook_names.is_empty() {
+                    let svc = format!("isthmus-controller.{}.svc", a.namespace);
+                    vec![svc.clone(), format!("{svc}.cluster.local")]
+                } else {
+                    a.webhook_names.clone()
+                },
+                image: a.sidecar_image.clone(),
+            }),
+            namespace: a.namespace,
         });
     }
     cfg.advertise_control = a.advertise_control;

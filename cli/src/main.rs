@@ -8,6 +8,7 @@ mod demo;
 mod docs_check;
 mod echo;
 mod error;
+mod install;
 mod kube;
 mod up;
 
@@ -124,6 +125,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print every manifest a Kubernetes cluster needs (namespace, CRDs,
+    /// RBAC, controller, gateway, injection webhook), for
+    /// `isthmus install --cluster east | kubectl apply -f -`.
+    Install(install::Args),
+    /// Print what `install` made, for `isthmus uninstall --cluster east |
+    /// kubectl delete -f -`. Keeps the namespace and the CRDs (deleting a
+    /// CRD deletes every object of its kind) unless --with-crds.
+    Uninstall {
+        #[command(flatten)]
+        args: install::Args,
+        /// Delete the CRDs too, and with them every ServiceExport,
+        /// ServiceImport, Link and TrafficPolicy.
+        #[arg(long)]
+        with_crds: bool,
+    },
     /// Run the federation controller of a cluster.
     Controller(components::ControllerArgs),
     /// Run a cluster's east-west gateway.
@@ -172,6 +188,8 @@ fn main() -> ExitCode {
             Cmd::Export { target, service } => admin::export(&target.resolve().await?, &service).await,
             Cmd::Status { target, json } => admin::status(&target.resolve().await?, json).await,
             Cmd::Apply { target, file, delete } => admin::apply(&target.resolve().await?, &file, delete).await,
+            Cmd::Install(a) => install::install(a),
+            Cmd::Uninstall { args, with_crds } => install::uninstall(args, with_crds),
             Cmd::Controller(a) => components::controller(a, &cli.log).await,
             Cmd::Gateway(a) => components::gateway(a, &cli.log).await,
             Cmd::Sidecar(a) => components::sidecar(a, &cli.log).await,

@@ -361,9 +361,28 @@ impl Ca {
 
     /// Issue an SVID for a key held in this process (the controller's own).
     pub fn issue_local(&self, id: &SpiffeId, ttl: Duration) -> Result<Svid, IdentityError> {
+        self.issue_local_named(id, &[], ttl)
+    }
+
+    /// As `issue_local`, the certificate also naming `names` (DNS names or
+    /// IP addresses), for a server that clients outside the mesh verify by
+    /// name (the admission webhook: the API server dials it by name).
+    pub fn issue_local_named(&self, id: &SpiffeId, names: &[String], ttl: Duration) -> Result<Svid, IdentityError> {
         let key = WorkloadKey::generate()?;
         let csr = key.csr_pem()?;
-        let leaf = self.sign_csr(&csr, id, ttl)?;
+        let mut csr = CertificateSigningRequestParams::from_pem(&csr)?;
+        let ca_left = not_after_of(&self.chain[0])? - crate::unix_now();
+        csr.params = svid_params(id, ttl.min(Duration::from_secs(ca_left.max(0) as u64)))?;
+        for name in names {
+            csr.params
+                .subject_alt_names
+                .push(match name.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName(name.clone().try_into()?),
+                });
+        }
+        let issuer = Issuer::from_ca_cert_der(&self.chain[0], &self.key)?;
+        let leaf = csr.signed_by(&issuer)?.der().clone();
         let mut chain = vec![leaf];
         chain.extend(self.chain.iter().cloned());
         Ok(Svid {

@@ -346,6 +346,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientAuth {
     Required,
+    /// Ask for no client certificate: a server for clients outside the
+    /// mesh (the admission webhook, called by the API server).
+    None,
     /// Accept anonymous clients too; the application decides per request
     /// (the peering port: `Join` is anonymous, `Sync` is not).
     Optional,
@@ -367,10 +370,11 @@ pub fn server_config(
         mandatory: client_auth == ClientAuth::Required,
         algs: algorithms(),
     });
-    let mut cfg = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(certs);
+    let builder = ServerConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13])?;
+    let mut cfg = match client_auth {
+        ClientAuth::None => builder.with_no_client_auth().with_cert_resolver(certs),
+        _ => builder.with_client_cert_verifier(verifier).with_cert_resolver(certs),
+    };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }

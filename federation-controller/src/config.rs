@@ -76,6 +76,35 @@ pub struct KubeSettings {
     /// This replica's name in the Lease (the pod's name).
     pub replica: String,
     pub lease: Duration,
+    /// The sidecar-injecting admission webhook, if this controller serves it.
+    pub webhook: Option<WebhookSettings>,
+}
+
+/// Port of the admission webhook.
+pub const DEFAULT_WEBHOOK_ADDR: &str = "0.0.0.0:15017";
+/// The MutatingWebhookConfiguration whose `caBundle` the controller keeps
+/// current.
+pub const WEBHOOK_CONFIGURATION: &str = "isthmus-sidecar-injector";
+
+#[derive(Clone, Debug)]
+pub struct WebhookSettings {
+    pub addr: std::net::SocketAddr,
+    /// Names the API server dials it by (its Service's DNS names, or an
+    /// IP): they go into the controller's certificate.
+    pub names: Vec<String>,
+    /// The image injected pods run the sidecar from.
+    pub image: String,
+}
+
+impl Config {
+    /// Names the controller's certificate carries besides its SPIFFE ID.
+    pub fn svid_names(&self) -> Vec<String> {
+        self.kube
+            .as_ref()
+            .and_then(|k| k.webhook.as_ref())
+            .map(|w| w.names.clone())
+            .unwrap_or_default()
+    }
 }
 
 impl Config {

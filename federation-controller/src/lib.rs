@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use isthmus_core::bundle::TrustBundles;
 use isthmus_core::identity::SpiffeId;
-use isthmus_core::local::{ClusterDir, ControllerInfo};
+use isthmus_core::local::ClusterDir;
 use isthmus_core::tls::{self, ClientAuth, SvidResolver};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -164,14 +164,20 @@ pub(crate) async fn start(
         metrics.root_expiry.set(t);
     }
     metrics.exports.set(state.exports.len() as i64);
-    let svid = ca
-        .signer()
-        .issue_local(&SpiffeId::controller(&cfg.trust_domain), cfg.svid_ttl)?;
+    let svid = ca.signer().issue_local_named(
+        &SpiffeId::controller(&cfg.trust_domain),
+        &cfg.svid_names(),
+        cfg.svid_ttl,
+    )?;
     let shared = Arc::new(Shared {
         peering_advertised: cfg
             .advertise_peering
             .clone()
             .unwrap_or_else(|| peering_addr.to_string()),
+        control_advertised: cfg
+            .advertise_control
+            .clone()
+            .unwrap_or_else(|| control_addr.to_string()),
         store,
         writer: tokio::sync::Mutex::new(()),
         local_token_hash,
@@ -214,17 +220,7 @@ pub(crate) async fn start(
         }
     }
 
-    let info = ControllerInfo {
-        cluster: shared.cfg.cluster.clone(),
-        trust_domain: shared.cfg.trust_domain.clone(),
-        control_addr: shared
-            .cfg
-            .advertise_control
-            .clone()
-            .unwrap_or_else(|| control_addr.to_string()),
-        peering_addr: shared.peering_advertised.clone(),
-        pid: std::process::id(),
-    };
+    let info = shared.controller_info();
     shared.store.publish_info(&info).await?;
     tracing::info!(cluster = %info.cluster, trust_domain = %info.trust_domain, %control_addr, %peering_addr,
         root = %shared.ca.load().signer().fingerprint(), "controller ready");

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub link_attempts: Family<ResultLabels, Counter>,
     pub unlinks: Counter,
     pub policy_changes: Counter,
+    pub injections: Family<ResultLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -121,6 +122,11 @@ impl Metrics {
             "isthmus_unlinks",
             "Links ended (here or by the peer)",
             m.unlinks.clone(),
+        );
+        registry.register(
+            "isthmus_injections",
+            "Pods the admission webhook was asked about, by result (injected, skipped, error)",
+            m.injections.clone(),
         );
         m
     }

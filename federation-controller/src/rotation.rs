@@ -108,7 +108,12 @@ impl Shared {
 
     pub fn renew_svid(&self) {
         let id = SpiffeId::controller(&self.cfg.trust_domain);
-        match self.ca.load().signer().issue_local(&id, self.cfg.svid_ttl) {
+        match self
+            .ca
+            .load()
+            .signer()
+            .issue_local_named(&id, &self.cfg.svid_names(), self.cfg.svid_ttl)
+        {
             Ok(svid) => {
                 if let Err(e) = self.svid.update(&svid) {
                     tracing::error!(error = %e, "renewing the controller SVID failed");

@@ -65,6 +65,8 @@ pub(crate) struct Shared {
     /// on Kubernetes there is none (the API's own access control applies).
     pub local_token_hash: Option<String>,
     pub peering_advertised: String,
+    /// Control addresses components are told (`controller.json`).
+    pub control_advertised: String,
     pub state: Mutex<State>,
     pub registry: Mutex<Registry>,
     pub peers: Mutex<BTreeMap<String, PeerRuntime>>,
@@ -201,6 +203,17 @@ impl Shared {
             gateway_quic_addr: quic,
             roots,
             svid_expires_unix: self.svid.not_after().unwrap_or_default(),
+        }
+    }
+
+    /// What components read to find this controller (`controller.json`).
+    pub fn controller_info(&self) -> isthmus_core::local::ControllerInfo {
+        isthmus_core::local::ControllerInfo {
+            cluster: self.cfg.cluster.clone(),
+            trust_domain: self.cfg.trust_domain.clone(),
+            control_addr: self.control_advertised.clone(),
+            peering_addr: self.peering_advertised.clone(),
+            pid: std::process::id(),
         }
     }
 

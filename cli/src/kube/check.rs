@@ -90,6 +90,7 @@ async fn permissions(k: &Kube) -> Result<Finding, CliError> {
             group,
             resources,
             verbs,
+            names,
             ..
         } = *rule;
         for resource in resources {
@@ -109,6 +110,7 @@ async fn permissions(k: &Kube) -> Result<Finding, CliError> {
                             subresource: subresource.clone(),
                             verb: Some(verb.to_string()),
                             namespace: namespace.clone(),
+                            name: names.first().map(|n| n.to_string()),
                             ..Default::default()
                         }),
                         ..Default::default()

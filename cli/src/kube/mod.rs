@@ -81,6 +81,7 @@ impl TargetArgs {
             namespace: self.isthmus_namespace.clone(),
             replica: String::new(),
             lease: isthmus_controller::config::DEFAULT_LEASE,
+            webhook: None,
         };
         let client = isthmus_controller::k8s::client(&settings)
             .await

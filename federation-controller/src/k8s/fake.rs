@@ -57,6 +57,7 @@ impl Fake {
             client: kube::Client::new(service, "default"),
             namespace: "isthmus-system".into(),
             slices: None,
+            webhook: false,
         });
         tokio::time::sleep_until(ctx.shared.settled_at()).await;
         Fake {

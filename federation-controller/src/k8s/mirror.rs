@@ -106,6 +106,7 @@ fn imports_known(ctx: &Ctx) -> bool {
 pub(crate) async fn run(ctx: Arc<Ctx>) {
     let mut version = ctx.shared.version.subscribe();
     let mut last: Option<BTreeMap<ServiceKey, Import>> = None;
+    let mut configmaps: BTreeMap<String, String> = BTreeMap::new();
     let mut synced = Instant::now();
     loop {
         if synced.elapsed() >= RESYNC {
@@ -126,6 +127,14 @@ pub(crate) async fn run(ctx: Arc<Ctx>) {
         }
         if let Err(e) = publish(&ctx).await {
             tracing::warn!(error = %e, "cannot publish the cluster's status");
+        }
+        if ctx.webhook {
+            if let Err(e) = namespace_configmaps(&ctx, &mut configmaps).await {
+                tracing::warn!(error = %e, "cannot give namespaces the cluster's ConfigMap");
+            }
+            if let Err(e) = webhook_ca_bundle(&ctx).await {
+                tracing::warn!(error = %e, "cannot keep the webhook's caBundle current");
+            }
         }
         tokio::select! {
             r = version.changed() => {
@@ -312,6 +321,77 @@ async fn apply_import(ctx: &Ctx, key: &ServiceKey, imp: &Import) -> Result<(), R
         )
         .await?;
         tracing::info!(service = %key, clusters = ?imp.clusters, "ServiceImport in step");
+    }
+    Ok(())
+}
+
+/// Namespaces no pod of the mesh runs in.
+const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
+
+/// The cluster's ConfigMap (`controller.json`, `ca.pem`) in every
+/// namespace: an injected pod mounts it, and a pod can mount ConfigMaps of
+/// its own namespace only. `written` holds what each namespace has, so
+/// only a change (a rotation, a new namespace) is written.
+async fn namespace_configmaps(ctx: &Ctx, written: &mut BTreeMap<String, String>) -> Result<(), kube::Error> {
+    let info = serde_json::to_string_pretty(&ctx.shared.controller_info()).expect("serializes");
+    let bundle = ctx.shared.ca.load().bundle_pem();
+    let content = format!("{info}\n{bundle}");
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await?;
+    for ns in namespaces.items.into_iter().filter_map(|n| n.metadata.name) {
+        if SYSTEM_NAMESPACES.contains(&ns.as_str()) || ns == ctx.namespace || written.get(&ns) == Some(&content) {
+            continue;
+        }
+        let cm = k8s_openapi::api::core::v1::ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(super::store::CLUSTER_CONFIGMAP.into()),
+                namespace: Some(ns.clone()),
+                labels: Some([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())].into()),
+                ..Default::default()
+            },
+            data: Some(
+                [
+                    (isthmus_core::local::CONTROLLER_FILE.to_string(), info.clone()),
+                    (isthmus_core::local::CA_FILE.to_string(), bundle.clone()),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(ctx.client.clone(), &ns)
+            .patch(
+                super::store::CLUSTER_CONFIGMAP,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&cm),
+            )
+            .await?;
+        written.insert(ns, content.clone());
+    }
+    Ok(())
+}
+
+/// The webhook configuration trusts this cluster's roots (`caBundle`),
+/// through rotations.
+async fn webhook_ca_bundle(ctx: &Ctx) -> Result<(), kube::Error> {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let api = Api::<MutatingWebhookConfiguration>::all(ctx.client.clone());
+    let name = crate::config::WEBHOOK_CONFIGURATION;
+    let Some(mut mwc) = api.get_opt(name).await? else {
+        tracing::debug!("no MutatingWebhookConfiguration {name} yet");
+        return Ok(());
+    };
+    let bundle = k8s_openapi::ByteString(ctx.shared.ca.load().bundle_pem().into_bytes());
+    let mut changed = false;
+    for w in mwc.webhooks.iter_mut().flatten() {
+        if w.client_config.ca_bundle.as_ref() != Some(&bundle) {
+            w.client_config.ca_bundle = Some(bundle.clone());
+            changed = true;
+        }
+    }
+    if changed {
+        api.replace(name, &PostParams::default(), &mwc).await?;
+        tracing::info!("webhook caBundle updated");
     }
     Ok(())
 }

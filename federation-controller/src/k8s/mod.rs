@@ -8,6 +8,8 @@ pub mod crds;
 pub mod export;
 #[cfg(test)]
 mod fake;
+pub mod inject;
+pub mod install;
 pub mod lease;
 pub mod link;
 pub mod mirror;
@@ -15,6 +17,7 @@ pub mod policy;
 pub mod rbac;
 pub mod reconcile;
 pub mod store;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -88,7 +91,31 @@ pub(crate) async fn lead(
                 return;
             }
         };
-    tasks.spawn(reconcile::run(Arc::clone(&shared), client, k.namespace.clone()));
+    tasks.spawn(reconcile::run(
+        Arc::clone(&shared),
+        client.clone(),
+        k.namespace.clone(),
+        k.webhook.is_some(),
+    ));
+    if let Some(w) = &k.webhook {
+        match isthmus_core::net::bind(w.addr).await {
+            Ok((listener, _)) => {
+                let native = match client.apiserver_version().await {
+                    Ok(v) => inject::native_sidecars(&v.major, &v.minor),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the API server's version: injecting regular containers");
+                        false
+                    }
+                };
+                let cfg = inject::Injection {
+                    image: w.image.clone(),
+                    native_sidecars: native,
+                };
+                tasks.spawn(webhook::serve(Arc::clone(&shared), listener, cfg));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot serve the admission webhook"),
+        }
+    }
     ready.set(true);
     match elector.hold(&shutdown).await {
         Ok(()) => {

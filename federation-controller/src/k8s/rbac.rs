@@ -16,6 +16,8 @@ pub struct Rule {
     pub group: &'static str,
     pub resources: &'static [&'static str],
     pub verbs: &'static [&'static str],
+    /// Only these objects, if any are named.
+    pub names: &'static [&'static str],
     /// Why the controller needs it.
     pub why: &'static str,
 }
@@ -33,54 +35,84 @@ pub const CLUSTER: &[Rule] = &[
         group: "multicluster.x-k8s.io",
         resources: &["serviceexports"],
         verbs: READ_FINALIZE,
+        names: &[],
         why: "read exports, and hold a finalizer to withdraw them",
     },
     Rule {
         group: "multicluster.x-k8s.io",
         resources: &["serviceexports/status", "serviceimports/status"],
         verbs: STATUS,
+        names: &[],
         why: "write their conditions",
     },
     Rule {
         group: "multicluster.x-k8s.io",
         resources: &["serviceimports"],
         verbs: OWN,
+        names: &[],
         why: "keep imports in step with the cluster set",
     },
     Rule {
         group: "isthmus.dev",
         resources: &["links"],
         verbs: OWN,
+        names: &[],
         why: "spend join tokens, show links, make Links for links peers made",
     },
     Rule {
         group: "isthmus.dev",
         resources: &["trafficpolicies"],
         verbs: READ_FINALIZE,
+        names: &[],
         why: "read policies, and hold a finalizer to remove them",
     },
     Rule {
         group: "isthmus.dev",
         resources: &["links/status", "trafficpolicies/status"],
         verbs: STATUS,
+        names: &[],
         why: "write their status",
     },
     Rule {
         group: "",
         resources: &["services"],
         verbs: OWN,
+        names: &[],
         why: "check exported Services; make the derived Service of each import (its ClusterSet IP)",
     },
     Rule {
         group: "discovery.k8s.io",
         resources: &["endpointslices"],
         verbs: READ,
+        names: &[],
         why: "notice endpoints of exported Services that have no sidecar",
+    },
+    Rule {
+        group: "",
+        resources: &["configmaps"],
+        verbs: &["get", "create", "patch", "update"],
+        names: &[],
+        why: "publish its bundle, addresses and status (isthmus-cluster), and give every namespace the ConfigMap its injected pods mount",
+    },
+    Rule {
+        group: "",
+        resources: &["namespaces"],
+        verbs: READ,
+        names: &[],
+        why: "find the namespaces that need that ConfigMap",
+    },
+    Rule {
+        group: "admissionregistration.k8s.io",
+        resources: &["mutatingwebhookconfigurations"],
+        verbs: &["get", "update"],
+        names: &[crate::config::WEBHOOK_CONFIGURATION],
+        why: "keep its injection webhook's caBundle in step with the cluster's roots",
     },
     Rule {
         group: "authentication.k8s.io",
         resources: &["tokenreviews"],
         verbs: &["create"],
+        names: &[],
         why: "check the service-account tokens sidecars and gateways present",
     },
 ];
@@ -91,18 +123,14 @@ pub const NAMESPACED: &[Rule] = &[
         group: "",
         resources: &["secrets"],
         verbs: OWN,
+        names: &[],
         why: "its state, CA keys, join tokens, and the token Secrets `isthmus link` leaves",
-    },
-    Rule {
-        group: "",
-        resources: &["configmaps"],
-        verbs: &["get", "create", "patch", "update"],
-        why: "publish the trust bundle, its addresses and status (isthmus-cluster)",
     },
     Rule {
         group: "coordination.k8s.io",
         resources: &["leases"],
         verbs: &["get", "create", "update", "patch"],
+        names: &[],
         why: "leader election between replicas",
     },
 ];
@@ -113,6 +141,7 @@ fn rules(list: &[Rule]) -> Vec<PolicyRule> {
             api_groups: Some(vec![r.group.to_string()]),
             resources: Some(r.resources.iter().map(|s| s.to_string()).collect()),
             verbs: r.verbs.iter().map(|s| s.to_string()).collect(),
+            resource_names: (!r.names.is_empty()).then(|| r.names.iter().map(|s| s.to_string()).collect()),
             ..Default::default()
         })
         .collect()

@@ -39,6 +39,10 @@ pub(crate) struct Ctx {
     /// EndpointSlices as this API server serves them (`discovery.k8s.io`
     /// `v1`, or `v1beta1` before Kubernetes 1.21), if at all.
     pub slices: Option<ApiResource>,
+    /// Whether this controller serves the injection webhook (then it also
+    /// gives namespaces the cluster's ConfigMap, and keeps the webhook's
+    /// `caBundle` current).
+    pub webhook: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +80,7 @@ pub(crate) fn retry<K: kube::Resource<DynamicType = ()>>(obj: Arc<K>, e: &Reconc
 }
 
 /// Run every reconciler until the task is aborted.
-pub(crate) async fn run(shared: Arc<Shared>, client: kube::Client, namespace: String) {
+pub(crate) async fn run(shared: Arc<Shared>, client: kube::Client, namespace: String, webhook: bool) {
     let slices = endpoint_slices(&client).await;
     match &slices {
         Some(r) => tracing::info!(version = %r.api_version, "EndpointSlices found"),
@@ -87,6 +91,7 @@ pub(crate) async fn run(shared: Arc<Shared>, client: kube::Client, namespace: St
         client,
         namespace,
         slices,
+        webhook,
     });
     tokio::join!(
         super::export::run(ctx.clone()),

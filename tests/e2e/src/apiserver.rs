@@ -249,6 +249,35 @@ impl ApiServer {
         });
     }
 
+    /// Apply a YAML stream (what `isthmus install` prints) as `kubectl
+    /// apply --server-side` would: each object by its kind, found through
+    /// discovery. Panics with the API server's word on any it refuses.
+    pub fn apply_yaml(&self, yaml: &str) -> Vec<String> {
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml).expect("YAML stream");
+        self.run(async |c| {
+            let mut applied = Vec::new();
+            for doc in docs.into_iter().filter(|d| !d.is_null()) {
+                let obj: kube::api::DynamicObject = serde_json::from_value(doc.clone()).expect("an object");
+                let types = obj.types.clone().expect("apiVersion and kind");
+                let gvk = kube::api::GroupVersionKind::try_from(&types).expect("a GVK");
+                // Discovery afresh: CRDs applied a moment ago serve now.
+                let (ar, caps) = kube::discovery::pinned_kind(&c, &gvk)
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: {e}", types.kind));
+                let name = obj.metadata.name.clone().expect("a name");
+                let api: Api<kube::api::DynamicObject> = match (caps.scope, &obj.metadata.namespace) {
+                    (kube::discovery::Scope::Namespaced, Some(ns)) => Api::namespaced_with(c.clone(), ns, &ar),
+                    _ => Api::all_with(c.clone(), &ar),
+                };
+                api.patch(&name, &PatchParams::apply("isthmus-e2e").force(), &Patch::Apply(&doc))
+                    .await
+                    .unwrap_or_else(|e| panic!("the API server refused {}/{name}: {e}", types.kind));
+                applied.push(format!("{}/{name}", types.kind));
+            }
+            applied
+        })
+    }
+
     /// A token for service account `namespace/name` (created if missing),
     /// for `audience` (None: the API server's own), as a pod's projected
     /// token would be.

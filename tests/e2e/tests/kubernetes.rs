@@ -433,3 +433,167 @@ fn two_clusters_on_real_api_servers() {
         export_to_import.as_secs_f64()
     );
 }
+
+fn pod(name: &str, namespace: &str) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": namespace,
+            "annotations": {"isthmus.dev/service": "echo", "isthmus.dev/port": "8080"}
+        },
+        // No controller manager here mints legacy token Secrets: the pod
+        // does without the automatic API token (its sidecar uses its own).
+        "spec": {
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "app", "image": "registry.example/echo:1"}]
+        }
+    }))
+    .unwrap()
+}
+
+/// `isthmus install`'s manifests, applied to a real API server, then the
+/// injection webhook called by it.
+#[test]
+fn install_manifests_and_sidecar_injection_on_a_real_api_server() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let api = ApiServer::start(root, "inject");
+    // Every object install prints is accepted: CRDs, RBAC, Deployments,
+    // Services, the webhook configuration (the API server validates each).
+    let manifests = ok(&["install", "--cluster", "east", "--image", "isthmus:e2e"]);
+    let applied = api.apply_yaml(&manifests);
+    for want in [
+        "CustomResourceDefinition/links.isthmus.dev",
+        "Deployment/isthmus-controller",
+        "Deployment/isthmus-gateway",
+        "Service/isthmus-gateway",
+        "MutatingWebhookConfiguration/isthmus-sidecar-injector",
+    ] {
+        assert!(applied.iter().any(|a| a == want), "{want} not in {applied:?}");
+    }
+    // The controller runs as install's service account, with its RBAC.
+    let kubeconfig = api.kubeconfig_of(NS, isthmus_controller::k8s::rbac::SERVICE_ACCOUNT);
+    let webhook_port = free_port();
+    let mut controller = Component::start(
+        root,
+        "inject-controller",
+        &format!(
+            "controller --kubeconfig {} --cluster east --replica east-0 --control-addr 127.0.0.1:0 \
+             --peering-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --webhook-addr 127.0.0.1:{webhook_port} \
+             --webhook-name 127.0.0.1 --sidecar-image isthmus:e2e",
+            kubeconfig.display()
+        ),
+    );
+    // No Service network here: point the webhook at the controller's
+    // loopback address, as the test's stand-in for its Service.
+    let url = format!("https://127.0.0.1:{webhook_port}/inject");
+    eventually(
+        "the webhook pointed at the controller, with its CA",
+        Duration::from_secs(60),
+        || {
+            api.run(async |c| {
+                let mwcs = Api::<MutatingWebhookConfiguration>::all(c);
+                let mut mwc = mwcs.get("isthmus-sidecar-injector").await.ok()?;
+                let hooks = mwc.webhooks.as_mut()?;
+                let done = hooks
+                    .iter()
+                    .all(|h| h.client_config.url.as_deref() == Some(&*url) && h.client_config.ca_bundle.is_some());
+                if done {
+                    return Some(());
+                }
+                for h in hooks.iter_mut() {
+                    h.client_config.service = None;
+                    h.client_config.url = Some(url.clone());
+                }
+                // May race the controller's own caBundle update: tried again.
+                let _ = mwcs
+                    .replace("isthmus-sidecar-injector", &PostParams::default(), &mwc)
+                    .await;
+                None
+            })
+        },
+    );
+
+    // An opted-in namespace gets its pods injected; another does not.
+    api.run(async |c| {
+        let ns = Api::<Namespace>::all(c.clone());
+        for (name, label) in [("demo", Some("enabled")), ("other", None)] {
+            let mut n = Namespace::default();
+            n.metadata.name = Some(name.into());
+            n.metadata.labels = label.map(|l| [("isthmus.dev/inject".to_string(), l.to_string())].into());
+            ns.patch(name, &PatchParams::apply("e2e"), &Patch::Apply(&n))
+                .await
+                .unwrap();
+            // What the controller manager would make.
+            let mut sa = k8s_openapi::api::core::v1::ServiceAccount::default();
+            sa.metadata.name = Some("default".into());
+            Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(c.clone(), name)
+                .create(&PostParams::default(), &sa)
+                .await
+                .unwrap();
+        }
+    });
+    let stored = api.run(async |c| {
+        Api::<Pod>::namespaced(c, "demo")
+            .create(&PostParams::default(), &pod("echo-1", "demo"))
+            .await
+            .unwrap_or_else(|e| panic!("creating a pod in an opted-in namespace: {e}"))
+    });
+    let spec = stored.spec.clone().unwrap();
+    let containers: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    // Kubernetes 1.20 has no native sidecars: a regular container, first.
+    assert_eq!(containers, ["isthmus-sidecar", "app"], "{stored:?}");
+    let inits: Vec<&str> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+    assert_eq!(inits, ["isthmus-init"]);
+    let args = spec.containers[0].args.clone().unwrap().join(" ");
+    assert!(args.contains("--service echo --port 8080"), "{args}");
+    assert_eq!(spec.containers[0].image.as_deref(), Some("isthmus:e2e"));
+    assert!(
+        stored
+            .metadata
+            .annotations
+            .unwrap()
+            .contains_key("isthmus.dev/injected")
+    );
+    let metrics = isthmus_e2e::metrics(&controller.addr("admin"));
+    assert_eq!(
+        isthmus_e2e::sample(&metrics, "isthmus_injections_total", &[("result", "injected")]),
+        Some(1.0),
+        "the API server called the webhook: {metrics}"
+    );
+    // The injected pod mounts the cluster's ConfigMap from its namespace.
+    eventually("the cluster's ConfigMap in demo", Duration::from_secs(30), || {
+        api.run(async |c| {
+            let cm = Api::<ConfigMap>::namespaced(c, "demo")
+                .get_opt("isthmus-cluster")
+                .await
+                .ok()??;
+            cm.data?.contains_key("ca.pem").then_some(())
+        })
+    });
+    let untouched = api.run(async |c| {
+        Api::<Pod>::namespaced(c, "other")
+            .create(&PostParams::default(), &pod("echo-1", "other"))
+            .await
+            .unwrap()
+    });
+    assert_eq!(untouched.spec.unwrap().containers.len(), 1, "not opted in: left alone");
+
+    // The webhook down: namespaces that did not opt in are not held up;
+    // opted-in ones refuse pods rather than run them without a sidecar.
+    controller.kill();
+    api.run(async |c| {
+        Api::<Pod>::namespaced(c.clone(), "other")
+            .create(&PostParams::default(), &pod("echo-2", "other"))
+            .await
+            .expect("a pod of a namespace that did not opt in is admitted with the webhook down");
+        let refused = Api::<Pod>::namespaced(c, "demo")
+            .create(&PostParams::default(), &pod("echo-2", "demo"))
+            .await
+            .expect_err("an opted-in pod is not admitted without its sidecar");
+        assert!(refused.to_string().contains("inject.isthmus.dev"), "{refused}");
+    });
+}
