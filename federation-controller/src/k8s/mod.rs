@@ -150,8 +150,9 @@ async fn refuse(
 
 #[cfg(test)]
 mod tests {
-    /// The manifests in deploy/kubernetes are generated from the code; a
-    /// change to either shows here. `UPDATE_MANIFESTS=1` rewrites them.
+    /// The manifests in deploy/kubernetes and the Helm chart's template are
+    /// generated from the code; a change to either shows here.
+    /// `UPDATE_MANIFESTS=1` rewrites them.
     #[test]
     fn deploy_manifests_are_in_step_with_the_code() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
@@ -162,16 +163,22 @@ mod tests {
         for (name, want) in files {
             let path = dir.join(name);
             let want = format!("# Generated from federation-controller/src/k8s ({name}); do not edit.\n{want}");
-            if std::env::var_os("UPDATE_MANIFESTS").is_some() {
-                std::fs::create_dir_all(&dir).unwrap();
-                std::fs::write(&path, &want).unwrap();
-            }
-            let have = std::fs::read_to_string(&path).unwrap_or_default();
-            assert!(
-                have == want,
-                "{} is out of date: run `UPDATE_MANIFESTS=1 cargo test -p isthmus-controller --lib deploy_manifests`",
-                path.display()
-            );
+            check_file(&path, &want);
         }
+        let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/isthmus/templates/isthmus.yaml");
+        check_file(&chart, &super::install::helm_template());
+    }
+
+    fn check_file(path: &std::path::Path, want: &str) {
+        if std::env::var_os("UPDATE_MANIFESTS").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, want).unwrap();
+        }
+        let have = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            have == want,
+            "{} is out of date: run `UPDATE_MANIFESTS=1 cargo test -p isthmus-controller --lib deploy_manifests`",
+            path.display()
+        );
     }
 }
