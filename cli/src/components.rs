@@ -212,6 +212,13 @@ pub struct SidecarArgs {
     /// so unchanged clients can dial the names. Off by default.
     #[arg(long)]
     pub dns_addr: Option<SocketAddr>,
+    /// The workload's TCP arrives redirected (`isthmus redirect` in its
+    /// network namespace, or a pod's init step): route each connection by
+    /// where it was going; DNS then answers each service with a virtual IP
+    /// of its own (240.240.0.0/16). Run the sidecar as the user the rules
+    /// exempt.
+    #[arg(long)]
+    pub transparent: bool,
     /// A service port whose connections are opaque TCP, without protocol
     /// detection (repeat, or comma-separate). Needed for server-first
     /// protocols, which would otherwise wait 1 s for detection.
@@ -396,6 +403,7 @@ pub async fn sidecar(a: SidecarArgs, log: &str) -> Result<(), CliError> {
         request_timeout: a.request_timeout.into(),
         access_log: a.access_log,
         dns_addr: a.dns_addr,
+        transparent: a.transparent,
         opaque_ports: a.opaque_port,
         otlp_endpoint: a.otlp_endpoint,
         otlp_protocol: a.otlp_protocol,

@@ -10,6 +10,7 @@ mod echo;
 mod error;
 mod install;
 mod kube;
+mod redirect;
 mod up;
 
 use std::path::PathBuf;
@@ -140,6 +141,10 @@ enum Cmd {
         #[arg(long)]
         with_crds: bool,
     },
+    /// Send this network namespace's TCP through its sidecar (nftables, or
+    /// iptables): a pod's init step, or `ip netns exec` in local mode. Needs
+    /// CAP_NET_ADMIN.
+    Redirect(redirect::Args),
     /// Run the federation controller of a cluster.
     Controller(components::ControllerArgs),
     /// Run a cluster's east-west gateway.
@@ -189,6 +194,7 @@ fn main() -> ExitCode {
             Cmd::Status { target, json } => admin::status(&target.resolve().await?, json).await,
             Cmd::Apply { target, file, delete } => admin::apply(&target.resolve().await?, &file, delete).await,
             Cmd::Install(a) => install::install(a),
+            Cmd::Redirect(a) => redirect::run(a),
             Cmd::Uninstall { args, with_crds } => install::uninstall(args, with_crds),
             Cmd::Controller(a) => components::controller(a, &cli.log).await,
             Cmd::Gateway(a) => components::gateway(a, &cli.log).await,

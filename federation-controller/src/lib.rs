@@ -191,6 +191,7 @@ pub(crate) async fn start(
         metrics,
         kube: kube.map(crate::k8s::auth::Reviewer::new),
         started: tokio::time::Instant::now(),
+        clusterset_ips: Mutex::new(BTreeMap::new()),
         ca: ArcSwap::from_pointee(ca),
         cfg,
     });

@@ -78,6 +78,9 @@ pub(crate) struct Shared {
     pub metrics: metrics::Metrics,
     /// On Kubernetes: who workloads are (TokenReview), and the API.
     pub kube: Option<crate::k8s::auth::Reviewer>,
+    /// On Kubernetes: each import's ClusterSet IPs (its derived Service's
+    /// ClusterIP), which transparent sidecars route by.
+    pub clusterset_ips: Mutex<BTreeMap<isthmus_core::naming::ServiceKey, Vec<String>>>,
     /// When this controller started serving (`config::SETTLE`).
     pub started: tokio::time::Instant,
 }
@@ -261,7 +264,14 @@ impl Shared {
             .map(|(c, p)| (c.clone(), p.imports.clone()))
             .collect();
         let reg = self.registry.lock().expect("registry lock");
-        let services = snapshot::services(&state, reg.sidecars.values(), &imports);
+        let mut services = snapshot::services(&state, reg.sidecars.values(), &imports);
+        let ips = self.clusterset_ips.lock().expect("clusterset ips lock");
+        for s in &mut services {
+            if let Some(v) = ips.get(&isthmus_core::naming::ServiceKey::new(&s.namespace, &s.name)) {
+                s.clusterset_ips = v.clone();
+            }
+        }
+        drop(ips);
         let ca = self.ca.load();
         let mut bundles = vec![TrustBundle {
             trust_domain: self.cfg.trust_domain.clone(),

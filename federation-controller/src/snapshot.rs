@@ -54,6 +54,7 @@ pub fn services<'a>(
         let identities = identities(&eps);
         let exported = state.exports.get(&key);
         let svc = Service {
+            clusterset_ips: vec![],
             namespace: eps[0].namespace.clone(),
             name: eps[0].service.clone(),
             port,
@@ -92,6 +93,7 @@ pub fn services<'a>(
                     .min_by_key(|(_, e)| e.exported_unix)
                     .expect("non-empty");
                 let svc = Service {
+                    clusterset_ips: vec![],
                     namespace: e.namespace.clone(),
                     name: e.name.clone(),
                     port: e.port,

@@ -83,6 +83,7 @@ mod tests {
                     exported: true,
                     conditions: vec![],
                     policy: None,
+                    clusterset_ips: vec![],
                     backends: vec![Backend {
                         cluster: "east".into(),
                         addresses: vec!["127.0.1.10:1".into()],
@@ -97,6 +98,7 @@ mod tests {
                     exported: false,
                     conditions: vec![],
                     policy: None,
+                    clusterset_ips: vec![],
                     backends: vec![Backend {
                         cluster: "east".into(),
                         addresses: vec!["127.0.1.11:1".into()],

@@ -43,6 +43,9 @@ pub struct Config {
     /// Answer DNS for `clusterset.local` here, and listen on the outbound
     /// address's IP at every service port.
     pub dns_addr: Option<SocketAddr>,
+    /// Connections arrive redirected (`isthmus redirect`): route each by
+    /// its original destination; DNS answers virtual IPs.
+    pub transparent: bool,
     /// Service ports whose connections are opaque TCP without detection
     /// (server-first protocols, or to skip the detection wait).
     pub opaque_ports: Vec<u16>,
@@ -77,6 +80,7 @@ impl Config {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             access_log: false,
             dns_addr: None,
+            transparent: false,
             opaque_ports: Vec::new(),
             otlp_endpoint: None,
             otlp_protocol: crate::otlp::Protocol::HttpProtobuf,

@@ -1,7 +1,8 @@
 //! DNS for `clusterset.local` names, so an unchanged client can dial
 //! `echo.demo.svc.clusterset.local:8080`: the sidecar answers every known
 //! service name with its own outbound address, where it listens on each
-//! service port (see `ports`).
+//! service port (see `ports`), or in transparent mode with the service's
+//! virtual IP, whose connections the redirection brings to it (`vip`).
 //!
 //! The answer is decided by a pure function over the query bytes
 //! (`answer`); the UDP and TCP loops around it only move bytes.
@@ -26,10 +27,10 @@ const TTL_SECS: u32 = 5;
 /// The reply to one DNS message, or `None` for bytes that are not a query
 /// (dropped, as a resolver does with garbage).
 ///
-/// - a known service (`known` says which): its address, `ip`;
+/// - a known service: the address `resolve` gives it;
 /// - another name under `clusterset.local`: NXDOMAIN;
 /// - a name elsewhere: REFUSED, since this is no recursive resolver.
-pub fn answer(packet: &[u8], ip: IpAddr, known: impl Fn(&ServiceName) -> bool) -> Option<Vec<u8>> {
+pub fn answer(packet: &[u8], resolve: impl Fn(&ServiceName) -> Option<IpAddr>) -> Option<Vec<u8>> {
     let query = Message::from_vec(packet).ok()?;
     if query.metadata.message_type != MessageType::Query {
         return None;
@@ -41,12 +42,10 @@ pub fn answer(packet: &[u8], ip: IpAddr, known: impl Fn(&ServiceName) -> bool) -
         (OpCode::Query, [q]) => {
             let name = q.name().to_ascii();
             let host = name.trim_end_matches('.').to_ascii_lowercase();
+            let ip = ServiceName::parse(&host).and_then(|s| resolve(&s));
             if !(host == ZONE || host.ends_with(&format!(".{ZONE}"))) {
                 ResponseCode::Refused
-            } else if !ServiceName::parse(&host).is_some_and(|s| known(&s)) {
-                reply.metadata.authoritative = true;
-                ResponseCode::NXDomain
-            } else {
+            } else if let Some(ip) = ip {
                 reply.metadata.authoritative = true;
                 // A name that exists but has no record of the type asked for
                 // answers NOERROR with no records (RFC 2308 NODATA).
@@ -59,6 +58,9 @@ pub fn answer(packet: &[u8], ip: IpAddr, known: impl Fn(&ServiceName) -> bool) -
                     reply.add_answer(Record::from_rdata(q.name().clone(), TTL_SECS, rdata));
                 }
                 ResponseCode::NoError
+            } else {
+                reply.metadata.authoritative = true;
+                ResponseCode::NXDomain
             }
         }
         (OpCode::Query, _) => ResponseCode::FormErr,
@@ -69,16 +71,13 @@ pub fn answer(packet: &[u8], ip: IpAddr, known: impl Fn(&ServiceName) -> bool) -
 }
 
 /// Serve DNS over UDP and TCP on `addr` (both bound to the same port).
-pub async fn serve(
-    addr: SocketAddr,
-    ip: IpAddr,
-    known: Arc<dyn Fn(&ServiceName) -> bool + Send + Sync>,
-    stop: CancellationToken,
-) -> std::io::Result<SocketAddr> {
+pub type Resolve = Arc<dyn Fn(&ServiceName) -> Option<IpAddr> + Send + Sync>;
+
+pub async fn serve(addr: SocketAddr, resolve: Resolve, stop: CancellationToken) -> std::io::Result<SocketAddr> {
     let udp = UdpSocket::bind(addr).await?;
     let bound = udp.local_addr()?;
     let tcp = TcpListener::bind(bound).await?;
-    let k = known.clone();
+    let k = resolve.clone();
     let s = stop.clone();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
@@ -87,14 +86,14 @@ pub async fn serve(
                 _ = s.cancelled() => return,
                 r = udp.recv_from(&mut buf) => match r { Ok(r) => r, Err(_) => continue },
             };
-            if let Some(reply) = answer(&buf[..n], ip, |s| k(s)) {
+            if let Some(reply) = answer(&buf[..n], |s| k(s)) {
                 let _ = udp.send_to(&reply, from).await;
             }
         }
     });
     tokio::spawn(async move {
         while let Some((mut conn, _)) = isthmus_core::net::accept(&tcp, &stop).await {
-            let known = known.clone();
+            let resolve = resolve.clone();
             tokio::spawn(async move {
                 // TCP DNS: each message is preceded by its length (RFC 1035 4.2.2).
                 loop {
@@ -103,7 +102,7 @@ pub async fn serve(
                     if conn.read_exact(&mut msg).await.is_err() {
                         return;
                     }
-                    let Some(reply) = answer(&msg, ip, |s| known(s)) else {
+                    let Some(reply) = answer(&msg, |s| resolve(s)) else {
                         return;
                     };
                     let Ok(len) = u16::try_from(reply.len()) else { return };
@@ -128,8 +127,8 @@ mod tests {
         let mut q = Message::query();
         q.metadata.recursion_desired = true;
         q.add_query(Query::query(Name::from_str(name).unwrap(), rtype));
-        let reply = answer(&q.to_vec().unwrap(), "127.0.2.30".parse().unwrap(), |s| {
-            s.namespace == "demo" && s.name == "echo"
+        let reply = answer(&q.to_vec().unwrap(), |s| {
+            (s.namespace == "demo" && s.name == "echo").then(|| "127.0.2.30".parse().unwrap())
         })
         .expect("a reply");
         let reply = Message::from_vec(&reply).unwrap();
@@ -175,8 +174,9 @@ mod tests {
 
     #[test]
     fn garbage_and_responses_get_no_reply() {
-        assert!(answer(b"\x01\x02", "127.0.0.1".parse().unwrap(), |_| true).is_none());
+        let any = |_: &ServiceName| Some("127.0.0.1".parse().unwrap());
+        assert!(answer(b"\x01\x02", any).is_none());
         let resp = Message::response(7, OpCode::Query).to_vec().unwrap();
-        assert!(answer(&resp, "127.0.0.1".parse().unwrap(), |_| true).is_none());
+        assert!(answer(&resp, any).is_none());
     }
 }

@@ -12,6 +12,9 @@
 //! - With DNS on (`dns.rs`, `ports.rs`, `detect.rs`): `clusterset.local`
 //!   names resolve to the outbound address, which listens on every service
 //!   port for clients that dial the name unchanged.
+//! - Transparent (`transparent.rs`, `vip.rs`): the workload's TCP arrives
+//!   redirected by the rules of `redirect.rs`, and goes where its original
+//!   destination says (a service's virtual or ClusterSet IP, or through).
 //! - What goes wrong is told in one place (`error.rs`); metrics, access
 //!   lines and spans in `metrics.rs`, `telemetry.rs`, `trace.rs`, `otlp.rs`.
 //!
@@ -32,11 +35,14 @@ mod outbound;
 mod pool;
 mod ports;
 mod probe;
+pub mod redirect;
 pub mod route;
 mod router;
 mod telemetry;
 pub mod trace;
+pub mod transparent;
 mod upgrade;
+pub mod vip;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -103,6 +109,8 @@ struct Sidecar {
     router: router::Router,
     metrics: metrics::Metrics,
     otlp: Option<otlp::Exporter>,
+    /// Transparent mode: each known service's virtual IP.
+    vips: arc_swap::ArcSwap<vip::Vips>,
 }
 
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, SidecarError> {
@@ -176,29 +184,34 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
         metrics,
         agent,
         cfg,
+        vips: Default::default(),
     });
     tracing::info!(%id, %inbound_addr, %outbound_addr, app = ?sc.cfg.serve.as_ref().map(|s| s.app), "sidecar ready");
 
+    if sc.cfg.transparent {
+        tokio::spawn(follow_vips(sc.clone(), shutdown.clone()));
+    }
     let mut dns_addr = None;
     if let Some(addr) = sc.cfg.dns_addr {
-        let snap = sc.agent.config.clone();
-        let known = Arc::new(move |name: &ServiceName| {
-            snap.borrow()
-                .services
-                .iter()
-                .any(|s| s.namespace == name.namespace && s.name == name.name)
-        });
+        let resolver = sc.clone();
+        let resolve: dns::Resolve = Arc::new(move |name: &ServiceName| resolver.resolve(name, outbound_addr.ip()));
         dns_addr = Some(
-            dns::serve(addr, outbound_addr.ip(), known, shutdown.clone())
+            dns::serve(addr, resolve, shutdown.clone())
                 .await
                 .map_err(|source| SidecarError::Dns { addr, source })?,
         );
-        tokio::spawn(ports::follow(sc.clone(), outbound_addr.ip(), shutdown.clone()));
-        tracing::info!(dns = ?dns_addr, "answering DNS for clusterset.local");
+        if !sc.cfg.transparent {
+            tokio::spawn(ports::follow(sc.clone(), outbound_addr.ip(), shutdown.clone()));
+        }
+        tracing::info!(dns = ?dns_addr, transparent = sc.cfg.transparent, "answering DNS for clusterset.local");
     }
     tokio::spawn(probe::probe_ejected(sc.clone(), shutdown.clone()));
     let t1 = tokio::spawn(inbound::serve(sc.clone(), inbound, inbound_tls, shutdown.clone()));
-    let t2 = tokio::spawn(outbound::serve(sc.clone(), outbound, shutdown.clone()));
+    let t2 = if sc.cfg.transparent {
+        tokio::spawn(transparent::serve(sc.clone(), outbound, shutdown.clone()))
+    } else {
+        tokio::spawn(outbound::serve(sc.clone(), outbound, shutdown.clone()))
+    };
     let done = tokio::spawn(async move {
         let _ = tokio::join!(t1, t2);
     });
@@ -213,7 +226,65 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     })
 }
 
+/// Keep the virtual IPs in step with the known services.
+async fn follow_vips(sc: Arc<Sidecar>, stop: CancellationToken) {
+    let mut rx = sc.agent.config.clone();
+    loop {
+        let keys: Vec<isthmus_core::naming::ServiceKey> = rx
+            .borrow_and_update()
+            .services
+            .iter()
+            .map(|s| isthmus_core::naming::ServiceKey::new(&s.namespace, &s.name))
+            .collect();
+        sc.vips.store(Arc::new(vip::Vips::allocate(&keys)));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+    }
+}
+
 impl Sidecar {
+    /// The address DNS gives a service name: its virtual IP in transparent
+    /// mode, else the outbound address (`ip`), where it listens on every
+    /// service port; `None` for a service nobody serves or exports.
+    fn resolve(&self, name: &ServiceName, ip: std::net::IpAddr) -> Option<std::net::IpAddr> {
+        let known = self
+            .agent
+            .config
+            .borrow()
+            .services
+            .iter()
+            .any(|s| s.namespace == name.namespace && s.name == name.name);
+        if !known {
+            return None;
+        }
+        if self.cfg.transparent {
+            return self.vips.load().ip_of(&name.key()).map(std::net::IpAddr::V4);
+        }
+        Some(ip)
+    }
+
+    /// The service a redirected connection to `ip` is for: a virtual IP,
+    /// or a ClusterSet IP of a service the controller told of.
+    fn service_at(&self, ip: std::net::IpAddr) -> Option<ServiceName> {
+        let key = self.vips.load().service_at(ip).cloned().or_else(|| {
+            let text = ip.to_string();
+            self.agent
+                .config
+                .borrow()
+                .services
+                .iter()
+                .find(|s| s.clusterset_ips.contains(&text))
+                .map(|s| isthmus_core::naming::ServiceKey::new(&s.namespace, &s.name))
+        })?;
+        Some(ServiceName {
+            cluster: None,
+            namespace: key.namespace,
+            name: key.name,
+        })
+    }
+
     /// Route `name:port` (see `Router::route`) on the current config, and
     /// label the request with the cluster it goes to.
     fn route(

@@ -19,15 +19,18 @@ pub enum TcpOutcome {
     /// No service, or several, on the port.
     NoRoute,
     AppUnavailable,
+    /// Transparent mode: not for the mesh, carried to where it was going.
+    Passthrough,
 }
 
 impl TcpOutcome {
-    pub const ALL: [TcpOutcome; 5] = [
+    pub const ALL: [TcpOutcome; 6] = [
         TcpOutcome::Ok,
         TcpOutcome::Refused,
         TcpOutcome::ConnectFailed,
         TcpOutcome::NoRoute,
         TcpOutcome::AppUnavailable,
+        TcpOutcome::Passthrough,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -37,6 +40,7 @@ impl TcpOutcome {
             TcpOutcome::ConnectFailed => "connect-failed",
             TcpOutcome::NoRoute => "no-route",
             TcpOutcome::AppUnavailable => "app-unavailable",
+            TcpOutcome::Passthrough => "passthrough",
         }
     }
 }

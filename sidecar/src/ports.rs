@@ -97,7 +97,7 @@ async fn serve_port(sc: Arc<Sidecar>, listener: TcpListener, port: u16, stop: Ca
                 Protocol::Http => crate::outbound::serve_http(sc, tcp, slot).await,
                 Protocol::Opaque => {
                     let _slot = slot;
-                    if let Err(e) = opaque(&sc, tcp, port).await {
+                    if let Err(e) = opaque(&sc, tcp, port, None).await {
                         tracing::info!(port, error = %e, "opaque connection refused");
                     }
                 }
@@ -106,8 +106,14 @@ async fn serve_port(sc: Arc<Sidecar>, listener: TcpListener, port: u16, stop: Ca
     }
 }
 
-/// Carry one opaque TCP connection to the service on `port`.
-async fn opaque(sc: &Arc<Sidecar>, mut client: TcpStream, port: u16) -> Result<(), ProxyError> {
+/// Carry one opaque TCP connection to `name` (if known: its virtual IP
+/// said it), else to the service on `port`.
+pub(crate) async fn opaque(
+    sc: &Arc<Sidecar>,
+    mut client: TcpStream,
+    port: u16,
+    name: Option<ServiceName>,
+) -> Result<(), ProxyError> {
     let _open = sc.metrics.open(Direction::Outbound);
     let mut route = RouteLabels {
         direction: Direction::Outbound,
@@ -116,7 +122,10 @@ async fn opaque(sc: &Arc<Sidecar>, mut client: TcpStream, port: u16) -> Result<(
         destination_service: "unknown".into(),
     };
     // Weights apply per connection for opaque TCP.
-    let name = crate::route::by_port(&sc.agent.config.borrow(), port);
+    let name = match name {
+        Some(n) => Ok(n),
+        None => crate::route::by_port(&sc.agent.config.borrow(), port),
+    };
     let target = name.map_err(ProxyError::from).and_then(|name: ServiceName| {
         route.destination_service = name.key().to_string();
         sc.route(&name, Some(port), None, &[], &mut route)

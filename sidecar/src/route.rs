@@ -515,6 +515,7 @@ mod tests {
                 exported: false,
                 conditions: vec![],
                 policy: None,
+                clusterset_ips: vec![],
                 backends: vec![
                     Backend {
                         cluster: "east".into(),

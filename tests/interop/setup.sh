@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare the interop peers: Debian tools (curl, h2load) and a Python venv with
+# Prepare the interop peers: Debian tools (curl, h2load, nft, dnsmasq) and a Python venv with
 # requirements.txt. Idempotent and cheap when already done. All progress goes
 # to stderr; the last (only) stdout line is the venv's python path.
 #
@@ -19,6 +19,10 @@ log() { echo "interop setup: $*" >&2; }
 missing=()
 command -v curl >/dev/null || missing+=(curl)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
+# Transparent-mode tests: nftables in a network namespace; dnsmasq as the
+# DNS server whose answers change under a gateway.
+command -v nft >/dev/null || missing+=(nftables)
+command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
 # Debian ships venv/ensurepip separately from python3 (package python3-venv).
 if ! command -v "$python" >/dev/null || ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
   missing+=(python3 python3-venv)

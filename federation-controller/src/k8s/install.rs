@@ -563,8 +563,14 @@ mod tests {
             .replace("{{ .Values.image }}", "isthmus:0.1.0")
             .replace("{{ .Values.controllerReplicas }}", "2")
             .replace("{{ .Values.gatewayServiceType }}", "LoadBalancer")
-            .replace("{{ .Values.peeringAddress }}", "isthmus-peering.isthmus-system.svc:15011")
-            .replace("{{ .Values.gatewayAddress }}", "isthmus-gateway.isthmus-system.svc:15443");
+            .replace(
+                "{{ .Values.peeringAddress }}",
+                "isthmus-peering.isthmus-system.svc:15011",
+            )
+            .replace(
+                "{{ .Values.gatewayAddress }}",
+                "isthmus-gateway.isthmus-system.svc:15443",
+            );
         assert!(!rendered.contains("{{"), "a placeholder the test does not know");
         let parsed: Vec<serde_json::Value> = serde_saphyr::from_multiple(&rendered).unwrap();
         let parsed: Vec<serde_json::Value> = parsed.into_iter().filter(|d| !d.is_null()).collect();

@@ -208,6 +208,11 @@ async fn imports(ctx: &Ctx, want: &BTreeMap<ServiceKey, Import>) -> Result<bool,
             continue;
         };
         if !want.contains_key(&ServiceKey::new(&ns, &name)) {
+            ctx.shared
+                .clusterset_ips
+                .lock()
+                .expect("clusterset ips lock")
+                .remove(&ServiceKey::new(&ns, &name));
             tracing::info!(service = %ServiceKey::new(&ns, &name), "no cluster exports it any more: ServiceImport removed");
             delete(&Api::<ServiceImport>::namespaced(ctx.client.clone(), &ns), &name).await?;
         }
@@ -275,6 +280,17 @@ async fn apply_import(ctx: &Ctx, key: &ServiceKey, imp: &Import) -> Result<(), R
         .patch(&derived_name(&key.name), &ssa, &Patch::Apply(&derived))
         .await?;
     let ip = derived.spec.and_then(|s| s.cluster_ip).filter(|ip| ip != "None");
+    let ips: Vec<String> = ip.iter().cloned().collect();
+    let changed = ctx
+        .shared
+        .clusterset_ips
+        .lock()
+        .expect("clusterset ips lock")
+        .insert(key.clone(), ips.clone())
+        != Some(ips);
+    if changed {
+        ctx.shared.changed();
+    }
     let mut si = ServiceImport::new(
         &key.name,
         ServiceImportSpec {

@@ -165,7 +165,8 @@ mod tests {
             let want = format!("# Generated from federation-controller/src/k8s ({name}); do not edit.\n{want}");
             check_file(&path, &want);
         }
-        let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/isthmus/templates/isthmus.yaml");
+        let chart =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/isthmus/templates/isthmus.yaml");
         check_file(&chart, &super::install::helm_template());
     }
 

@@ -1,0 +1,240 @@
+//! Unchanged apps, transparently: a workload in its own network namespace
+//! (as a pod is), with `isthmus redirect`'s nftables rules applied, dials
+//! `echo.demo.svc.clusterset.local:8080` by name with no proxy setting;
+//! its sidecar (running as the user the rules exempt) answers the name
+//! with a virtual IP, takes the redirected connection, and routes it by
+//! its original destination. Also: a server-first TCP protocol on a
+//! declared opaque port, a destination outside the mesh passed through,
+//! and inbound TCP sent to the sidecar's mTLS port.
+//!
+//! Needs root (network namespaces, nftables); creates and removes its own
+//! namespace, veth pair and /etc/netns entry.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use isthmus_e2e::{Component, Pair, binary, eventually, metrics, ok, sample};
+
+/// The namespace, its veth pair and resolv.conf, removed on drop.
+struct Netns {
+    name: String,
+    /// Host side of the veth pair (.1 controller, .2 gateway) and the
+    /// workload's address (.100).
+    net: String,
+}
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().expect("run");
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    fn new() -> Self {
+        let id = std::process::id();
+        let name = format!("isthmus-t{id}");
+        let (host, inner) = (format!("it{id}h"), format!("it{id}n"));
+        let net = format!("10.251.{}", id % 250);
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name, net };
+        run("ip", &["link", "add", &host, "type", "veth", "peer", "name", &inner]);
+        run("ip", &["link", "set", &inner, "netns", &ns.name]);
+        // .1 controller, .2 gateway, .30 the host-side client Pair starts.
+        for a in [".1/24", ".2/24", ".30/24"] {
+            run("ip", &["addr", "add", &format!("{}{a}", ns.net), "dev", &host]);
+        }
+        run("ip", &["link", "set", &host, "up"]);
+        ns.exec(&["ip", "addr", "add", &format!("{}.100/24", ns.net), "dev", &inner]);
+        ns.exec(&["ip", "link", "set", &inner, "up"]);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns.exec(&["ip", "route", "add", "default", "via", &format!("{}.1", ns.net)]);
+        // The sidecar (an unprivileged user) answers DNS on port 53.
+        ns.exec(&["sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0"]);
+        // `ip netns exec` gives the namespace this resolv.conf.
+        let etc = format!("/etc/netns/{}", ns.name);
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(format!("{etc}/resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+        ns
+    }
+
+    fn exec(&self, cmd: &[&str]) {
+        let mut args = vec!["netns", "exec", &self.name];
+        args.extend(cmd);
+        run("ip", &args);
+    }
+
+    /// Run `cmd` in the namespace as root (the app: redirected).
+    fn output(&self, cmd: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd)
+            .env_remove("http_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("all_proxy")
+            .output()
+            .expect("run in the namespace")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
+    }
+}
+
+/// A server-first TCP app: greets on connect, then echoes in upper case.
+fn banner_server(addr: &str) -> String {
+    let listener = TcpListener::bind(addr).unwrap();
+    let bound = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                if conn.write_all(b"220 banner ready\r\n").is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n].to_ascii_uppercase()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    bound
+}
+
+/// Let user 1337 reach what the sidecar needs in `root`.
+fn open_up(root: &Path, credential: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [root, &root.join("west")] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    std::os::unix::fs::chown(credential, Some(1337), Some(1337)).unwrap();
+}
+
+#[test]
+fn an_unchanged_app_in_its_own_namespace_goes_through_its_sidecar() {
+    assert!(
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")),
+        "this test needs root: it makes a network namespace and nftables rules"
+    );
+    let python = isthmus_e2e::interop_python(); // also installs nft, curl
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let ns = Netns::new();
+    let net = ns.net.clone();
+
+    // East on loopback; west's controller and gateway on the host's end of
+    // the veth pair, where the namespace reaches them.
+    let p = Pair::start(root, "127.0.61", &net, "");
+    let banner = banner_server("127.0.61.40:0");
+    let _banner_sidecar = Component::start(
+        root,
+        "east-banner",
+        &format!(
+            "sidecar --dir {} --namespace demo --service banner --port 2525 --app {banner} \
+             --inbound-addr 127.0.61.41:0 --outbound-addr 127.0.61.41:0 --admin-addr 127.0.61.41:0",
+            p.east_dir
+        ),
+    );
+    p.link_and_export();
+    ok(&["export", "--dir", &p.east_dir, "demo/banner"]);
+
+    // The workload's sidecar, in the namespace, as user 1337.
+    let cred = root.join("client.cred");
+    ok(&[
+        "workload",
+        "credential",
+        "--dir",
+        &p.west_dir,
+        "--namespace",
+        "demo",
+        "--service-account",
+        "client",
+        "--out",
+        cred.to_str().unwrap(),
+    ]);
+    open_up(root, &cred);
+    let sidecar = Component::start_program(
+        Path::new("ip"),
+        root,
+        "west-transparent",
+        &format!(
+            "netns exec {} setpriv --reuid=1337 --regid=1337 --clear-groups {} sidecar --dir {} --credential-file {} \
+             --namespace demo --service-account client --inbound-addr {net}.100:15006 \
+             --outbound-addr 127.0.0.1:15001 --admin-addr {net}.100:15020 --dns-addr 127.0.0.1:53 \
+             --transparent --opaque-port 2525",
+            ns.name,
+            binary().display(),
+            p.west_dir,
+            cred.display()
+        ),
+    );
+    let out = ns.output(&[binary().to_str().unwrap(), "redirect"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // An unchanged app: curl by name, no proxy. The answer comes from east,
+    // whose sidecar verified the workload's own identity.
+    let url = "http://echo.demo.svc.clusterset.local:8080/hello";
+    let body = eventually("curl by name through the redirection", Duration::from_secs(30), || {
+        let out = ns.output(&["curl", "-sS", "--max-time", "10", url]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(v["cluster"], "east", "{v}");
+    assert_eq!(v["client_identity"], "spiffe://west.mesh/ns/demo/sa/client", "{v}");
+    assert_eq!(v["path"], "/hello");
+
+    // A server-first protocol on a declared opaque port: the greeting comes
+    // first, through both gateways.
+    let script = "import socket\ns = socket.create_connection(('banner.demo.svc.clusterset.local', 2525), timeout=10)\n\
+                  f = s.makefile('rwb')\nprint(f.readline().decode().strip())\ns.sendall(b'hello\\n')\n\
+                  print(f.readline().decode().strip())\n";
+    let out = ns.output(&[python.to_str().unwrap(), "-c", script]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "220 banner ready\nHELLO\n");
+
+    // A destination outside the mesh: passed through, untouched.
+    let outside = Component::start(root, "outside", &format!("echo --cluster outside --listen {net}.1:0"));
+    let out = ns.output(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://{}/", outside.addr("listen")),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"cluster\":\"outside\""));
+    let m = metrics(&sidecar.addr("admin"));
+    assert!(
+        sample(&m, "isthmus_tcp_connections_total", &[("outcome", "passthrough")]).unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+
+    // Inbound: plain TCP to any port of the workload lands on the
+    // sidecar's mTLS port (a closed port would refuse the connection).
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", &format!("http://{net}.100:8080/")])
+        .output()
+        .unwrap();
+    let code = out.status.code();
+    assert!(
+        code != Some(7) && !out.status.success(),
+        "curl {code:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
