@@ -82,27 +82,37 @@ async fn serve_port(sc: Arc<Sidecar>, listener: TcpListener, port: u16, stop: Ca
         let Some(slot) = sc.limits.admit(Direction::Outbound, &sc.metrics) else {
             continue;
         };
-        let sc = sc.clone();
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            let protocol = if sc.cfg.opaque_ports.contains(&port) {
-                Protocol::Opaque
-            } else {
-                match detect::detect(&tcp, DETECT_TIMEOUT).await {
-                    Some(p) => p,
-                    None => return,
-                }
-            };
-            match protocol {
-                Protocol::Http => crate::outbound::serve_http(sc, tcp, slot).await,
-                Protocol::Opaque => {
-                    let _slot = slot;
-                    if let Err(e) = opaque(&sc, tcp, port, None).await {
-                        tracing::info!(port, error = %e, "opaque connection refused");
-                    }
-                }
+        tokio::spawn(carry(sc.clone(), tcp, port, None, slot));
+    }
+}
+
+/// One client connection to a service port: HTTP (routed per request by
+/// its Host) or opaque TCP to `name` (else the service on `port`), as
+/// declared with `--opaque-port` or else detected.
+pub(crate) async fn carry(
+    sc: Arc<Sidecar>,
+    tcp: TcpStream,
+    port: u16,
+    name: Option<ServiceName>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let _ = tcp.set_nodelay(true);
+    let protocol = if sc.cfg.opaque_ports.contains(&port) {
+        Protocol::Opaque
+    } else {
+        match detect::detect(&tcp, DETECT_TIMEOUT).await {
+            Some(p) => p,
+            None => return,
+        }
+    };
+    match protocol {
+        Protocol::Http => crate::outbound::serve_http(sc, tcp, slot).await,
+        Protocol::Opaque => {
+            let _slot = slot;
+            if let Err(e) = opaque(&sc, tcp, port, name).await {
+                tracing::info!(port, error = %e, "opaque connection refused");
             }
-        });
+        }
     }
 }
 

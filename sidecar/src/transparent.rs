@@ -18,7 +18,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::Sidecar;
-use crate::detect::{self, Protocol};
 use crate::metrics::{Direction, RouteLabels, TcpOutcome};
 
 /// What to do with one redirected connection.
@@ -70,26 +69,7 @@ pub(crate) async fn serve(sc: Arc<Sidecar>, listener: TcpListener, stop: Cancell
             let dest = classify(original_dst(&tcp), local, |ip| sc.service_at(ip));
             match dest {
                 Dest::Proxy => crate::outbound::serve_http(sc, tcp, slot).await,
-                Dest::Mesh { name, port } => {
-                    let _ = tcp.set_nodelay(true);
-                    let protocol = if sc.cfg.opaque_ports.contains(&port) {
-                        Protocol::Opaque
-                    } else {
-                        match detect::detect(&tcp, crate::ports::DETECT_TIMEOUT).await {
-                            Some(p) => p,
-                            None => return,
-                        }
-                    };
-                    match protocol {
-                        Protocol::Http => crate::outbound::serve_http(sc, tcp, slot).await,
-                        Protocol::Opaque => {
-                            let _slot = slot;
-                            if let Err(e) = crate::ports::opaque(&sc, tcp, port, Some(name)).await {
-                                tracing::info!(port, error = %e, "opaque connection refused");
-                            }
-                        }
-                    }
-                }
+                Dest::Mesh { name, port } => crate::ports::carry(sc, tcp, port, Some(name), slot).await,
                 Dest::Passthrough(to) => {
                     let _slot = slot;
                     passthrough(&sc, tcp, to).await;

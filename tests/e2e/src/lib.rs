@@ -620,6 +620,32 @@ impl Drop for Program {
     }
 }
 
+/// A TCP app on `addr` (port 0: any) that sends `greeting` first if any (a
+/// server-first protocol), then answers what it reads in upper case.
+/// Returns the bound address; it serves until the test process ends.
+pub fn upper_echo(addr: &str, greeting: Option<&'static [u8]>) -> String {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind(addr).unwrap();
+    let bound = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                if greeting.is_some_and(|g| conn.write_all(g).is_err()) {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n].to_ascii_uppercase()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    bound
+}
+
 /// Resident memory of a process, in KiB (from /proc).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

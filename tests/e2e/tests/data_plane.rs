@@ -3,30 +3,10 @@
 //! east, both across the gateways' QUIC tunnel. Real processes throughout.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpStream, UdpSocket};
 use std::time::Duration;
 
-use isthmus_e2e::{Component, ECHO, Pair, eventually, get_via, metrics, ok, sample};
-
-/// A TCP server on `addr` that answers what it reads in upper case.
-fn upper_echo(addr: &str) -> String {
-    let listener = TcpListener::bind(addr).unwrap();
-    let bound = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 || conn.write_all(&buf[..n].to_ascii_uppercase()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    bound
-}
+use isthmus_e2e::{Component, ECHO, Pair, eventually, get_via, metrics, ok, sample, upper_echo};
 
 /// The IPv4 address `name` resolves to at the DNS server `dns` (A query
 /// built by hand: this harness has no DNS library), or the response code.
@@ -58,7 +38,7 @@ fn unchanged_client_dials_http_and_opaque_tcp_across_clusters() {
     p.link_and_export();
 
     // East serves demo/store, a TCP protocol, and exports it.
-    let app = upper_echo("127.0.26.21:0");
+    let app = upper_echo("127.0.26.21:0", None);
     let _store = Component::start(
         root.path(),
         "east-store",

@@ -10,13 +10,11 @@
 //! Needs root (network namespaces, nftables); creates and removes its own
 //! namespace, veth pair and /etc/netns entry.
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use isthmus_e2e::{Component, Pair, binary, eventually, metrics, ok, sample};
+use isthmus_e2e::{Component, Pair, binary, eventually, metrics, ok, sample, upper_echo};
 
 /// The namespace, its veth pair and resolv.conf, removed on drop.
 struct Netns {
@@ -89,29 +87,6 @@ impl Drop for Netns {
     }
 }
 
-/// A server-first TCP app: greets on connect, then echoes in upper case.
-fn banner_server(addr: &str) -> String {
-    let listener = TcpListener::bind(addr).unwrap();
-    let bound = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                if conn.write_all(b"220 banner ready\r\n").is_err() {
-                    return;
-                }
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 || conn.write_all(&buf[..n].to_ascii_uppercase()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    bound
-}
-
 /// Let user 1337 reach what the sidecar needs in `root`.
 fn open_up(root: &Path, credential: &Path) {
     use std::os::unix::fs::PermissionsExt;
@@ -139,7 +114,7 @@ fn an_unchanged_app_in_its_own_namespace_goes_through_its_sidecar() {
     // East on loopback; west's controller and gateway on the host's end of
     // the veth pair, where the namespace reaches them.
     let p = Pair::start(root, "127.0.61", &net, "");
-    let banner = banner_server("127.0.61.40:0");
+    let banner = upper_echo("127.0.61.40:0", Some(b"220 banner ready\r\n"));
     let _banner_sidecar = Component::start(
         root,
         "east-banner",
