@@ -88,7 +88,7 @@ impl Metrics {
         );
         registry.register(
             "isthmus_gateway_peer_mtu_bytes",
-            "Largest UDP payload the path to each peer gateway was found to carry (PMTU discovery, up to 8952)",
+            "Largest UDP payload the path to each peer gateway was found to carry (PMTU discovery, 1200 to 1452)",
             m.mtu.clone(),
         );
         registry.register(
