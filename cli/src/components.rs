@@ -158,6 +158,11 @@ pub struct GatewayArgs {
     /// Admin endpoint: /metrics (Prometheus), /ready, /live.
     #[arg(long, default_value = isthmus_gateway::config::DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
+    /// DNS server (ip:port) for peer gateways' names, instead of the
+    /// system's (/etc/resolv.conf). Repeat for several. Record TTLs are
+    /// honoured (at most 5 min; a missing name is asked again after 5 s).
+    #[arg(long = "dns-server", value_name = "ADDR")]
+    pub dns_servers: Vec<SocketAddr>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -354,6 +359,7 @@ pub async fn gateway(a: GatewayArgs, log: &str) -> Result<(), CliError> {
         drain: a.drain.into(),
         admin_addr: Some(a.admin_addr),
         peer_timeout: a.peer_timeout.into(),
+        dns_servers: a.dns_servers,
     };
     let running = isthmus_gateway::run(cfg, shutdown.clone()).await.map_err(|e| {
         let code = match &e {

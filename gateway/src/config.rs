@@ -40,6 +40,9 @@ pub struct Config {
     /// closed, so tunnels in it fail now (callers fail over) instead of at
     /// QUIC's idle timeout. Keep-alives go every quarter of it.
     pub peer_timeout: Duration,
+    /// DNS servers for peer gateways' names; empty: the system's
+    /// (`/etc/resolv.conf`).
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 impl Config {
@@ -56,6 +59,7 @@ impl Config {
             drain: DEFAULT_DRAIN,
             admin_addr: Some(any),
             peer_timeout: DEFAULT_PEER_TIMEOUT,
+            dns_servers: Vec::new(),
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod metrics;
 mod outbound;
 mod peers;
 mod quic;
+mod resolve;
 mod watchdog;
 
 use std::net::SocketAddr;
@@ -95,6 +96,8 @@ struct Gateway {
     tasks: CancellationToken,
     peer_timeout: Duration,
     transport: Arc<quinn::TransportConfig>,
+    /// Peer gateways' names to addresses, record TTLs honoured.
+    resolver: resolve::Resolver,
 }
 
 impl Gateway {
@@ -191,6 +194,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
         tracker: TaskTracker::new(),
         peer_timeout: cfg.peer_timeout,
         transport,
+        resolver: resolve::Resolver::new(&cfg.dns_servers),
     });
     ready.set(true);
     let tunnel_tls = tls::server_config(

@@ -4,9 +4,11 @@
 //! silence (`watchdog.rs`).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::tls::{self, Expect};
 use isthmus_core::tunnel::{RefuseCode, TunnelRequest, TunnelResponse};
@@ -20,6 +22,9 @@ use crate::watchdog::Silence;
 
 /// How long a QUIC handshake with a peer gateway may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A peer gateway's next address is tried when the one before has not
+/// answered in this long (Happy Eyeballs' pace, RFC 8305).
+const NEXT_ADDRESS_AFTER: Duration = Duration::from_millis(250);
 /// How long a peer gateway has to accept or refuse a stream. It answers
 /// after one local TCP connect, so a silent peer is a dead connection.
 const STREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(4);
@@ -211,16 +216,12 @@ async fn dial(gw: &Arc<Gateway>, cluster: &str, peer: &Peer) -> Result<quinn::Co
             "cluster {cluster} has not announced a gateway address"
         )));
     }
-    let addr = tokio::net::lookup_host(&peer.gateway_addr)
-        .await
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| {
-            unreachable(format!(
-                "cannot resolve gateway address {} of cluster {cluster}",
-                peer.gateway_addr
-            ))
-        })?;
+    let addrs = gw.resolver.addresses(&peer.gateway_addr).await.map_err(|e| {
+        unreachable(format!(
+            "gateway address {} of cluster {cluster}: {e}",
+            peer.gateway_addr
+        ))
+    })?;
     let client_tls = tls::client_config(
         Some(gw.agent.svid.clone()),
         gw.peer_bundles.clone(),
@@ -231,20 +232,59 @@ async fn dial(gw: &Arc<Gateway>, cluster: &str, peer: &Peer) -> Result<quinn::Co
     let quic_tls = QuicClientConfig::try_from(client_tls).map_err(|e| unreachable(e.to_string()))?;
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic_tls));
     client_config.transport_config(gw.transport.clone());
-    let connecting = gw
-        .endpoint
-        .connect_with(client_config, addr, SERVER_NAME)
-        .map_err(|e| unreachable(e.to_string()))?;
-    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
-        .await
-        .map_err(|_| {
-            unreachable(format!(
-                "gateway of cluster {cluster} at {addr}: QUIC handshake timed out"
-            ))
-        })?
-        .map_err(|e| unreachable(format!("gateway of cluster {cluster} at {addr}: {e}")))?;
-    tracing::info!(peer = %cluster, %addr, "QUIC connection to peer gateway up");
-    Ok(conn)
+
+    // Every address, staggered: the next starts when the one before has
+    // failed or had NEXT_ADDRESS_AFTER to answer; the first to finish its
+    // handshake wins and the rest are dropped (closed).
+    let mut attempts = futures::stream::FuturesUnordered::new();
+    let mut pending = addrs.iter().copied();
+    let mut failures: Vec<String> = Vec::new();
+    let connect = |addr: SocketAddr| {
+        let connecting = gw.endpoint.connect_with(client_config.clone(), addr, SERVER_NAME);
+        async move {
+            let r = match connecting {
+                Ok(c) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, c).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err("QUIC handshake timed out".to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            (addr, r)
+        }
+    };
+    if let Some(a) = pending.next() {
+        attempts.push(connect(a));
+    }
+    loop {
+        let next = tokio::time::sleep(NEXT_ADDRESS_AFTER);
+        tokio::select! {
+            done = attempts.next() => match done {
+                Some((addr, Ok(conn))) => {
+                    tracing::info!(peer = %cluster, %addr, "QUIC connection to peer gateway up");
+                    return Ok(conn);
+                }
+                Some((addr, Err(e))) => {
+                    tracing::debug!(peer = %cluster, %addr, error = %e, "peer gateway address failed");
+                    failures.push(format!("{addr}: {e}"));
+                    if let Some(a) = pending.next() {
+                        attempts.push(connect(a));
+                    } else if attempts.is_empty() {
+                        return Err(unreachable(format!(
+                            "gateway of cluster {cluster} ({}): {}",
+                            peer.gateway_addr,
+                            failures.join("; ")
+                        )));
+                    }
+                }
+                None => unreachable!("an attempt is always pending here"),
+            },
+            () = next, if pending.len() > 0 => {
+                if let Some(a) = pending.next() {
+                    attempts.push(connect(a));
+                }
+            }
+        }
+    }
 }
 
 /// Make `conn` the connection to `peer` (unless a live one is there

@@ -338,20 +338,7 @@ impl Pair {
         let gateway = |name: &str, dir: &str, net: &str| Self::gateway(root, name, dir, net);
         let east_ctl = controller("east", &e, east_net);
         let east_gw = gateway("east", &e, east_net);
-        let echo = Component::start(
-            root,
-            "east-echo",
-            &format!("echo --cluster east --listen {east_net}.20:0"),
-        );
-        let east_sc = Component::start(
-            root,
-            "east-sidecar",
-            &format!(
-                "sidecar --dir {e} --namespace demo --service echo --port 8080 --app {} \
-                 --inbound-addr {east_net}.20:0 --outbound-addr {east_net}.20:0 --admin-addr {east_net}.20:0",
-                echo.addr("listen")
-            ),
-        );
+        let (echo, east_sc) = Self::echo(root, &e, east_net);
         let west_ctl = controller("west", &w, west_net);
         let west_gw = gateway("west", &w, west_net);
         let client = Self::client_sidecar(root, &w, west_net, "west-client");
@@ -379,6 +366,21 @@ impl Pair {
                  --admin-addr {net}.1:0 {flags}"
             ),
         )
+    }
+
+    /// East's demo/echo workload and its sidecar, at `<net>.20`.
+    pub fn echo(root: &Path, dir: &str, net: &str) -> (Component, Component) {
+        let echo = Component::start(root, "east-echo", &format!("echo --cluster east --listen {net}.20:0"));
+        let sidecar = Component::start(
+            root,
+            "east-sidecar",
+            &format!(
+                "sidecar --dir {dir} --namespace demo --service echo --port 8080 --app {} \
+                 --inbound-addr {net}.20:0 --outbound-addr {net}.20:0 --admin-addr {net}.20:0",
+                echo.addr("listen")
+            ),
+        );
+        (echo, sidecar)
     }
 
     /// Cluster `name`'s gateway, at `<net>.2`.
