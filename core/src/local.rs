@@ -43,6 +43,10 @@ pub enum LocalError {
     },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The cluster directory could be read or replaced by someone else:
+    /// its secrets (the admin token, CA keys) are not used from it.
+    #[error("{path}: {reason}; refusing to keep or read the cluster's secrets there ({fix})")]
+    Unsafe { path: String, reason: String, fix: String },
 }
 
 /// What the controller publishes about itself in `controller.json`.
@@ -99,7 +103,32 @@ impl ClusterDir {
     }
 
     pub fn local_token(&self) -> Result<String, LocalError> {
+        check_private_dir(&self.path)?;
         Ok(self.read(LOCAL_TOKEN_FILE)?.trim().to_string())
+    }
+
+    /// Create the directory (0700) if it is missing, and check that it is
+    /// private either way (`check_private_dir`).
+    pub fn create(&self) -> Result<(), LocalError> {
+        let io = |e| LocalError::Io {
+            path: self.path.display().to_string(),
+            source: e,
+        };
+        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        let mut b = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            b.mode(0o700);
+        }
+        match b.create(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(e)),
+        }
+        check_private_dir(&self.path)
     }
 
     pub fn roots_pem(&self) -> Result<String, LocalError> {
@@ -239,27 +268,140 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A cluster directory holds the admin token and CA keys: it must be a real
+/// directory (not a symlink), owned by this process's user, and writable by
+/// no one else; else another local user could have made it first, or could
+/// swap its files.
+pub fn check_private_dir(path: &Path) -> Result<(), LocalError> {
+    let unsafe_dir = |reason: String, fix: String| LocalError::Unsafe {
+        path: path.display().to_string(),
+        reason,
+        fix,
+    };
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        // A missing directory is the caller's to report (no controller).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(LocalError::Io {
+                path: path.display().to_string(),
+                source: e,
+            });
+        }
+    };
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_dir(
+            "it is a symbolic link".into(),
+            "give the real directory's path".into(),
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_dir("not a directory".into(), "give a directory".into()));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // /proc/self belongs to this process's effective user.
+        if let Ok(me) = std::fs::metadata("/proc/self").map(|m| m.uid())
+            && meta.uid() != me
+        {
+            return Err(unsafe_dir(
+                format!("owned by uid {}, not by this user (uid {me})", meta.uid()),
+                "use a directory of your own, for example under $HOME".into(),
+            ));
+        }
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(unsafe_dir(
+                format!("writable by group or others (mode {mode:o})"),
+                format!("chmod 700 {}", path.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
+    // A name no one can guess, created new: a file or symlink planted in
+    // the directory is never opened, let alone followed.
     let tmp = dir.join(format!(
-        ".{}.tmp.{}",
+        ".{}.tmp.{:016x}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
+        rand::random::<u64>()
     ));
     {
         let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
+        opts.write(true).create_new(true);
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt;
             opts.mode(if private { 0o600 } else { 0o644 });
         }
         let mut f = opts.open(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
+        if let Err(e) = f.write_all(contents).and_then(|()| f.sync_all()) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
     }
-    std::fs::rename(&tmp, path)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_directory_others_may_write_keeps_no_secrets() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = ClusterDir::new(root.path().join("east"));
+        dir.create().unwrap();
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "created {mode:o}");
+        std::fs::write(dir.file(LOCAL_TOKEN_FILE), "secret").unwrap();
+        assert_eq!(dir.local_token().unwrap(), "secret");
+
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = dir.local_token().unwrap_err();
+        assert!(matches!(e, LocalError::Unsafe { .. }), "{e}");
+        assert!(e.to_string().contains("chmod 700"), "{e}");
+        assert!(dir.create().is_err(), "an existing unsafe directory is refused too");
+
+        // A symlink to a private directory is refused: it could be swapped.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        let e = ClusterDir::new(&link).local_token().unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+    }
+
+    #[test]
+    fn a_planted_symlink_is_not_followed_by_atomic_writes() {
+        let root = tempfile::tempdir().unwrap();
+        let victim = root.path().join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        // The temp name the old code used (pid-based) and a guess.
+        for name in [
+            format!(".state.json.tmp.{}", std::process::id()),
+            ".state.json.tmp.0000000000000000".to_string(),
+        ] {
+            std::os::unix::fs::symlink(&victim, root.path().join(name)).unwrap();
+        }
+        write_atomic(&root.path().join("state.json"), b"{}", true).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+        assert_eq!(std::fs::read_to_string(root.path().join("state.json")).unwrap(), "{}");
+        let mode = std::fs::metadata(root.path().join("state.json"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+    }
 }

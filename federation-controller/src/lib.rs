@@ -106,10 +106,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Co
     let done = match cfg.kube.clone() {
         None => {
             let dir = ClusterDir::new(&cfg.dir);
-            std::fs::create_dir_all(&cfg.dir).map_err(|e| ControllerError::Io {
-                path: cfg.dir.display().to_string(),
-                source: e,
-            })?;
+            // 0700, and refused if someone else could read or swap it.
+            dir.create()?;
             let local_token = match dir.local_token() {
                 Ok(t) if !t.is_empty() => t,
                 _ => {

@@ -131,10 +131,7 @@ pub(crate) async fn open(cfg: &Config, store: &Store) -> Result<(State, ca::Auth
         .map_err(|e| ControllerError::Config(format!("cluster name: {e}")))?;
     isthmus_core::identity::validate_trust_domain(&cfg.trust_domain)?;
     if let Store::Dir(_) = store {
-        std::fs::create_dir_all(&cfg.dir).map_err(|e| ControllerError::Io {
-            path: cfg.dir.display().to_string(),
-            source: e,
-        })?;
+        isthmus_core::local::ClusterDir::new(&cfg.dir).create()?;
     }
     let read = |p: PathBuf| {
         std::fs::read_to_string(&p).map_err(|e| ControllerError::Io {
