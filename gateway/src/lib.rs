@@ -157,15 +157,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
     let transport = quic::transport(cfg.peer_timeout);
     server_config.transport_config(transport.clone());
-    // Stateless resets are keyed by a cluster secret, so that a restarted
-    // gateway's resets are believed. Local mode has one (`local.token`); a
-    // gateway without it (on Kubernetes) keys them per process: a peer then
-    // notices a restart by the silence watchdog instead, within
-    // `--peer-timeout`.
-    let reset_secret = match dir.local_token() {
-        Ok(t) if !t.is_empty() => t,
-        _ => isthmus_core::token::new_secret().0,
-    };
+    // Stateless resets are keyed by a secret of the gateway's own, kept
+    // beside the cluster's files so that a restarted gateway's resets are
+    // believed. Never the admin token: a WAN-facing gateway must not hold
+    // the cluster's keys. Where the directory is read-only (a ConfigMap on
+    // Kubernetes) the key lives as long as the process; a peer then notices
+    // a restart by the silence watchdog instead, within `--peer-timeout`.
+    let reset_secret = quic::reset_secret(&dir);
     let endpoint = quinn::Endpoint::new(
         quic::endpoint_config(&reset_secret),
         Some(server_config),

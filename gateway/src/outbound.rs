@@ -50,7 +50,8 @@ async fn tunnel(gw: Arc<Gateway>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpS
     let quic = match peers::open_stream(&gw, &req).await {
         Ok(s) => s,
         Err(refusal) => {
-            gw.metrics.stream(Direction::Outbound, &req.cluster, refusal.result());
+            let label = crate::metrics::peer_label(&gw.agent.config.borrow(), &req.cluster);
+            gw.metrics.stream(Direction::Outbound, label, refusal.result());
             let _ = refusal.write(&mut tls).await;
             let _ = tls.shutdown().await;
             return Ok(());

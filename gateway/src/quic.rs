@@ -22,17 +22,40 @@ const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 /// All tunnels to a peer together: 1.3 Gbit/s at 100 ms.
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
+/// The file in the cluster directory holding the gateway's reset secret.
+pub const RESET_KEY_FILE: &str = "gateway-reset.key";
+
+/// The gateway's own secret for stateless resets: read from the cluster
+/// directory, or made there (0600, created new) on first start; per
+/// process where the directory cannot be written.
+pub fn reset_secret(dir: &isthmus_core::local::ClusterDir) -> String {
+    let path = dir.file(RESET_KEY_FILE);
+    if let Ok(s) = std::fs::read_to_string(&path)
+        && s.trim().len() >= 32
+    {
+        return s.trim().to_string();
+    }
+    let fresh = isthmus_core::token::new_secret().0;
+    match isthmus_core::local::write_atomic(&path, fresh.as_bytes(), true) {
+        Ok(()) => fresh,
+        Err(e) => {
+            tracing::info!(path = %path.display(), error = %e, "reset key kept in memory: a restart is noticed by peers' watchdogs");
+            fresh
+        }
+    }
+}
+
 /// QUIC endpoint settings that survive a restart. The stateless-reset key
-/// and the key that validates connection IDs are derived from the cluster's
-/// local secret, so a restarted gateway recognises its predecessor's
+/// and the key that validates connection IDs are derived from the gateway's
+/// own secret (`reset_secret`), so a restarted gateway recognises its predecessor's
 /// connection IDs and answers with a reset that peers accept at once,
 /// instead of them waiting out the idle timeout on a connection that no
 /// longer exists. Only holders of the secret can forge such a reset.
-pub fn endpoint_config(local_secret: &str) -> quinn::EndpointConfig {
+pub fn endpoint_config(secret: &str) -> quinn::EndpointConfig {
     let derive = |label: &str| {
         ring::digest::digest(
             &ring::digest::SHA256,
-            format!("isthmus quic {label}\0{local_secret}").as_bytes(),
+            format!("isthmus quic {label}\0{secret}").as_bytes(),
         )
     };
     let reset = derive("stateless reset");
@@ -62,4 +85,29 @@ pub fn transport(peer_timeout: Duration) -> Arc<quinn::TransportConfig> {
     mtu.upper_bound(MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_reset_secret_is_the_gateways_own_and_survives_a_restart() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = isthmus_core::local::ClusterDir::new(root.path());
+        std::fs::write(dir.file(isthmus_core::local::LOCAL_TOKEN_FILE), "the-admin-token").unwrap();
+        let first = reset_secret(&dir);
+        assert!(!first.contains("the-admin-token") && first.len() >= 32);
+        assert_eq!(reset_secret(&dir), first, "a restarted gateway keys resets the same");
+        let mode = std::fs::metadata(dir.file(RESET_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        // Nothing the gateway derives depends on the admin token.
+        std::fs::remove_file(dir.file(isthmus_core::local::LOCAL_TOKEN_FILE)).unwrap();
+        assert_eq!(reset_secret(&dir), first);
+    }
 }
