@@ -74,7 +74,13 @@ enum Cmd {
         #[command(flatten)]
         target: kube::TargetArgs,
         /// The token printed by `isthmus token create` on the other cluster.
-        token: String,
+        /// "-" reads it from standard input, which other local users cannot
+        /// see (the command line is in the process list for everyone).
+        #[arg(required_unless_present = "token_file", conflicts_with = "token_file")]
+        token: Option<String>,
+        /// Read the token from this file ("-" for standard input) instead.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<String>,
     },
     /// End the link with <CLUSTER> on both sides: its trust bundle and
     /// imports are removed here, and its calls are refused from now on.
@@ -185,7 +191,18 @@ fn main() -> ExitCode {
             Cmd::Demo(a) => demo::run(a).await,
             Cmd::Up(a) => up::run(a, &cli.log).await,
             Cmd::Token(t) => admin::token(t).await,
-            Cmd::Link { target, token } => admin::link(&target.resolve().await?, &token).await,
+            Cmd::Link {
+                target,
+                token,
+                token_file,
+            } => {
+                let token = match (token, token_file) {
+                    (Some(t), _) if t != "-" => t,
+                    (_, Some(f)) => admin::read_input(&f)?,
+                    _ => admin::read_input("-")?,
+                };
+                admin::link(&target.resolve().await?, token.trim()).await
+            }
             Cmd::Unlink { target, cluster } => admin::unlink(&target.resolve().await?, &cluster).await,
             Cmd::Ca(c) => admin::ca(c).await,
             Cmd::Workload(w) => admin::workload(w).await,

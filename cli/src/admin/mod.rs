@@ -26,3 +26,14 @@ pub use workload::{WorkloadCmd, create_credential, workload, write_private};
 pub async fn connect(dir: &Path) -> Result<LocalClient, CliError> {
     Ok(ClusterDir::new(dir).connect().await?)
 }
+
+/// The text of `file`, or of standard input for "-" (a join token or a
+/// policy: what should not be on a command line or is long).
+pub fn read_input(file: &str) -> Result<String, CliError> {
+    if file == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(file)
+    }
+    .map_err(|e| CliError::new(crate::error::exit::BAD_INPUT, format!("cannot read {file}: {e}")))
+}

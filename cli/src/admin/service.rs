@@ -30,12 +30,7 @@ pub async fn export(target: &Target, service: &str) -> Result<(), CliError> {
 
 /// Read, check and apply a TrafficPolicy document.
 pub async fn apply(target: &Target, file: &str, delete: bool) -> Result<(), CliError> {
-    let text = if file == "-" {
-        std::io::read_to_string(std::io::stdin())
-    } else {
-        std::fs::read_to_string(file)
-    }
-    .map_err(|e| CliError::new(exit::BAD_INPUT, format!("cannot read {file}: {e}")))?;
+    let text = super::read_input(file)?;
     let doc: isthmus_core::policy::PolicyDocument = serde_saphyr::from_str(&text)
         .map_err(|e| CliError::new(exit::BAD_INPUT, format!("{file} is not a TrafficPolicy: {e}")))?;
     let policy = doc

@@ -153,12 +153,52 @@ fn a_spent_token_is_refused_by_its_issuer() {
     let west = Cluster::up(root.path(), "west", "127.0.14", false, false);
     let north = Cluster::up(root.path(), "north", "127.0.15", false, false);
     let token = ok(&["token", "create", "--dir", east.dir_str()]).trim().to_string();
-    ok(&["link", "--dir", west.dir_str(), &token]);
+    // From standard input: the token never shows in the process list.
+    link_from_stdin(west.dir_str(), &token).expect("link with the token on standard input");
     let (code, err) = fails(&["link", "--dir", north.dir_str(), &token]);
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("already used"), "{err}");
     // The refused cluster holds no link.
     assert!(north.status()["links"].as_array().unwrap().is_empty());
+
+    // From a file; a garbled one on standard input is bad input (exit 2).
+    let second = ok(&["token", "create", "--dir", east.dir_str()]).trim().to_string();
+    let file = root.path().join("token");
+    std::fs::write(&file, format!("{second}\n")).unwrap();
+    ok(&["link", "--dir", north.dir_str(), "--token-file", file.to_str().unwrap()]);
+    assert_eq!(north.status()["links"].as_array().unwrap().len(), 1);
+    let (code, err) = link_from_stdin(north.dir_str(), "not-a-token").unwrap_err();
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("malformed join token"), "{err}");
+    let (code, err) = fails(&["link", "--dir", north.dir_str()]);
+    assert_eq!(code, 2, "no token at all: {err}");
+}
+
+/// `isthmus link --dir DIR -` with `token` written to its standard input.
+fn link_from_stdin(dir: &str, token: &str) -> Result<(), (i32, String)> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(isthmus_e2e::binary())
+        .args(["link", "--dir", dir, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", child.id())).unwrap_or_default();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains(token),
+        "the token is in the process list"
+    );
+    child.stdin.take().unwrap().write_all(token.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
 }
 
 #[test]
