@@ -138,7 +138,10 @@ impl Agent {
         tracing::info!(id = %svid.id, "SVID issued");
 
         let bundles = client.bundles.clone();
-        let req = WatchRequest { node: Some(node) };
+        let req = WatchRequest {
+            node: Some(node),
+            resume: false,
+        };
         let mut stream = client
             .control()
             .watch_config(req.clone())
@@ -222,13 +225,16 @@ fn apply_bundles(bundles: &SharedBundles, snap: &ConfigSnapshot) {
 
 async fn watch_loop(
     client: LocalClient,
-    req: WatchRequest,
+    mut req: WatchRequest,
     mut stream: Option<tonic::Streaming<ConfigSnapshot>>,
     tx: watch::Sender<Arc<ConfigSnapshot>>,
     bundles: SharedBundles,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    // Every later stream resumes: this component keeps serving from its
+    // last config until the controller it reaches has settled.
+    req.resume = true;
+    let mut backoff = RECONNECT_MIN;
     loop {
         if let Some(s) = stream.as_mut() {
             loop {
@@ -238,7 +244,7 @@ async fn watch_loop(
                 };
                 match msg {
                     Ok(Some(snap)) => {
-                        backoff = Duration::from_millis(100);
+                        backoff = RECONNECT_MIN;
                         apply_bundles(&bundles, &snap);
                         tx.send_replace(Arc::new(snap));
                     }
@@ -253,14 +259,29 @@ async fn watch_loop(
         stream = None;
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(jittered(backoff)) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(RECONNECT_MAX);
         match client.control().watch_config(req.clone()).await {
             Ok(s) => stream = Some(s.into_inner()),
             Err(e) => tracing::debug!(error = %error_chain(&e), "controller unreachable"),
         }
     }
+}
+
+/// First retry after a lost config stream; doubles up to `RECONNECT_MAX`.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// The longest a component waits between attempts to reach its controller.
+/// Kept under the controller's settle time (`isthmus_controller::config::
+/// SETTLE`, which asserts it), so every component is back within that
+/// window when a standby takes over, and the new leader's first word to
+/// peers and gateways includes them all.
+pub const RECONNECT_MAX: Duration = Duration::from_millis(1000);
+
+/// `d` less up to a quarter, so components that lost the same controller
+/// do not all knock at once.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(1.0 - rand::random::<f64>() / 4.0)
 }
 
 /// Whether the controller signs under another root than our SVID's.

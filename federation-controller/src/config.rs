@@ -23,6 +23,8 @@ pub const DEFAULT_IMPORT_LEASE: Duration = Duration::from_secs(10);
 /// is empty, and announcing that would withdraw every export for a moment.
 /// Heartbeats flow meanwhile, so peers keep their imports.
 pub const SETTLE: Duration = Duration::from_secs(2);
+// Components retry at most this often, so all are back within SETTLE.
+const _: () = assert!(isthmus_core::agent::RECONNECT_MAX.as_millis() * 3 / 2 <= SETTLE.as_millis());
 /// A join token lives this long unless asked otherwise.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
 /// The longest a join token may live.
@@ -46,6 +48,9 @@ pub struct Config {
     pub heartbeat: Duration,
     /// A peer silent for this long has its imports withdrawn.
     pub import_lease: Duration,
+    /// How long after it starts serving the registry is believed
+    /// (`SETTLE`).
+    pub settle: Duration,
     /// Admin endpoint (`/metrics`, `/ready`, `/live`), if any.
     pub admin_addr: Option<SocketAddr>,
     /// A CA to use on first start instead of generating a root: PEM chain
@@ -122,6 +127,7 @@ impl Config {
             svid_ttl: DEFAULT_SVID_TTL,
             heartbeat: DEFAULT_HEARTBEAT,
             import_lease: DEFAULT_IMPORT_LEASE,
+            settle: SETTLE,
             admin_addr: None,
             ca_files: None,
             kube: None,

@@ -101,10 +101,8 @@ impl Control for Svc {
             }
             None => {}
         }
-        let node = req
-            .into_inner()
-            .node
-            .ok_or_else(|| Status::invalid_argument("registration missing"))?;
+        let WatchRequest { node, resume } = req.into_inner();
+        let node = node.ok_or_else(|| Status::invalid_argument("registration missing"))?;
         let shared = self.0.clone();
         let id = {
             let mut reg = shared.registry.lock().expect("registry lock");
@@ -133,6 +131,17 @@ impl Control for Svc {
         shared.changed();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
+            // A reconnecting component keeps its last config until this
+            // controller has heard from the rest (Config::settle): a
+            // gateway told now would refuse tunnels to sidecars not yet
+            // back, though they still serve.
+            if resume && !shared.settled() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(shared.settled_at()) => {}
+                    _ = tx.closed() => {}
+                    _ = shared.shutdown.cancelled() => {}
+                }
+            }
             let mut version = shared.version.subscribe();
             loop {
                 version.borrow_and_update();

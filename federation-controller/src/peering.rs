@@ -267,7 +267,7 @@ async fn run_session(
             let reg = shared.registry.lock().expect("registry lock");
             snapshot::exports(&state, reg.sidecars.values())
         };
-        // Exports wait until the registry has settled (config::SETTLE).
+        // Exports wait until the registry has settled (Config::settle).
         if shared.settled() && last_exports.as_ref() != Some(&exports) {
             let m = Msg::Exports(ExportList {
                 services: exports.clone(),

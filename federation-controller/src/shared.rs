@@ -81,15 +81,15 @@ pub(crate) struct Shared {
     /// On Kubernetes: each import's ClusterSet IPs (its derived Service's
     /// ClusterIP), which transparent sidecars route by.
     pub clusterset_ips: Mutex<BTreeMap<isthmus_core::naming::ServiceKey, Vec<String>>>,
-    /// When this controller started serving (`config::SETTLE`).
+    /// When this controller started serving (`Config::settle`).
     pub started: tokio::time::Instant,
 }
 
 impl Shared {
     /// When the registry can be believed: components have had
-    /// `config::SETTLE` to reconnect.
+    /// `Config::settle` to reconnect.
     pub fn settled_at(&self) -> tokio::time::Instant {
-        self.started + crate::config::SETTLE
+        self.started + self.cfg.settle
     }
 
     pub fn settled(&self) -> bool {

@@ -58,6 +58,7 @@ fn echo_sidecar() -> WatchRequest {
             identity: "spiffe://evil.mesh/ns/x/sa/y".into(),
             service_account: "echo".into(),
         })),
+        resume: false,
     }
 }
 
@@ -105,6 +106,43 @@ async fn registration_gets_the_identity_the_ca_issues() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(gone, "registration outlived its stream");
+}
+
+/// A component reconnecting to a controller that has just started keeps
+/// its last config until the registry has settled; a new one is served at
+/// once (it has nothing to serve from).
+#[tokio::test]
+async fn reconnecting_components_wait_for_the_registry_to_settle() {
+    let resume = || WatchRequest {
+        resume: true,
+        ..echo_sidecar()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (east, stop) = start_in(dir.path(), "east", |c| c.settle = Duration::from_secs(60)).await;
+    let mut resumed = east.control().watch_config(resume()).await.unwrap().into_inner();
+    let mut fresh = east.control().watch_config(echo_sidecar()).await.unwrap().into_inner();
+    let snap = fresh.message().await.unwrap().unwrap();
+    // Both registrations count at once, though one is not told yet.
+    let echo = snap.services.iter().find(|s| s.name == "echo").expect("echo");
+    assert_eq!(echo.backends[0].healthy_endpoints, 2, "{echo:?}");
+    let early = tokio::time::timeout(Duration::from_millis(300), resumed.message()).await;
+    assert!(
+        early.is_err(),
+        "a resuming component was told before the registry settled: {early:?}"
+    );
+    stop.cancel();
+
+    // Settled: a resuming component is served at once.
+    let dir = tempfile::tempdir().unwrap();
+    let (east, stop) = start_in(dir.path(), "east", |c| c.settle = Duration::ZERO).await;
+    let mut resumed = east.control().watch_config(resume()).await.unwrap().into_inner();
+    let snap = tokio::time::timeout(Duration::from_secs(30), resumed.message())
+        .await
+        .expect("settled, yet the resuming component waits")
+        .unwrap()
+        .unwrap();
+    assert!(snap.services.iter().any(|s| s.name == "echo"), "{:?}", snap.services);
+    stop.cancel();
 }
 
 #[tokio::test]
@@ -410,6 +448,7 @@ async fn workload_credentials_are_bound_to_one_identity() {
 
     let gateway = WatchRequest {
         node: Some(watch_request::Node::Gateway(Default::default())),
+        resume: false,
     };
     let err = echo.control().watch_config(gateway).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");

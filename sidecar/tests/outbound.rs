@@ -248,6 +248,7 @@ async fn dead_endpoint(dir: &std::path::Path) -> tonic::Streaming<isthmus_proto:
                     service_account: "echo".into(),
                 },
             )),
+            resume: false,
         })
         .await
         .unwrap()
