@@ -123,7 +123,7 @@ pub async fn run(a: Args) -> Result<(), CliError> {
 }
 
 async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster>) -> Result<(), CliError> {
-    let mut r = Report { step: 0, total: 11 };
+    let mut r = Report { step: 0, total: 12 };
     let up_args = |name: &str, net: &str, echo: bool, client: bool| up::Args {
         cluster: name.to_string(),
         net: net.to_string(),
@@ -191,6 +191,11 @@ async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster
     })
     .await?;
     println!("      link west -> east active, last heartbeat {hb} ms ago");
+
+    // West runs an echo of its own, unexported: east's endpoints join it
+    // (and take its calls when it fails) only because west says so.
+    r.start("west takes east's echo too: imports east demo/echo");
+    admin::set_imports(&Target::Dir(west_dir.clone()), "east", &["demo/echo".to_string()]).await?;
 
     r.start("export demo/echo from east");
     admin::export(&Target::Dir(east_dir.clone()), "demo/echo").await?;

@@ -90,6 +90,25 @@ enum Cmd {
         /// The linked cluster's name (`isthmus status` lists them).
         cluster: String,
     },
+    /// Choose which of a linked cluster's exports this cluster accepts.
+    /// By default, every service it exports except those that run here
+    /// without being exported from here: such a service takes a peer's
+    /// endpoints (for failover, say) only when imported from that peer by
+    /// name or pattern. Patterns replace the scope whole; none restores
+    /// the default.
+    #[command(
+        after_help = "Examples:\n  isthmus imports east demo/echo 'shop/*'   only these from east (and merged with local ones)\n  \
+isthmus imports east '*'                 everything east exports, merged with local services\n  \
+isthmus imports east                     back to the default"
+    )]
+    Imports {
+        #[command(flatten)]
+        target: kube::TargetArgs,
+        /// The linked cluster (`isthmus status` lists them).
+        cluster: String,
+        /// `namespace/name`, `namespace/*` or `*`.
+        patterns: Vec<String>,
+    },
     /// Workload credentials: what a sidecar or gateway presents to get
     /// SVIDs for its own identity.
     #[command(subcommand)]
@@ -204,6 +223,11 @@ fn main() -> ExitCode {
                 admin::link(&target.resolve().await?, token.trim()).await
             }
             Cmd::Unlink { target, cluster } => admin::unlink(&target.resolve().await?, &cluster).await,
+            Cmd::Imports {
+                target,
+                cluster,
+                patterns,
+            } => admin::set_imports(&target.resolve().await?, &cluster, &patterns).await,
             Cmd::Ca(c) => admin::ca(c).await,
             Cmd::Workload(w) => admin::workload(w).await,
             Cmd::Check { target } => admin::check(&target.resolve().await?).await,

@@ -107,6 +107,55 @@ impl From<ServiceKey> for String {
     }
 }
 
+/// Which of a linked peer's exports a link accepts (its import scope):
+/// `namespace/name`, `namespace/*`, or `*` for any service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImportPattern {
+    /// None: any namespace (only in `*`).
+    namespace: Option<String>,
+    /// None: any name in the namespace.
+    name: Option<String>,
+}
+
+impl ImportPattern {
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        if s == "*" {
+            return Ok(Self {
+                namespace: None,
+                name: None,
+            });
+        }
+        let (ns, name) = s.split_once('/').ok_or_else(|| NameError::Shape(s.to_string()))?;
+        crate::identity::validate_name(ns)?;
+        if name == "*" {
+            return Ok(Self {
+                namespace: Some(ns.to_string()),
+                name: None,
+            });
+        }
+        crate::identity::validate_name(name)?;
+        Ok(Self {
+            namespace: Some(ns.to_string()),
+            name: Some(name.to_string()),
+        })
+    }
+
+    pub fn matches(&self, key: &ServiceKey) -> bool {
+        self.namespace.as_ref().is_none_or(|ns| *ns == key.namespace)
+            && self.name.as_ref().is_none_or(|n| *n == key.name)
+    }
+}
+
+impl fmt::Display for ImportPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.namespace, &self.name) {
+            (None, _) => write!(f, "*"),
+            (Some(ns), None) => write!(f, "{ns}/*"),
+            (Some(ns), Some(n)) => write!(f, "{ns}/{n}"),
+        }
+    }
+}
+
 impl fmt::Display for ServiceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(c) = &self.cluster {
@@ -119,6 +168,20 @@ impl fmt::Display for ServiceName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn import_patterns() {
+        let echo = ServiceKey::new("demo", "echo");
+        let other = ServiceKey::new("prod", "echo");
+        for (p, demo_echo, prod_echo) in [("*", true, true), ("demo/*", true, false), ("demo/echo", true, false)] {
+            let pat = ImportPattern::parse(p).unwrap();
+            assert_eq!((pat.matches(&echo), pat.matches(&other)), (demo_echo, prod_echo), "{p}");
+            assert_eq!(pat.to_string(), p);
+        }
+        for bad in ["", "demo", "*/echo", "demo/ec*", "Demo/echo", "demo/echo/x"] {
+            assert!(ImportPattern::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn parses_clusterset_names() {

@@ -12,8 +12,9 @@ use isthmus_proto::{
     ApplyPolicyRequest, ApplyPolicyResponse, CreateTokenRequest, CreateTokenResponse, ExportRequest, ExportResponse,
     LinkRequest, LinkResponse, ListTokensRequest, ListTokensResponse, ListWorkloadCredentialsRequest,
     ListWorkloadCredentialsResponse, RevokeTokenRequest, RevokeTokenResponse, RevokeWorkloadCredentialRequest,
-    RevokeWorkloadCredentialResponse, RotateCaRequest, RotateCaResponse, StatusRequest, StatusResponse, TokenInfo,
-    UnlinkRequest, UnlinkResponse, WorkloadCredentialInfo, WorkloadCredentialRequest, WorkloadCredentialResponse,
+    RevokeWorkloadCredentialResponse, RotateCaRequest, RotateCaResponse, SetImportsRequest, SetImportsResponse,
+    StatusRequest, StatusResponse, TokenInfo, UnlinkRequest, UnlinkResponse, WorkloadCredentialInfo,
+    WorkloadCredentialRequest, WorkloadCredentialResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -309,6 +310,13 @@ impl Admin for Svc {
             .await?;
         tracing::info!(credential = %id, "workload credential revoked");
         Ok(Response::new(RevokeWorkloadCredentialResponse {}))
+    }
+
+    async fn set_imports(&self, req: Request<SetImportsRequest>) -> Result<Response<SetImportsResponse>, Status> {
+        auth::admin(&self.0, &req).await?;
+        let r = req.into_inner();
+        peering::set_imports(&self.0, &r.cluster, r.imports).await?;
+        Ok(Response::new(SetImportsResponse {}))
     }
 
     async fn rotate_ca(&self, req: Request<RotateCaRequest>) -> Result<Response<RotateCaResponse>, Status> {

@@ -143,10 +143,22 @@ impl Control for Svc {
                 }
             }
             let mut version = shared.version.subscribe();
+            // What this component was last sent, its version zeroed: a change
+            // elsewhere (another component, a token, a resent export list)
+            // that leaves its config as it was sends nothing.
+            let mut last: Option<ConfigSnapshot> = None;
             loop {
                 version.borrow_and_update();
-                if tx.send(Ok(shared.snapshot())).await.is_err() {
-                    break;
+                let snap = shared.snapshot();
+                let same = ConfigSnapshot {
+                    version: 0,
+                    ..snap.clone()
+                };
+                if last.as_ref() != Some(&same) {
+                    if tx.send(Ok(snap)).await.is_err() {
+                        break;
+                    }
+                    last = Some(same);
                 }
                 tokio::select! {
                     r = version.changed() => if r.is_err() { break },

@@ -194,6 +194,7 @@ pub fn spend(state: &mut State, r: &JoinRequest, now: i64) {
             dial: None,
             priority: None,
             created_unix: now,
+            imports: Vec::new(),
         },
     );
 }

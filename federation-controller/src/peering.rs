@@ -105,6 +105,7 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
                     dial: Some(addr.clone()),
                     priority: tok.priority,
                     created_unix: isthmus_core::unix_now(),
+                    imports: Vec::new(),
                 },
             );
             Ok(())
@@ -332,12 +333,32 @@ async fn apply(shared: &Shared, peer: &str, m: PeerMessage) {
                 return;
             };
             let services = snapshot::sanitize_imports(&td, list.services);
+            let limits = snapshot::check_limits(&services);
             mark(shared, peer, |p| {
                 p.last_heartbeat = Some(Instant::now());
-                p.imports.services = services;
-                p.imports.live = true;
+                if !p.imports.live {
+                    p.imports.live = true;
+                    changed = true;
+                }
+                match limits {
+                    Err(problem) => {
+                        if p.imports.problem.as_ref() != Some(&problem) {
+                            tracing::warn!(%peer, %problem, "refusing the peer's export list");
+                        }
+                        p.imports.problem = Some(problem);
+                    }
+                    Ok(()) => {
+                        p.imports.problem = None;
+                        let services = snapshot::first_seen(&p.imports.services, services, isthmus_core::unix_now());
+                        // An unchanged list (a reconnect, a peer resending)
+                        // pushes nothing to sidecars and the gateway.
+                        if services != p.imports.services {
+                            p.imports.services = services;
+                            changed = true;
+                        }
+                    }
+                }
             });
-            changed = true;
         }
         Some(Msg::Bundle(b)) => {
             let updated = shared
@@ -392,6 +413,53 @@ pub(crate) async fn remove_link(shared: &Shared, peer: &str, why: &str) -> bool 
             false
         }
     }
+}
+
+/// Set the import scope of the link with `peer` (validated whole: one bad
+/// pattern changes nothing). NotFound if it is not linked.
+pub(crate) async fn set_imports(shared: &Shared, peer: &str, imports: Vec<String>) -> Result<(), tonic::Status> {
+    for p in &imports {
+        isthmus_core::naming::ImportPattern::parse(p).map_err(|e| {
+            tonic::Status::invalid_argument(format!("import pattern: {e}; use namespace/name, namespace/* or *"))
+        })?;
+    }
+    let mut imports = imports;
+    imports.sort();
+    imports.dedup();
+    // Reconcilers call this on every pass: no write when nothing changes.
+    if shared
+        .state
+        .lock()
+        .expect("state lock")
+        .links
+        .get(peer)
+        .is_some_and(|l| l.imports == imports)
+    {
+        return Ok(());
+    }
+    let changed = shared
+        .update(|state| {
+            let known: Vec<String> = state.links.keys().cloned().collect();
+            let link = state.links.get_mut(peer).ok_or_else(|| {
+                tonic::Status::not_found(format!(
+                    "no link with {peer:?} (links: {})",
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ))
+            })?;
+            let changed = link.imports != imports;
+            link.imports = imports.clone();
+            Ok(changed)
+        })
+        .await?;
+    if changed {
+        tracing::info!(%peer, scope = ?imports, "import scope set");
+        shared.changed();
+    }
+    Ok(())
 }
 
 /// Withdraw the imports of peers whose heartbeats stopped for a lease.

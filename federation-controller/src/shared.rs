@@ -183,6 +183,8 @@ impl Shared {
                         .filter(|p| p.imports.live)
                         .map(|p| p.imports.services.len() as u32)
                         .unwrap_or(0),
+                    import_scope: l.imports.clone(),
+                    import_problem: rt.and_then(|p| p.imports.problem.clone()).unwrap_or_default(),
                 }
             })
             .collect();

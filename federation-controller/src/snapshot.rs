@@ -10,9 +10,80 @@ use crate::state::State;
 /// Imports received from one peer.
 #[derive(Clone, Debug, Default)]
 pub struct PeerImports {
+    /// The peer's export list as accepted: sanitized, within the limits,
+    /// and each `exported_unix` the time this cluster first saw that
+    /// export (never the peer's clock, which would let it claim to be
+    /// oldest and win every port conflict).
     pub services: Vec<ExportedService>,
     /// False once the lease has run out without a heartbeat.
     pub live: bool,
+    /// Why the peer's last export list was refused (over a limit), if it
+    /// was; the list before it stays.
+    pub problem: Option<String>,
+}
+
+/// The most services one peer may export to this cluster.
+pub const MAX_IMPORTED_SERVICES: usize = 1000;
+/// The most distinct identities one imported service may claim.
+pub const MAX_IMPORTED_IDENTITIES: usize = 32;
+/// The most endpoints one imported service may count (the count only
+/// weighs failover; its endpoints stay behind the peer's gateway).
+pub const MAX_IMPORTED_ENDPOINTS: u32 = 100_000;
+
+/// Whether a peer's (sanitized) export list is within the limits, and if
+/// not, why, as the link reports it.
+pub fn check_limits(services: &[ExportedService]) -> Result<(), String> {
+    if services.len() > MAX_IMPORTED_SERVICES {
+        return Err(format!(
+            "TooManyServices: the peer exports {} services, over the limit of {MAX_IMPORTED_SERVICES}; its previous list is kept",
+            services.len()
+        ));
+    }
+    if let Some(e) = services.iter().find(|e| e.identities.len() > MAX_IMPORTED_IDENTITIES) {
+        return Err(format!(
+            "TooManyIdentities: {}/{} claims {} identities, over the limit of {MAX_IMPORTED_IDENTITIES}; the previous list is kept",
+            e.namespace,
+            e.name,
+            e.identities.len()
+        ));
+    }
+    if let Some(e) = services.iter().find(|e| e.healthy_endpoints > MAX_IMPORTED_ENDPOINTS) {
+        return Err(format!(
+            "TooManyEndpoints: {}/{} counts {} endpoints, over the limit of {MAX_IMPORTED_ENDPOINTS}; the previous list is kept",
+            e.namespace, e.name, e.healthy_endpoints
+        ));
+    }
+    Ok(())
+}
+
+/// Stamp each export with when this cluster first saw it: kept from
+/// `before` for exports it already had, `now` for new ones.
+pub fn first_seen(before: &[ExportedService], mut services: Vec<ExportedService>, now: i64) -> Vec<ExportedService> {
+    let seen: BTreeMap<(&str, &str), i64> = before
+        .iter()
+        .map(|e| ((e.namespace.as_str(), e.name.as_str()), e.exported_unix))
+        .collect();
+    for e in &mut services {
+        e.exported_unix = seen
+            .get(&(e.namespace.as_str(), e.name.as_str()))
+            .copied()
+            .unwrap_or(now);
+    }
+    services
+}
+
+/// Whether a link accepts a peer's export of `key`: by its scope if it has
+/// one; else any service that does not run here, or runs here and is
+/// exported from here too (this cluster declared it one service across
+/// the cluster set). `local`: whether it runs here, and if so exported.
+fn in_scope(scope: &[String], key: &ServiceKey, local: Option<bool>) -> bool {
+    if scope.is_empty() {
+        return local != Some(false);
+    }
+    scope
+        .iter()
+        .filter_map(|p| isthmus_core::naming::ImportPattern::parse(p).ok())
+        .any(|p| p.matches(key))
 }
 
 /// Services of this cluster from its sidecars' registrations.
@@ -74,23 +145,33 @@ pub fn services<'a>(
     }
     // Imports grouped by service, then each service's port decided once:
     // the local one if it runs here, else the oldest export's (KEP-1645).
-    // Exporters on any other port are left out, and reported.
+    // Exporters on any other port are left out, and reported. Only what
+    // each link's scope accepts is merged: a peer cannot join a service
+    // that runs here, unexported, unless imported from that peer.
     let mut by_service: BTreeMap<ServiceKey, Vec<(&String, &ExportedService)>> = BTreeMap::new();
     for (peer, imp) in imports.iter().filter(|(_, i)| i.live) {
+        let scope = state.links.get(peer).map(|l| l.imports.as_slice()).unwrap_or_default();
         for e in &imp.services {
-            by_service
-                .entry(ServiceKey::new(&e.namespace, &e.name))
-                .or_default()
-                .push((peer, e));
+            let key = ServiceKey::new(&e.namespace, &e.name);
+            if in_scope(scope, &key, out.get(&key).map(|(s, _)| s.exported)) {
+                by_service.entry(key).or_default().push((peer, e));
+            } else if let Some((svc, _)) = out.get_mut(&key) {
+                svc.conditions.push(format!(
+                    "NotImported: cluster {peer} exports it too, but it runs in this cluster, unexported, and the \
+                     link does not import it from {peer}, so {peer}'s endpoints are left out (`isthmus imports {peer} {key}` merges them)"
+                ));
+            }
         }
     }
     for (key, exporters) in by_service {
         let (svc, reason) = match out.get_mut(&key) {
             Some((svc, _)) => (svc, "it runs in this cluster on that port".to_string()),
             None => {
+                // First seen here, then by name: the same answer on
+                // every run, whatever the peers' clocks say.
                 let (oldest, e) = *exporters
                     .iter()
-                    .min_by_key(|(_, e)| e.exported_unix)
+                    .min_by_key(|(p, e)| (e.exported_unix, *p))
                     .expect("non-empty");
                 let svc = Service {
                     clusterset_ips: vec![],
@@ -181,7 +262,37 @@ pub fn sanitize_imports(peer_trust_domain: &str, services: Vec<ExportedService>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::ExportRecord;
+    use crate::state::{ExportRecord, LinkRecord};
+
+    /// A live peer's imports.
+    fn live(services: Vec<ExportedService>) -> PeerImports {
+        PeerImports {
+            services,
+            live: true,
+            ..Default::default()
+        }
+    }
+
+    fn names(svcs: &[Service]) -> Vec<&str> {
+        svcs.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// A link to `peer` with this import scope.
+    fn link(state: &mut State, peer: &str, scope: &[&str]) {
+        state.links.insert(
+            peer.into(),
+            LinkRecord {
+                cluster: peer.into(),
+                trust_domain: format!("{peer}.mesh"),
+                roots_pem: String::new(),
+                gateway_addr: String::new(),
+                dial: None,
+                priority: None,
+                created_unix: 0,
+                imports: scope.iter().map(|s| s.to_string()).collect(),
+            },
+        );
+    }
 
     fn reg(ns: &str, svc: &str, port: u32, addr: &str) -> SidecarRegistration {
         SidecarRegistration {
@@ -217,6 +328,7 @@ mod tests {
                 created_unix: 10,
             },
         );
+        link(&mut state, "west", &["demo/echo", "demo/db"]);
         let regs = [
             reg("demo", "echo", 8080, "127.0.1.10:1"),
             reg("demo", "echo", 8080, "127.0.1.11:1"),
@@ -224,22 +336,23 @@ mod tests {
         let mut imports = BTreeMap::new();
         imports.insert(
             "west".to_string(),
-            PeerImports {
-                services: vec![imported("echo", 8080, 5), imported("db", 5432, 5)],
-                live: true,
-            },
+            live(vec![imported("echo", 8080, 5), imported("db", 5432, 5)]),
         );
         imports.insert(
             "north".to_string(),
             PeerImports {
                 services: vec![imported("cache", 6379, 5)],
                 live: false,
+                ..Default::default()
             },
         );
 
         let svcs = services(&state, regs.iter(), &imports);
-        let names: Vec<&str> = svcs.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["db", "echo"], "north's lease ran out, so cache is withdrawn");
+        assert_eq!(
+            names(&svcs),
+            ["db", "echo"],
+            "north's lease ran out, so cache is withdrawn"
+        );
         let echo = &svcs[1];
         assert!(echo.exported);
         assert_eq!(echo.backends.len(), 2);
@@ -258,17 +371,88 @@ mod tests {
         let state = State::new("east", "east.mesh");
         let regs = [reg("demo", "db", 5432, "127.0.1.10:1")];
         let mut imports = BTreeMap::new();
-        imports.insert(
-            "west".to_string(),
-            PeerImports {
-                services: vec![imported("db", 5433, 0)],
-                live: true,
-            },
-        );
+        imports.insert("west".to_string(), live(vec![imported("db", 5433, 0)]));
         let svcs = services(&state, regs.iter(), &imports);
         assert_eq!(svcs[0].port, 5432);
         assert_eq!(svcs[0].backends.len(), 1);
         assert_eq!(svcs[0].backends[0].cluster, "east");
+    }
+
+    #[test]
+    fn by_default_a_peer_cannot_join_an_unexported_local_service() {
+        let mut state = State::new("east", "east.mesh");
+        link(&mut state, "west", &[]);
+        let regs = [reg("demo", "echo", 8080, "127.0.1.10:1")];
+        let imports = BTreeMap::from([(
+            "west".to_string(),
+            live(vec![imported("echo", 8080, 1), imported("db", 5432, 1)]),
+        )]);
+        let svcs = services(&state, regs.iter(), &imports);
+        assert_eq!(
+            names(&svcs),
+            ["db", "echo"],
+            "a service that does not run here is imported"
+        );
+        let echo = &svcs[1];
+        assert_eq!(echo.backends.len(), 1, "{echo:?}");
+        assert_eq!(echo.backends[0].cluster, "east");
+        assert!(
+            echo.conditions[0].starts_with("NotImported: cluster west"),
+            "{:?}",
+            echo.conditions
+        );
+
+        // Exported from here too, it is one service across the cluster set.
+        state.exports.insert(
+            ServiceKey::new("demo", "echo"),
+            ExportRecord {
+                namespace: "demo".into(),
+                name: "echo".into(),
+                created_unix: 10,
+            },
+        );
+        let svcs = services(&state, regs.iter(), &imports);
+        assert_eq!(svcs[1].backends.len(), 2, "{:?}", svcs[1]);
+        state.exports.clear();
+
+        // A scope names what the peer may provide, and nothing else.
+        link(&mut state, "west", &["demo/echo"]);
+        let svcs = services(&state, regs.iter(), &imports);
+        assert_eq!(names(&svcs), ["echo"]);
+        assert_eq!(svcs[0].backends.len(), 2);
+        assert!(svcs[0].conditions.is_empty(), "{:?}", svcs[0].conditions);
+    }
+
+    #[test]
+    fn the_oldest_export_is_the_first_one_seen_here() {
+        // north claims to have exported echo in 1970; east saw west's first.
+        let west = first_seen(&[], vec![imported("echo", 9090, 1_700_000_000)], 100);
+        let north = first_seen(&[], vec![imported("echo", 8080, 0)], 200);
+        assert_eq!((west[0].exported_unix, north[0].exported_unix), (100, 200));
+        // A later list keeps the time first seen, whatever it claims.
+        let north = first_seen(&north, vec![imported("echo", 8080, 0)], 300);
+        assert_eq!(north[0].exported_unix, 200);
+        let imports = BTreeMap::from([("west".to_string(), live(west)), ("north".to_string(), live(north))]);
+        let svcs = services(&State::new("east", "east.mesh"), std::iter::empty(), &imports);
+        assert_eq!(svcs[0].port, 9090);
+        assert_eq!(svcs[0].backends[0].cluster, "west");
+    }
+
+    #[test]
+    fn export_lists_over_the_limits_are_refused() {
+        let many: Vec<ExportedService> = (0..=MAX_IMPORTED_SERVICES)
+            .map(|i| imported(&format!("s{i}"), 80, 1))
+            .collect();
+        assert!(check_limits(&many[1..]).is_ok());
+        assert!(check_limits(&many).unwrap_err().starts_with("TooManyServices"));
+        let mut ids = imported("echo", 80, 1);
+        ids.identities = (0..=MAX_IMPORTED_IDENTITIES)
+            .map(|i| format!("spiffe://west.mesh/ns/demo/sa/s{i}"))
+            .collect();
+        assert!(check_limits(&[ids]).unwrap_err().starts_with("TooManyIdentities"));
+        let mut eps = imported("echo", 80, 1);
+        eps.healthy_endpoints = MAX_IMPORTED_ENDPOINTS + 1;
+        assert!(check_limits(&[eps]).unwrap_err().starts_with("TooManyEndpoints"));
     }
 
     #[test]
@@ -289,20 +473,8 @@ mod tests {
         // Two peers export echo on different ports: the older export wins.
         let state = State::new("east", "east.mesh");
         let mut imports = BTreeMap::new();
-        imports.insert(
-            "west".to_string(),
-            PeerImports {
-                services: vec![imported("echo", 9090, 50)],
-                live: true,
-            },
-        );
-        imports.insert(
-            "north".to_string(),
-            PeerImports {
-                services: vec![imported("echo", 8080, 100)],
-                live: true,
-            },
-        );
+        imports.insert("west".to_string(), live(vec![imported("echo", 9090, 50)]));
+        imports.insert("north".to_string(), live(vec![imported("echo", 8080, 100)]));
         let svcs = services(&state, std::iter::empty(), &imports);
         assert_eq!(svcs[0].port, 9090);
         assert_eq!(svcs[0].backends.len(), 1);
@@ -320,13 +492,7 @@ mod tests {
         // before the oldest one, on the oldest one's port, is kept.
         let mut imports = BTreeMap::new();
         for (peer, port, since) in [("a", 80, 100), ("b", 90, 50), ("c", 80, 10)] {
-            imports.insert(
-                peer.to_string(),
-                PeerImports {
-                    services: vec![imported("echo", port, since)],
-                    live: true,
-                },
-            );
+            imports.insert(peer.to_string(), live(vec![imported("echo", port, since)]));
         }
         let svcs = services(&state, std::iter::empty(), &imports);
         assert_eq!(svcs[0].port, 80);

@@ -126,6 +126,12 @@ pub struct LinkRecord {
     #[serde(default)]
     pub priority: Option<u32>,
     pub created_unix: i64,
+    /// Which of the peer's exports this cluster accepts
+    /// (`naming::ImportPattern`s). Empty: any service that does not run
+    /// in this cluster or is exported from it too; a local service that is
+    /// not exported takes a peer's endpoints only if a pattern names it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub imports: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -46,6 +46,11 @@ async fn start_in(
     (ClusterDir::new(dir).connect().await.unwrap(), stop)
 }
 
+/// Register with `req` and return the config stream.
+async fn watch(c: &LocalClient, req: WatchRequest) -> tonic::Streaming<isthmus_proto::ConfigSnapshot> {
+    c.control().watch_config(req).await.unwrap().into_inner()
+}
+
 fn echo_sidecar() -> WatchRequest {
     WatchRequest {
         node: Some(watch_request::Node::Sidecar(SidecarRegistration {
@@ -65,13 +70,7 @@ fn echo_sidecar() -> WatchRequest {
 #[tokio::test]
 async fn registration_gets_the_identity_the_ca_issues() {
     let east = controller("east").await;
-    let mut stream = east
-        .client
-        .control()
-        .watch_config(echo_sidecar())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch(&east.client, echo_sidecar()).await;
     let snap = stream.message().await.unwrap().unwrap();
     let echo = snap
         .services
@@ -143,6 +142,30 @@ async fn reconnecting_components_wait_for_the_registry_to_settle() {
         .unwrap();
     assert!(snap.services.iter().any(|s| s.name == "echo"), "{:?}", snap.services);
     stop.cancel();
+}
+
+/// A change that leaves a component's config as it was sends it nothing.
+#[tokio::test]
+async fn only_changed_config_is_pushed() {
+    let east = controller("east").await;
+    let mut stream = watch(&east.client, echo_sidecar()).await;
+    let first = stream.message().await.unwrap().unwrap();
+    export_echo(&east.client).await;
+    let exported = stream.message().await.unwrap().unwrap();
+    assert!(exported.version > first.version);
+    assert!(exported.services.iter().any(|s| s.name == "echo" && s.exported));
+    // Exported again: nothing this sidecar sees has changed.
+    export_echo(&east.client).await;
+    let resent = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
+    assert!(resent.is_err(), "an unchanged config was pushed again: {resent:?}");
+    // A second endpoint is news.
+    let mut second = echo_sidecar();
+    if let Some(watch_request::Node::Sidecar(s)) = second.node.as_mut() {
+        s.inbound_addr = "127.0.0.1:2".into();
+    }
+    let _second = east.client.control().watch_config(second).await.unwrap();
+    let next = stream.message().await.unwrap().unwrap();
+    assert_eq!(next.services[0].backends[0].healthy_endpoints, 2, "{next:?}");
 }
 
 #[tokio::test]
@@ -523,6 +546,61 @@ async fn exports_reach_directly_linked_peers_only() {
         !has_echo(&status(&north).await),
         "north must not import east's export through west"
     );
+}
+
+/// A peer's export joins a service that runs here unexported only when the
+/// link imports it; a scope is validated, and shown.
+#[tokio::test]
+async fn import_scopes_decide_what_joins_a_local_service() {
+    let east = controller("east").await;
+    let west = controller("west").await;
+    link(&west, &east).await;
+    let _east_echo = east.client.control().watch_config(echo_sidecar()).await.unwrap();
+    export_echo(&east.client).await;
+    // West runs echo too, and has not exported it.
+    let _west_echo = west.client.control().watch_config(echo_sidecar()).await.unwrap();
+    let backends = |s: &StatusResponse| -> Vec<String> {
+        s.services
+            .iter()
+            .filter(|svc| svc.name == "echo")
+            .flat_map(|svc| svc.backends.iter().map(|b| b.cluster.clone()))
+            .collect()
+    };
+    let s = wait_status(&west, "east's echo left out", |s| {
+        s.services.iter().any(|svc| {
+            svc.conditions
+                .iter()
+                .any(|c| c.starts_with("NotImported: cluster east"))
+        })
+    })
+    .await;
+    assert_eq!(backends(&s), ["west"]);
+
+    let set = |imports: &[&str], cluster: &str| {
+        let req = isthmus_proto::SetImportsRequest {
+            cluster: cluster.into(),
+            imports: imports.iter().map(|s| s.to_string()).collect(),
+        };
+        let c = west.client.clone();
+        async move { c.admin().set_imports(req).await }
+    };
+    let err = set(&["demo/ech*"], "east").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let err = set(&["demo/echo"], "nowhere").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    set(&["demo/echo"], "east").await.unwrap();
+    let s = wait_status(&west, "east's echo merged", |s| backends(s).len() == 2).await;
+    assert_eq!(s.links[0].import_scope, ["demo/echo"]);
+    let echo = s.services.iter().find(|svc| svc.name == "echo").unwrap();
+    assert!(echo.conditions.is_empty(), "{:?}", echo.conditions);
+
+    // A scope that does not name it keeps east out of everything else.
+    set(&["prod/*"], "east").await.unwrap();
+    wait_status(&west, "east's echo out again", |s| backends(s) == ["west"]).await;
+    // Back to the default.
+    set(&[], "east").await.unwrap();
+    let s = wait_status(&west, "the default scope", |s| s.links[0].import_scope.is_empty()).await;
+    assert_eq!(backends(&s), ["west"]);
 }
 
 #[tokio::test]

@@ -105,7 +105,11 @@ fn findings(s: &StatusResponse, now: i64) -> Vec<Finding> {
             add(
                 false,
                 format!("{}/{}: {c}", svc.namespace, svc.name),
-                "export the service on the same port in every cluster (KEP-1645 keeps the oldest export's port)",
+                if c.starts_with("NotImported") {
+                    "to make them one service, export it here too or import it from that cluster (`isthmus imports`); else rename one"
+                } else {
+                    "export the service on the same port in every cluster (KEP-1645 keeps the oldest export's port)"
+                },
             );
         }
     }

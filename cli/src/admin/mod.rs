@@ -20,7 +20,7 @@ pub use ca::{CaCmd, ca};
 pub use check::{Finding, check};
 pub use service::{apply, export};
 pub use status::{fetch_status, status};
-pub use token::{TokenCmd, create_token, link, token, unlink};
+pub use token::{TokenCmd, create_token, link, set_imports, token, unlink};
 pub use workload::{WorkloadCmd, create_credential, workload, write_private};
 
 pub async fn connect(dir: &Path) -> Result<LocalClient, CliError> {

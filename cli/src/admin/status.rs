@@ -88,6 +88,12 @@ pub async fn status(target: &Target, json: bool) -> Result<(), CliError> {
             },
             or_none(&l.gateway_addr)
         );
+        if !l.import_scope.is_empty() {
+            println!("  {:<12} imports only {}", "", l.import_scope.join(", "));
+        }
+        if !l.import_problem.is_empty() {
+            println!("  {:<12} export list refused: {}", "", l.import_problem);
+        }
     }
     println!("\nSERVICES");
     if s.services.is_empty() {

@@ -4,7 +4,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use clap::Subcommand;
-use isthmus_proto::{CreateTokenRequest, LinkRequest, ListTokensRequest, RevokeTokenRequest, UnlinkRequest};
+use isthmus_proto::{
+    CreateTokenRequest, LinkRequest, ListTokensRequest, RevokeTokenRequest, SetImportsRequest, UnlinkRequest,
+};
 
 use super::connect;
 use super::status::until;
@@ -195,6 +197,40 @@ pub async fn unlink(target: &Target, cluster: &str) -> Result<(), CliError> {
             "note: {cluster} was not reachable and still has its side of the link; run `isthmus unlink {}` there",
             c.info.cluster
         );
+    }
+    Ok(())
+}
+
+/// Set the import scope of the link with `cluster`: which of its exports
+/// this cluster accepts. No patterns: back to the default.
+pub async fn set_imports(target: &Target, cluster: &str, patterns: &[String]) -> Result<(), CliError> {
+    for p in patterns {
+        isthmus_core::naming::ImportPattern::parse(p).map_err(|e| {
+            CliError::new(
+                exit::BAD_INPUT,
+                format!("import pattern: {e}; use namespace/name, namespace/* or *"),
+            )
+        })?;
+    }
+    match target {
+        Target::Kube(k) => crate::kube::tokens::set_imports(k, cluster, patterns).await?,
+        Target::Dir(dir) => {
+            connect(dir)
+                .await?
+                .admin()
+                .set_imports(SetImportsRequest {
+                    cluster: cluster.to_string(),
+                    imports: patterns.to_vec(),
+                })
+                .await?;
+        }
+    }
+    if patterns.is_empty() {
+        println!(
+            "link with {cluster} imports the default: what {cluster} exports, except services that run here unexported"
+        );
+    } else {
+        println!("link with {cluster} imports only {}", patterns.join(", "));
     }
     Ok(())
 }

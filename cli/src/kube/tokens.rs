@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use isthmus_controller::join::{self, LinkError};
 use isthmus_controller::k8s::crds::{Link, LinkSpec};
-use isthmus_controller::k8s::link::LINKED;
+use isthmus_controller::k8s::link::{IMPORTS_ACCEPTED, LINKED};
 use isthmus_controller::k8s::store::{TOKEN_LABEL, TOKEN_PREFIX, token_secret};
 use isthmus_controller::state::TokenRecord;
 use isthmus_core::token::JoinToken;
@@ -171,6 +171,7 @@ pub async fn link(k: &Kube, token: &str) -> Result<(), CliError> {
         &tok.cluster,
         LinkSpec {
             token_secret: Some(secret_name),
+            imports: Vec::new(),
         },
     );
     let applied = links
@@ -258,6 +259,36 @@ pub async fn unlink(k: &Kube, cluster: &str) -> Result<(), CliError> {
             "note: {cluster} was not reachable and may still have its side of the link; run `isthmus unlink {}` there",
             own.cluster
         );
+    }
+    Ok(())
+}
+
+/// Set the Link's import scope and wait for the controller to take it.
+pub async fn set_imports(k: &Kube, cluster: &str, patterns: &[String]) -> Result<(), CliError> {
+    let links = Api::<Link>::all(k.client.clone());
+    let patch = serde_json::json!({ "spec": { "imports": if patterns.is_empty() { None } else { Some(patterns) } } });
+    let patched = links
+        .patch(cluster, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| {
+            api_error(
+                &format!("setting the imports of Link {cluster} (`isthmus status` lists links)"),
+                e,
+            )
+        })?;
+    let generation = patched.metadata.generation;
+    let wait = Duration::from_secs(30);
+    let decided = wait_for(wait, || async {
+        let l = links
+            .get_opt(cluster)
+            .await
+            .map_err(|e| api_error("reading the Link", e))?;
+        Ok(l.and_then(|l| condition(&l.status?.conditions, IMPORTS_ACCEPTED, generation).cloned()))
+    })
+    .await?
+    .ok_or_else(|| no_answer(k, &format!("the imports of Link {cluster}"), wait))?;
+    if decided.reason == "InvalidScope" {
+        return Err(CliError::new(exit::BAD_INPUT, decided.message));
     }
     Ok(())
 }

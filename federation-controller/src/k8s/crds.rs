@@ -135,6 +135,11 @@ pub struct LinkSpec {
     /// then deletes the Secret. Unset on links the other cluster made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret: Option<String>,
+    /// Which of the peer's exports this cluster accepts: `namespace/name`,
+    /// `namespace/*` or `*`. Unset: any service that does not run in this
+    /// cluster, or is exported from it too (`isthmus imports`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub imports: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -160,9 +165,18 @@ pub struct LinkStatus {
     /// Services imported from the peer now.
     #[serde(default)]
     pub imports: u32,
+    /// The import scope in force (the spec's, once validated).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub import_scope: Vec<String>,
+    /// Internal: carried from the controller's view to the condition.
+    #[serde(skip)]
+    pub import_problem: Option<String>,
     /// `Linked`: True once the join succeeded; False with the reason it
     /// was refused (`Malformed`, `Refused`, `Unreachable`,
     /// `FingerprintMismatch`, `AlreadyLinked`, `Error`).
+    /// `ImportsAccepted`: False when the import scope is invalid
+    /// (`InvalidScope`) or the peer's export list is over a limit
+    /// (`TooManyServices`, `TooManyIdentities`, `TooManyEndpoints`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

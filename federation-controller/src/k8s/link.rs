@@ -25,6 +25,9 @@ use crate::peering;
 use crate::shared::Shared;
 
 pub const LINKED: &str = "Linked";
+/// False when the Link's import scope is invalid or the peer's export
+/// list is over a limit (the reason says which).
+pub const IMPORTS_ACCEPTED: &str = "ImportsAccepted";
 /// How often a Link's status is refreshed while nothing else changes.
 const REFRESH: Duration = Duration::from_secs(5);
 /// The heartbeat shown is rewritten once it is this much behind.
@@ -73,6 +76,15 @@ async fn apply(link: &Link, ctx: &Ctx, api: &Api<Link>) -> Result<Action, Reconc
     let peer = link.metadata.name.clone().unwrap_or_default();
     let previous = link.status.clone().unwrap_or_default();
     let linked = ctx.shared.state.lock().expect("state lock").links.contains_key(&peer);
+    // The spec's import scope is the link's, validated whole.
+    let scope = if linked {
+        match peering::set_imports(&ctx.shared, &peer, link.spec.imports.clone()).await {
+            Ok(()) => None,
+            Err(e) => Some(Cond::new(IMPORTS_ACCEPTED, false, "InvalidScope", e.message())),
+        }
+    } else {
+        None
+    };
     let mut next = if linked {
         observe(&ctx.shared, &peer)
     } else {
@@ -121,7 +133,19 @@ async fn apply(link: &Link, ctx: &Ctx, api: &Api<Link>) -> Result<Action, Reconc
             },
         }
     };
-    let conds = conditions(&previous.conditions, &[cond], link.metadata.generation);
+    let mut decided = vec![cond];
+    if linked {
+        decided.push(scope.unwrap_or_else(|| match next.import_problem.take() {
+            Some(p) => Cond::new(IMPORTS_ACCEPTED, false, import_reason(&p), p),
+            None => Cond::new(
+                IMPORTS_ACCEPTED,
+                true,
+                "Accepted",
+                format!("{} services imported from {peer}", next.imports),
+            ),
+        }));
+    }
+    let conds = conditions(&previous.conditions, &decided, link.metadata.generation);
     next.conditions = conds.clone().unwrap_or(previous.conditions.clone());
     if conds.is_some() || worth_writing(&previous, &next) {
         let patch = serde_json::json!({ "status": next });
@@ -222,8 +246,19 @@ pub(crate) fn observe(shared: &Shared, peer: &str) -> LinkStatus {
         gateway: Some(l.gateway_addr.clone()).filter(|g| !g.is_empty()),
         peer_holds_our_roots: l.peer_has_our_roots,
         imports: l.imports,
+        import_scope: l.import_scope.clone(),
+        import_problem: Some(l.import_problem.clone()).filter(|p| !p.is_empty()),
         conditions: vec![],
     }
+}
+
+/// The condition reason of an import problem (`snapshot::check_limits`
+/// starts each with it).
+fn import_reason(problem: &str) -> &'static str {
+    ["TooManyServices", "TooManyIdentities", "TooManyEndpoints"]
+        .into_iter()
+        .find(|r| problem.starts_with(r))
+        .unwrap_or("Refused")
 }
 
 /// Whether a status differs from the last written one enough to write:
@@ -257,6 +292,7 @@ mod tests {
             "west",
             LinkSpec {
                 token_secret: secret.map(str::to_string),
+                imports: Vec::new(),
             },
         );
         l.metadata.finalizers = Some(vec![FINALIZER.into()]);

@@ -97,10 +97,13 @@ impl Three {
                 west.dir
             ),
         );
-        for c in [&east, &north] {
+        for (c, name) in [(&east, "east"), (&north, "north")] {
             let token = ok(&["token", "create", "--dir", &c.dir]).trim().to_string();
             ok(&["link", "--dir", &west.dir, &token]);
             ok(&["export", "--dir", &c.dir, "demo/echo"]);
+            // West's own echo (when it runs one) is not exported: it takes
+            // the peers' endpoints because west imports them by name.
+            ok(&["imports", "--dir", &west.dir, name, "demo/echo"]);
         }
         let m = Three {
             root,

@@ -359,6 +359,25 @@ fn two_clusters_on_real_api_servers() {
     assert_eq!((refused.status.as_str(), refused.reason.as_str()), ("False", "Invalid"));
     assert!(refused.message.contains("weight"), "{}", refused.message);
 
+    // An import scope set through the Link: in force, and accepted.
+    let out = west.isthmus(&["imports", "east", "demo/*"]);
+    assert!(out.contains("imports only demo/*"), "{out}");
+    let link = west.api.run(async |k| Api::<Link>::all(k).get("east").await.unwrap());
+    assert_eq!(link.spec.imports, ["demo/*"]);
+    let s = link.status.unwrap();
+    assert_eq!(s.import_scope, ["demo/*"]);
+    assert_eq!(
+        condition(&s.conditions, "ImportsAccepted"),
+        Some(("True".into(), "Accepted".into())),
+        "{:?}",
+        s.conditions
+    );
+    let (code, err) = fails(&["imports", "--kubeconfig", &west.kubeconfig(), "east", "demo/ec*"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, err) = fails(&["imports", "--kubeconfig", &west.kubeconfig(), "nowhere", "demo/*"]);
+    assert_eq!(code, 3, "{err}");
+    west.isthmus(&["imports", "east"]);
+
     // Status and check read what the controller publishes.
     let status = west.isthmus(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use isthmus_e2e::{Component, ECHO, Pair, eventually, get_via};
+use isthmus_e2e::{Component, ECHO, Pair, eventually, get_via, ok};
 
 fn apply(dir: &str, root: &std::path::Path, name: &str, yaml: &str) -> (i32, String) {
     let file = root.join(name);
@@ -38,7 +38,10 @@ fn apply_splits_pins_and_refuses_bad_policies() {
     let root = tempfile::tempdir().unwrap();
     let p = Pair::start(root.path(), "127.0.30", "127.0.31", "");
     p.link_and_export();
-    // West runs demo/echo too: by default its own copy takes every call.
+    // West runs demo/echo too, unexported: east's endpoints join it only
+    // because west imports them, and by default its own copy takes every
+    // call.
+    ok(&["imports", "--dir", &p.west_dir, "east", "demo/echo"]);
     let west_echo = Component::start(root.path(), "west-echo", "echo --cluster west --listen 127.0.31.20:0");
     let _west_sidecar = Component::start(
         root.path(),
