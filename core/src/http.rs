@@ -8,10 +8,16 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An HTTP/1.1 client has this long to send a request's head (from the
+/// connection, or the previous response): a slow-header (slowloris) client
+/// cannot hold a connection open forever, nor does an idle keep-alive one
+/// outstay it. HTTP/2 connections are not affected.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serve HTTP/1.1 or HTTP/2 (told apart by the first bytes) on `io` until
 /// the client closes, with `svc` answering each request. Upgrades (HTTP/1.1
@@ -29,6 +35,10 @@ where
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Extended CONNECT (RFC 8441): how sidecars carry an upgrade between them.
     builder.http2().enable_connect_protocol();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.serve_connection_with_upgrades(TokioIo::new(io), svc).await
 }
 
@@ -98,4 +108,26 @@ where
         body,
         latency: start.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client that sends half a request head and stalls is cut off.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_request_head_is_cut_off() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+        });
+        let served = tokio::spawn(serve_connection(server, svc));
+        client.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").await.unwrap();
+        // The paused clock jumps ahead whenever everything waits.
+        let closed = tokio::time::timeout(HEADER_READ_TIMEOUT * 2, served).await;
+        assert!(closed.is_ok(), "a stalled request head held the connection");
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest).await;
+    }
 }

@@ -309,6 +309,8 @@ impl Admin for Svc {
             })
             .await?;
         tracing::info!(credential = %id, "workload credential revoked");
+        // Its live registrations see it and end.
+        self.0.changed();
         Ok(Response::new(RevokeWorkloadCredentialResponse {}))
     }
 

@@ -16,6 +16,9 @@ pub(crate) enum Caller {
         /// The one service it may register as a backend of; `None` (a
         /// Kubernetes service account): any Service of its namespace.
         service: Option<String>,
+        /// The workload credential's id (none for a Kubernetes service
+        /// account token): what a revocation ends.
+        credential: Option<String>,
     },
 }
 
@@ -43,6 +46,7 @@ pub(crate) async fn caller<T>(shared: &Shared, req: &Request<T>) -> Result<Calle
             namespace: sa.namespace,
             service_account: sa.name,
             service: None,
+            credential: None,
         });
     }
     let wrong = || Status::unauthenticated("unknown or altered credential");
@@ -56,6 +60,7 @@ pub(crate) async fn caller<T>(shared: &Shared, req: &Request<T>) -> Result<Calle
         namespace: rec.namespace.clone(),
         service_account: rec.service_account.clone(),
         service: Some(rec.service.clone()),
+        credential: Some(id.to_string()),
     })
 }
 

@@ -62,6 +62,9 @@ impl Control for Svc {
     async fn watch_config(&self, req: Request<WatchRequest>) -> Result<Response<SnapshotStream>, Status> {
         // A sidecar registers as its own identity; only the gateway's may
         // register the gateway, whose address every tunnel goes through.
+        // The workload credential it registered with: its revocation ends
+        // the registration.
+        let mut credential = None;
         match &req.get_ref().node {
             Some(watch_request::Node::Sidecar(s)) => {
                 // Serving a service means receiving its traffic: a
@@ -69,6 +72,9 @@ impl Control for Svc {
                 // a service account (Kubernetes), a Service of its own
                 // namespace that exists.
                 let caller = auth::acting_as(&self.0, &req, &s.namespace, &s.service_account).await?;
+                if let auth::Caller::Workload { credential: c, .. } = &caller {
+                    credential = c.clone();
+                }
                 if let auth::Caller::Workload { service, .. } = caller
                     && !s.service.is_empty()
                 {
@@ -97,7 +103,11 @@ impl Control for Svc {
             }
             Some(watch_request::Node::Gateway(_)) => {
                 let gw = SpiffeId::gateway(&self.0.cfg.trust_domain);
-                auth::acting_as(&self.0, &req, &gw.namespace, &gw.service_account).await?;
+                if let auth::Caller::Workload { credential: c, .. } =
+                    auth::acting_as(&self.0, &req, &gw.namespace, &gw.service_account).await?
+                {
+                    credential = c;
+                }
             }
             None => {}
         }
@@ -149,6 +159,15 @@ impl Control for Svc {
             let mut last: Option<ConfigSnapshot> = None;
             loop {
                 version.borrow_and_update();
+                if let Some(c) = &credential
+                    && !shared.state.lock().expect("state lock").workloads.contains_key(c)
+                {
+                    tracing::warn!(credential = %c, "workload credential revoked: its registration ends");
+                    let _ = tx
+                        .send(Err(Status::unauthenticated("the workload credential was revoked")))
+                        .await;
+                    break;
+                }
                 let snap = shared.snapshot();
                 let same = ConfigSnapshot {
                     version: 0,

@@ -47,6 +47,10 @@ impl Peering for Svc {
         // create` writes their Secrets): read them as they are now.
         shared.refresh_tokens().await?;
         let now = unix_now();
+        // The caller is anonymous: an unknown token or a wrong secret is
+        // refused before the state is copied (under the writer lock) to be
+        // changed.
+        join::check_token(&shared.state.lock().expect("state lock"), &r, now).map_err(refused)?;
         shared
             .update(|state| {
                 join::check_token(state, &r, now).map_err(refused)?;

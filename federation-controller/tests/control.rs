@@ -475,7 +475,8 @@ async fn workload_credentials_are_bound_to_one_identity() {
     };
     let err = echo.control().watch_config(gateway).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
-    echo.control().watch_config(echo_sidecar()).await.unwrap();
+    let mut registered = watch(&echo, echo_sidecar()).await;
+    registered.message().await.unwrap().unwrap();
     // Its identity, but another service's backend: that would be taking
     // the other service's traffic.
     let mut other = echo_sidecar();
@@ -518,6 +519,18 @@ async fn workload_credentials_are_bound_to_one_identity() {
         .unwrap();
     let err = echo.control().issue_certificate(csr("echo")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    // And its live registration ends: it is no backend, and told so.
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(10), registered.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            other => break other,
+        }
+    };
+    match ended {
+        Ok(Err(e)) => assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}"),
+        other => panic!("the registration outlived its credential: {other:?}"),
+    }
+    wait_status(&east, "echo's registration to go", |s| s.services.is_empty()).await;
 }
 
 /// Links are pairwise: with east-west and west-north linked, west imports

@@ -43,6 +43,9 @@ pub enum ErrorKind {
     Overloaded,
     /// A caller from another cluster asked for a service not exported.
     NotExported,
+    /// A caller's cluster is no longer linked (a session older than the
+    /// unlink).
+    NotLinked,
     /// The workload behind this sidecar serves no service.
     NoService,
     /// The serving sidecar's app refused the connection: nothing delivered.
@@ -52,7 +55,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 15] = [
         ErrorKind::BadRequest,
         ErrorKind::UnknownService,
         ErrorKind::PortMismatch,
@@ -64,6 +67,7 @@ impl ErrorKind {
         ErrorKind::Timeout,
         ErrorKind::Overloaded,
         ErrorKind::NotExported,
+        ErrorKind::NotLinked,
         ErrorKind::NoService,
         ErrorKind::AppUnavailable,
         ErrorKind::AppFailed,
@@ -83,6 +87,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::NotExported => "not-exported",
+            ErrorKind::NotLinked => "not-linked",
             ErrorKind::NoService => "no-service",
             ErrorKind::AppUnavailable => "app-unavailable",
             ErrorKind::AppFailed => "app-failed",
@@ -92,7 +97,7 @@ impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
-            ErrorKind::NotExported => StatusCode::FORBIDDEN,
+            ErrorKind::NotExported | ErrorKind::NotLinked => StatusCode::FORBIDDEN,
             ErrorKind::NoService => StatusCode::NOT_FOUND,
             ErrorKind::UnknownService
             | ErrorKind::PortMismatch

@@ -28,8 +28,13 @@ use crate::{Sidecar, otlp, probe, telemetry};
 pub const CLIENT_ID_HEADER: &str = "x-isthmus-client-id";
 /// The cluster whose sidecar served a request, set on responses.
 pub const SERVED_BY_HEADER: &str = "x-isthmus-cluster";
-/// How long a caller has to finish its mTLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a caller has to finish its mTLS handshake (across clusters it
+/// takes a few round trips through the gateways).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections still in their handshake, at most. They wait here, not in
+/// the connection slots (`--max-connections`): a flood of connections that
+/// never finish a handshake cannot lock verified callers out.
+const MAX_HANDSHAKING: usize = 256;
 
 pub(crate) type AppClient = hyper_util::client::legacy::Client<HttpConnector, Body>;
 
@@ -50,14 +55,15 @@ pub(crate) async fn serve(
     stop: CancellationToken,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let handshaking = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKING));
     while let Some((tcp, from)) = isthmus_core::net::accept(&listener, &stop).await {
-        let Some(slot) = sc.limits.admit(Direction::Inbound, &sc.metrics) else {
+        let Ok(handshake) = handshaking.clone().try_acquire_owned() else {
+            sc.metrics.rejected(Direction::Inbound, "handshake-limit");
             continue;
         };
         let sc = sc.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let _slot = slot;
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -66,7 +72,12 @@ pub(crate) async fn serve(
                 }
                 Err(_) => return,
             };
+            drop(handshake);
             let Some(client) = tls::peer_id(stream.get_ref().1.peer_certificates()) else {
+                return;
+            };
+            // A slot for a verified caller only.
+            let Some(_slot) = sc.limits.admit(Direction::Inbound, &sc.metrics) else {
                 return;
             };
             if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_OPAQUE) {
@@ -80,26 +91,67 @@ pub(crate) async fn serve(
     }
 }
 
+/// The caller's trust domain if it is another cluster's.
+fn remote_domain(sc: &Sidecar, client: &SpiffeId) -> Option<Arc<str>> {
+    (client.trust_domain != sc.agent.trust_domain).then(|| client.trust_domain.as_str().into())
+}
+
+/// Whether this cluster still trusts `trust_domain` (its cluster is linked).
+fn trusts(sc: &Sidecar, trust_domain: &str) -> bool {
+    sc.agent
+        .config
+        .borrow()
+        .bundles
+        .iter()
+        .any(|b| b.trust_domain == trust_domain)
+}
+
+/// Resolves once the caller's cluster is unlinked (never for a caller of
+/// this cluster): its open sessions end then, not when it next reconnects.
+async fn unlinked(sc: &Sidecar, remote: Option<Arc<str>>) {
+    let Some(td) = remote else {
+        return std::future::pending().await;
+    };
+    let mut config = sc.agent.config.clone();
+    loop {
+        if !config
+            .borrow_and_update()
+            .bundles
+            .iter()
+            .any(|b| *b.trust_domain == *td)
+        {
+            return;
+        }
+        if config.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 /// HTTP/2 requests from one verified caller.
 async fn serve_http(sc: Arc<Sidecar>, client: SpiffeId, stream: tokio_rustls::server::TlsStream<TcpStream>) {
     let _open = sc.metrics.open(Direction::Inbound);
     let route = sc.inbound_route(&client);
-    let remote = client.trust_domain != sc.agent.trust_domain;
-    let client = HeaderValue::from_str(&client.to_string()).expect("SPIFFE IDs are ASCII");
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let sc = sc.clone();
-        let client = client.clone();
-        let route = route.clone();
-        async move { Ok::<_, std::convert::Infallible>(observed(sc, client, remote, route, req).await) }
-    });
-    let _ = isthmus_core::http::serve_connection(stream, svc).await;
+    let remote = remote_domain(&sc, &client);
+    let id = HeaderValue::from_str(&client.to_string()).expect("SPIFFE IDs are ASCII");
+    let svc = {
+        let (sc, remote) = (sc.clone(), remote.clone());
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (sc, id, route, remote) = (sc.clone(), id.clone(), route.clone(), remote.clone());
+            async move { Ok::<_, std::convert::Infallible>(observed(sc, id, remote, route, req).await) }
+        })
+    };
+    tokio::select! {
+        _ = isthmus_core::http::serve_connection(stream, svc) => {}
+        _ = unlinked(&sc, remote) => tracing::info!(%client, "the caller's cluster was unlinked: session closed"),
+    }
 }
 
 /// One inbound request, with its metrics, access line and span.
 async fn observed(
     sc: Arc<Sidecar>,
     client: HeaderValue,
-    remote: bool,
+    remote: Option<Arc<str>>,
     route: RouteLabels,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
@@ -133,8 +185,17 @@ async fn observed(
 }
 
 /// Hand a verified request to the local app.
-async fn to_app(sc: &Sidecar, client: HeaderValue, remote: bool, req: Request<Body>) -> Response<Body> {
-    if remote && !sc.exported() {
+async fn to_app(sc: &Sidecar, client: HeaderValue, remote: Option<Arc<str>>, req: Request<Body>) -> Response<Body> {
+    // Checked on every request: a session outliving its link gets nothing.
+    if let Some(td) = &remote
+        && !trusts(sc, td)
+    {
+        return ErrorKind::NotLinked.response(&format!(
+            "trust domain {td} is not linked with cluster {}",
+            sc.agent.cluster
+        ));
+    }
+    if remote.is_some() && !sc.exported() {
         return ErrorKind::NotExported
             .response(&format!("this service is not exported by cluster {}", sc.agent.cluster));
     }
@@ -195,6 +256,8 @@ enum OpaqueError {
     NoService,
     #[error("this service is not exported by cluster {0}")]
     NotExported(String),
+    #[error("trust domain {0} is not linked")]
+    NotLinked(String),
     #[error("the workload at {app} did not answer: {source}")]
     App { app: SocketAddr, source: std::io::Error },
 }
@@ -208,10 +271,14 @@ async fn opaque(
     mut stream: tokio_rustls::server::TlsStream<TcpStream>,
 ) -> Result<(), OpaqueError> {
     let _open = sc.metrics.open(Direction::Inbound);
-    let remote = client.trust_domain != sc.agent.trust_domain;
+    let remote = remote_domain(sc, client);
     let route = sc.inbound_route(client);
     let app = sc.cfg.serve.as_ref().map(|s| s.app).ok_or(OpaqueError::NoService)?;
-    if remote && !sc.exported() {
+    if remote.as_ref().is_some_and(|td| !trusts(sc, td)) {
+        sc.metrics.tcp(&route, TcpOutcome::Refused);
+        return Err(OpaqueError::NotLinked(client.trust_domain.clone()));
+    }
+    if remote.is_some() && !sc.exported() {
         sc.metrics.tcp(&route, TcpOutcome::Refused);
         return Err(OpaqueError::NotExported(sc.agent.cluster.clone()));
     }
@@ -224,9 +291,13 @@ async fn opaque(
     };
     let _ = upstream.set_nodelay(true);
     sc.metrics.tcp(&route, TcpOutcome::Ok);
-    let (received, sent) = tokio::io::copy_bidirectional(&mut stream, &mut upstream)
-        .await
-        .unwrap_or((0, 0));
+    let (received, sent) = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => r.unwrap_or((0, 0)),
+        _ = unlinked(sc, remote) => {
+            tracing::info!(%client, "the caller's cluster was unlinked: opaque connection closed");
+            (0, 0)
+        }
+    };
     sc.metrics.bytes(&route, received, sent);
     Ok(())
 }

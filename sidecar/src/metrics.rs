@@ -235,7 +235,7 @@ impl Metrics {
         );
         registry.register(
             "isthmus_rejected",
-            "Connections and requests refused by a limit: connection-limit (--max-connections), request-limit (--max-requests-per-service)",
+            "Connections and requests refused by a limit: connection-limit (--max-connections), handshake-limit (inbound connections still in their handshake), request-limit (--max-requests-per-service)",
             m.rejected.clone(),
         );
         registry.register(

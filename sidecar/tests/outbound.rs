@@ -587,6 +587,39 @@ async fn limits_refuse_at_once_instead_of_queueing() {
     stop.cancel();
 }
 
+/// Connections that never start a handshake wait in a budget of their own:
+/// with every connection slot's worth of them open, a verified caller
+/// still gets in.
+#[tokio::test]
+async fn idle_connections_do_not_lock_verified_callers_out() {
+    let stop = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    east(dir.path(), &stop).await;
+    let ok = app(200, "ok", Duration::ZERO).await;
+    let mut cfg = config(dir.path(), Some(ok), Duration::from_secs(15));
+    cfg.max_connections = 4;
+    let echo = isthmus_sidecar::run(cfg, stop.clone()).await.unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(tokio::net::TcpStream::connect(echo.inbound_addr).await.unwrap());
+    }
+    // A client started now knows echo from its first config, and has no
+    // connection to it yet.
+    let client = sidecar(dir.path(), None, &stop).await;
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        let (status, _) = get(client.outbound_addr).await;
+        statuses.push(status);
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
+    drop(idle);
+    stop.cancel();
+}
+
 /// A TrafficPolicy's retry budget is the service's own: with none (0% and
 /// no floor) the requests that met the dead endpoint fail instead of going
 /// to the healthy one, as they do with the default budget (test above).

@@ -60,7 +60,7 @@ pub fn code(kind: ErrorKind) -> u8 {
     match kind {
         ErrorKind::Timeout => 4,                              // DEADLINE_EXCEEDED
         ErrorKind::Overloaded => 8,                           // RESOURCE_EXHAUSTED
-        ErrorKind::NotExported => 7,                          // PERMISSION_DENIED
+        ErrorKind::NotExported | ErrorKind::NotLinked => 7,   // PERMISSION_DENIED
         ErrorKind::BadRequest => 13,                          // INTERNAL: the request could not be understood
         ErrorKind::PortMismatch | ErrorKind::NoService => 12, // UNIMPLEMENTED
         ErrorKind::UnknownService
