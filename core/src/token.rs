@@ -43,12 +43,18 @@ pub struct JoinToken {
     pub priority: Option<u32>,
 }
 
+/// A token string around `payload` (its JSON), with its checksum: what
+/// `encode` writes, and how the fuzz target reaches the payload parser.
+#[doc(hidden)]
+pub fn seal(payload: &[u8]) -> String {
+    let mut bytes = payload.to_vec();
+    bytes.extend_from_slice(&checksum(payload));
+    format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes))
+}
+
 impl JoinToken {
     pub fn encode(&self) -> String {
-        let mut bytes = serde_json::to_vec(self).expect("token serializes");
-        let sum = checksum(&bytes);
-        bytes.extend_from_slice(&sum);
-        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes))
+        seal(&serde_json::to_vec(self).expect("token serializes"))
     }
 
     pub fn decode(s: &str) -> Result<Self, TokenError> {

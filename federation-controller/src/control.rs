@@ -75,6 +75,16 @@ impl Control for Svc {
                 if let auth::Caller::Workload { credential: c, .. } = &caller {
                     credential = c.clone();
                 }
+                if !s.service.is_empty() {
+                    if !(1..=u32::from(u16::MAX)).contains(&s.port) {
+                        return Err(Status::invalid_argument(format!(
+                            "service port {} is not a port",
+                            s.port
+                        )));
+                    }
+                    let source = req.remote_addr().map(|a| a.ip());
+                    auth::check_inbound(&s.inbound_addr, source, self.0.cfg.control_addr.ip())?;
+                }
                 if let auth::Caller::Workload { service, .. } = caller
                     && !s.service.is_empty()
                 {

@@ -144,6 +144,28 @@ async fn reconnecting_components_wait_for_the_registry_to_settle() {
     stop.cancel();
 }
 
+/// A backend registers its own address: not a database elsewhere, not a
+/// port that is none (the gateway relays peers' streams there).
+#[tokio::test]
+async fn a_registration_cannot_point_the_gateway_elsewhere() {
+    let east = controller("east").await;
+    for (addr, port, code) in [
+        ("10.0.0.5:5432", 8080, tonic::Code::PermissionDenied),
+        ("127.0.0.1:0", 8080, tonic::Code::InvalidArgument),
+        ("db.internal:5432", 8080, tonic::Code::InvalidArgument),
+        ("127.0.0.1:1", 70000, tonic::Code::InvalidArgument),
+    ] {
+        let mut req = echo_sidecar();
+        if let Some(watch_request::Node::Sidecar(s)) = req.node.as_mut() {
+            s.inbound_addr = addr.into();
+            s.port = port;
+        }
+        let err = east.client.control().watch_config(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{addr} {port}: {err:?}");
+    }
+    assert!(status(&east).await.services.is_empty());
+}
+
 /// A change that leaves a component's config as it was sends it nothing.
 #[tokio::test]
 async fn only_changed_config_is_pushed() {
