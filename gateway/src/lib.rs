@@ -19,6 +19,7 @@ mod dial;
 mod inbound;
 pub mod metrics;
 mod outbound;
+pub use outbound::MAX_OPENING_TUNNELS;
 mod peers;
 mod quic;
 mod resolve;

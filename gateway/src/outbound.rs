@@ -9,6 +9,7 @@ use isthmus_core::tls;
 use isthmus_core::tunnel::{TunnelRequest, TunnelResponse};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::counted::Counted;
@@ -23,19 +24,35 @@ pub(crate) async fn accept_tunnels(
     stop: CancellationToken,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let opening = Arc::new(Semaphore::new(MAX_OPENING_TUNNELS));
     while let Some((tcp, from)) = isthmus_core::net::accept(&listener, &stop).await {
+        let Ok(permit) = opening.clone().try_acquire_owned() else {
+            gw.metrics.stream(Direction::Outbound, "unknown", "opening_limit");
+            continue;
+        };
         let gw2 = gw.clone();
         let acceptor = acceptor.clone();
         gw.tracker.spawn(async move {
-            if let Err(e) = tunnel(gw2, acceptor, tcp).await {
+            if let Err(e) = tunnel(gw2, acceptor, tcp, permit).await {
                 tracing::debug!(%from, error = %e, "tunnel ended with error");
             }
         });
     }
 }
 
+/// Tunnels still in their handshake or header, at most: connections that
+/// never get through one are closed at once past this, rather than each
+/// holding memory and a descriptor for `HEADER_TIMEOUT`. Open tunnels are
+/// not counted.
+pub const MAX_OPENING_TUNNELS: usize = 256;
+
 /// One local sidecar's tunnel.
-async fn tunnel(gw: Arc<Gateway>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream) -> Result<(), StreamError> {
+async fn tunnel(
+    gw: Arc<Gateway>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    opening: OwnedSemaphorePermit,
+) -> Result<(), StreamError> {
     let mut tls = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| StreamError::HandshakeTimeout)?
@@ -47,6 +64,7 @@ async fn tunnel(gw: Arc<Gateway>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpS
     let req = tokio::time::timeout(HEADER_TIMEOUT, TunnelRequest::read(&mut tls))
         .await
         .map_err(|_| StreamError::HeaderTimeout)??;
+    drop(opening);
     let quic = match peers::open_stream(&gw, &req).await {
         Ok(s) => s,
         Err(refusal) => {

@@ -24,6 +24,13 @@ const ZONE: &str = "clusterset.local";
 /// Answers change as services come and go: clients should not keep them.
 const TTL_SECS: u32 = 5;
 
+/// TCP DNS connections open at once, at most; more are closed at once (a
+/// client needs one or two: TCP is the fallback for long answers).
+pub const MAX_TCP_CONNECTIONS: usize = 64;
+/// A TCP DNS connection that sends nothing (between messages, or in the
+/// middle of one) for this long is closed (RFC 7766 6.2.3).
+pub const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The reply to one DNS message, or `None` for bytes that are not a query
 /// (dropped, as a resolver does with garbage).
 ///
@@ -91,15 +98,25 @@ pub async fn serve(addr: SocketAddr, resolve: Resolve, stop: CancellationToken) 
             }
         }
     });
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
     tokio::spawn(async move {
         while let Some((mut conn, _)) = isthmus_core::net::accept(&tcp, &stop).await {
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                continue;
+            };
             let resolve = resolve.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 // TCP DNS: each message is preceded by its length (RFC 1035 4.2.2).
                 loop {
-                    let Ok(len) = conn.read_u16().await else { return };
+                    let Ok(Ok(len)) = tokio::time::timeout(TCP_IDLE, conn.read_u16()).await else {
+                        return;
+                    };
                     let mut msg = vec![0u8; usize::from(len)];
-                    if conn.read_exact(&mut msg).await.is_err() {
+                    if !matches!(
+                        tokio::time::timeout(TCP_IDLE, conn.read_exact(&mut msg)).await,
+                        Ok(Ok(_))
+                    ) {
                         return;
                     }
                     let Some(reply) = answer(&msg, |s| resolve(s)) else {
@@ -119,6 +136,33 @@ pub async fn serve(addr: SocketAddr, resolve: Resolve, stop: CancellationToken) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Connections past the cap are closed at once; an idle one is closed
+    /// after `TCP_IDLE`. (The paused clock jumps ahead when all wait.)
+    #[tokio::test(start_paused = true)]
+    async fn tcp_connections_are_capped_and_idle_ones_closed() {
+        let stop = CancellationToken::new();
+        let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::new(|_| None), stop.clone())
+            .await
+            .unwrap();
+        let mut held = Vec::new();
+        for _ in 0..MAX_TCP_CONNECTIONS {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(TCP_IDLE / 2, extra.read(&mut b)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "a connection past the cap was kept: {r:?}"
+        );
+        let r = tokio::time::timeout(TCP_IDLE * 3, held[0].read(&mut b)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "an idle connection was kept: {r:?}"
+        );
+        stop.cancel();
+    }
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
     use std::str::FromStr;
