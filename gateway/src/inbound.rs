@@ -24,20 +24,77 @@ pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const UPSTREAM_BUDGET: Duration = Duration::from_secs(2);
 
+/// QUIC handshakes in progress, at most; past this, new connections are
+/// refused at once (a linked peer needs one connection, and dials again).
+pub const MAX_QUIC_HANDSHAKES: usize = 64;
+/// Past this many handshakes in progress, a client whose address is not
+/// validated yet is sent a Retry first: a spoofed source address cannot
+/// make the gateway hold handshake state, or amplify, under load.
+const RETRY_ABOVE: usize = 8;
+/// Connections one peer gateway may keep open to this one (it needs one;
+/// a reconnect overlaps the old one for a moment).
+pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
+
 pub(crate) async fn accept_quic(gw: Arc<Gateway>, stop: CancellationToken) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_QUIC_HANDSHAKES));
     loop {
         let incoming = tokio::select! {
             _ = stop.cancelled() => return,
             i = gw.endpoint.accept() => match i { Some(i) => i, None => return },
         };
+        let busy = MAX_QUIC_HANDSHAKES - handshakes.available_permits();
+        if busy >= RETRY_ABOVE && !incoming.remote_address_validated() && incoming.may_retry() {
+            let _ = incoming.retry();
+            continue;
+        }
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), "too many QUIC handshakes in progress: refusing a connection");
+            incoming.refuse();
+            continue;
+        };
         let gw2 = gw.clone();
         let stop2 = stop.clone();
         tokio::spawn(async move {
-            match incoming.await {
+            let conn = incoming.await;
+            drop(permit);
+            match conn {
                 Ok(conn) => serve_peer(gw2, conn, stop2, false).await,
                 Err(e) => tracing::debug!(error = %e, "QUIC handshake failed"),
             }
         });
+    }
+}
+
+/// One connection a peer dialed, counted while it lives.
+struct PeerConnSlot {
+    gw: Arc<Gateway>,
+    peer: String,
+}
+
+impl PeerConnSlot {
+    fn take(gw: &Arc<Gateway>, peer: &str) -> Option<Self> {
+        let mut n = gw.inbound_conns.lock().expect("inbound conns lock");
+        let count = n.entry(peer.to_string()).or_default();
+        if *count >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            gw: gw.clone(),
+            peer: peer.to_string(),
+        })
+    }
+}
+
+impl Drop for PeerConnSlot {
+    fn drop(&mut self) {
+        let mut n = self.gw.inbound_conns.lock().expect("inbound conns lock");
+        if let Some(c) = n.get_mut(&self.peer) {
+            *c -= 1;
+            if *c == 0 {
+                n.remove(&self.peer);
+            }
+        }
     }
 }
 
@@ -59,6 +116,16 @@ pub(crate) async fn serve_peer(gw: Arc<Gateway>, conn: quinn::Connection, stop: 
         tracing::warn!(id = ?id.map(|i| i.to_string()), remote = %conn.remote_address(), "refusing QUIC connection: not a linked peer's gateway");
         conn.close(2u32.into(), b"not a linked peer gateway");
         return;
+    };
+    let _slot = if dialed {
+        None
+    } else {
+        let Some(slot) = PeerConnSlot::take(&gw, &peer) else {
+            tracing::warn!(%peer, limit = MAX_CONNECTIONS_PER_PEER, "refusing QUIC connection: too many from this peer");
+            conn.close(3u32.into(), b"too many connections");
+            return;
+        };
+        Some(slot)
     };
     // Every connection with a peer is counted, whichever side dialed it.
     let _open = gw.metrics.peer_connection(&peer);

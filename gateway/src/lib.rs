@@ -19,6 +19,7 @@ mod dial;
 mod inbound;
 pub mod metrics;
 mod outbound;
+pub use inbound::{MAX_CONNECTIONS_PER_PEER, MAX_QUIC_HANDSHAKES};
 pub use outbound::MAX_OPENING_TUNNELS;
 mod peers;
 mod quic;
@@ -99,6 +100,8 @@ struct Gateway {
     transport: Arc<quinn::TransportConfig>,
     /// Peer gateways' names to addresses, record TTLs honoured.
     resolver: resolve::Resolver,
+    /// Connections each peer gateway dialed to this one, open now.
+    inbound_conns: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl Gateway {
@@ -194,6 +197,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
         peer_timeout: cfg.peer_timeout,
         transport,
         resolver: resolve::Resolver::new(&cfg.dns_servers),
+        inbound_conns: Default::default(),
     });
     ready.set(true);
     let tunnel_tls = tls::server_config(

@@ -31,3 +31,105 @@ async fn connections_past_the_opening_budget_are_closed_at_once() {
     );
     stop.cancel();
 }
+
+/// A linked peer's gateway needs one connection: past
+/// `MAX_CONNECTIONS_PER_PEER`, a further one is closed at once.
+#[tokio::test]
+async fn a_peer_may_keep_only_a_few_connections() {
+    use isthmus_core::identity::{self, SpiffeId, Svid, WorkloadKey};
+    use isthmus_core::local::ClusterDir;
+    isthmus_core::install_crypto_provider();
+    let stop = CancellationToken::new();
+    let (east_dir, west_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for (dir, name) in [(&east_dir, "east"), (&west_dir, "west")] {
+        let cfg = isthmus_controller::Config::new(dir.path(), name, &format!("{name}.mesh"));
+        isthmus_controller::run(cfg, stop.clone()).await.unwrap();
+    }
+    let east = ClusterDir::new(east_dir.path()).connect().await.unwrap();
+    let west = ClusterDir::new(west_dir.path()).connect().await.unwrap();
+    let token = east
+        .admin()
+        .create_token(isthmus_proto::CreateTokenRequest {
+            ttl_seconds: 600,
+            uses: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    west.admin().link(isthmus_proto::LinkRequest { token }).await.unwrap();
+    let gw = isthmus_gateway::run(isthmus_gateway::Config::new(east_dir.path()), stop.clone())
+        .await
+        .unwrap();
+
+    // West's gateway identity, as west's CA issues it.
+    let id = SpiffeId::gateway("west.mesh");
+    let key = WorkloadKey::generate().unwrap();
+    let issued = west
+        .control()
+        .issue_certificate(isthmus_proto::CertificateRequest {
+            csr_pem: key.csr_pem().unwrap(),
+            namespace: id.namespace.clone(),
+            service_account: id.service_account.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let svid = Svid {
+        id,
+        chain: identity::certs_from_pem(&issued.cert_chain_pem).unwrap(),
+        key: key.private_key_der(),
+    };
+    let tls = isthmus_core::tls::client_config(
+        Some(isthmus_core::tls::SvidResolver::new(&svid).unwrap()),
+        east.bundles.clone(),
+        isthmus_core::tls::Expect::Id(SpiffeId::gateway("east.mesh")),
+        &[isthmus_core::tls::ALPN_TUNNEL],
+    )
+    .unwrap();
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+
+    // East's gateway accepts west's once its config has the link.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        let c = client
+            .connect(gw.quic_addr, "isthmus.mesh.invalid")
+            .unwrap()
+            .await
+            .unwrap();
+        if tokio::time::timeout(Duration::from_millis(300), c.closed())
+            .await
+            .is_err()
+        {
+            held.push(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(held.len(), 1, "east's gateway never kept west's connection");
+    while held.len() < isthmus_gateway::MAX_CONNECTIONS_PER_PEER {
+        held.push(
+            client
+                .connect(gw.quic_addr, "isthmus.mesh.invalid")
+                .unwrap()
+                .await
+                .unwrap(),
+        );
+    }
+    let extra = client
+        .connect(gw.quic_addr, "isthmus.mesh.invalid")
+        .unwrap()
+        .await
+        .unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(5), extra.closed())
+        .await
+        .expect("a connection past the limit was kept");
+    assert!(why.to_string().contains("too many connections"), "{why}");
+    for c in &held {
+        assert!(c.close_reason().is_none(), "{:?}", c.close_reason());
+    }
+    stop.cancel();
+}
