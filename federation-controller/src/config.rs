@@ -25,6 +25,9 @@ pub const DEFAULT_IMPORT_LEASE: Duration = Duration::from_secs(10);
 pub const SETTLE: Duration = Duration::from_secs(2);
 // Components retry at most this often, so all are back within SETTLE.
 const _: () = assert!(isthmus_core::agent::RECONNECT_MAX.as_millis() * 3 / 2 <= SETTLE.as_millis());
+/// The joining cluster has this long to confirm a link (by opening its
+/// peering stream) before the issuer rolls it back.
+pub const DEFAULT_CONFIRM_WINDOW: Duration = Duration::from_secs(120);
 /// A join token lives this long unless asked otherwise.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
 /// The longest a join token may live.
@@ -51,6 +54,8 @@ pub struct Config {
     /// How long after it starts serving the registry is believed
     /// (`SETTLE`).
     pub settle: Duration,
+    /// How long a joiner has to confirm a link it made here.
+    pub confirm_window: Duration,
     /// Admin endpoint (`/metrics`, `/ready`, `/live`), if any.
     pub admin_addr: Option<SocketAddr>,
     /// A CA to use on first start instead of generating a root: PEM chain
@@ -128,6 +133,7 @@ impl Config {
             heartbeat: DEFAULT_HEARTBEAT,
             import_lease: DEFAULT_IMPORT_LEASE,
             settle: SETTLE,
+            confirm_window: DEFAULT_CONFIRM_WINDOW,
             admin_addr: None,
             ca_files: None,
             kube: None,

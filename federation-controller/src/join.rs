@@ -8,7 +8,7 @@ use isthmus_proto::JoinRequest;
 use tonic::{Code, Status};
 
 use crate::config::{DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL};
-use crate::state::{LinkRecord, State, TokenRecord};
+use crate::state::{LinkRecord, State, TokenRecord, Unconfirmed};
 
 /// What a join token says about the cluster that issues it. The controller
 /// knows it; on Kubernetes it publishes it (`join.json` in its ConfigMap)
@@ -178,8 +178,9 @@ pub fn check_token(state: &State, r: &JoinRequest, now: i64) -> Result<(), JoinR
     Ok(())
 }
 
-/// Spend one use of `r`'s token and record the link (after `check_token`).
-pub fn spend(state: &mut State, r: &JoinRequest, now: i64) {
+/// Spend one use of `r`'s token and record the link (after `check_token`),
+/// unconfirmed until `confirm_by`.
+pub fn spend(state: &mut State, r: &JoinRequest, now: i64, confirm_by: i64) {
     if let Some(t) = state.tokens.get_mut(&r.token_id) {
         t.uses_left = t.uses_left.saturating_sub(1);
         t.used_by.push(r.cluster.clone());
@@ -195,8 +196,28 @@ pub fn spend(state: &mut State, r: &JoinRequest, now: i64) {
             priority: None,
             created_unix: now,
             imports: Vec::new(),
+            unconfirmed: Some(Unconfirmed {
+                until_unix: confirm_by,
+                token_id: r.token_id.clone(),
+            }),
         },
     );
+}
+
+/// Roll back an unconfirmed link to `peer`: the link goes, and the token
+/// it spent gets its use back. False if there was no such link.
+pub fn roll_back(state: &mut State, peer: &str) -> bool {
+    let Some(pending) = state.links.get(peer).and_then(|l| l.unconfirmed.clone()) else {
+        return false;
+    };
+    state.links.remove(peer);
+    if let Some(t) = state.tokens.get_mut(&pending.token_id) {
+        t.uses_left += 1;
+        if let Some(i) = t.used_by.iter().position(|c| c == peer) {
+            t.used_by.remove(i);
+        }
+    }
+    true
 }
 
 /// The link with a cluster of this name or trust domain, if any.
@@ -372,7 +393,7 @@ mod tests {
         assert_eq!(check_token(&s, &altered, now), Err(JoinRefusal::BadSecret));
         assert_eq!(check_token(&s, &r, now + 61), Err(JoinRefusal::Expired(1)));
 
-        spend(&mut s, &r, now);
+        spend(&mut s, &r, now, now + 120);
         assert!(s.links.contains_key("west"));
         // Linked: the same cluster cannot use the token again, even unlinked.
         assert_eq!(check_token(&s, &r, now), Err(JoinRefusal::UsedByYou("west".into())));
@@ -382,7 +403,7 @@ mod tests {
         north.cluster = "north".into();
         north.trust_domain = "north.mesh".into();
         assert_eq!(check_token(&s, &north, now), Ok(()));
-        spend(&mut s, &north, now);
+        spend(&mut s, &north, now, now + 120);
         let mut south = north.clone();
         south.cluster = "south".into();
         assert_eq!(

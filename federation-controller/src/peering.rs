@@ -106,6 +106,7 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
                     priority: tok.priority,
                     created_unix: isthmus_core::unix_now(),
                     imports: Vec::new(),
+                    unconfirmed: None,
                 },
             );
             Ok(())
@@ -462,6 +463,57 @@ pub(crate) async fn set_imports(shared: &Shared, peer: &str, imports: Vec<String
     Ok(())
 }
 
+/// The joiner opened its peering stream: it has stored the link, so both
+/// sides agree and the link is trusted for traffic from now on.
+pub(crate) async fn confirm(shared: &Shared, peer: &str) -> Result<(), tonic::Status> {
+    let pending = shared
+        .state
+        .lock()
+        .expect("state lock")
+        .links
+        .get(peer)
+        .is_some_and(|l| l.unconfirmed.is_some());
+    if !pending {
+        return Ok(());
+    }
+    let confirmed = shared
+        .update(|state| Ok(state.links.get_mut(peer).and_then(|l| l.unconfirmed.take()).is_some()))
+        .await?;
+    if confirmed {
+        tracing::info!(%peer, "link confirmed by the joining cluster");
+        shared.changed();
+    }
+    Ok(())
+}
+
+/// Roll back links the joiner did not confirm in time: it failed its own
+/// checks or could not store the link, so it never dialed.
+async fn roll_back_unconfirmed(shared: &Shared) {
+    let now = isthmus_core::unix_now();
+    let late: Vec<String> = shared
+        .state
+        .lock()
+        .expect("state lock")
+        .links
+        .values()
+        .filter(|l| l.unconfirmed.as_ref().is_some_and(|u| now >= u.until_unix))
+        .map(|l| l.cluster.clone())
+        .collect();
+    for peer in late {
+        match shared.update(|state| Ok(join::roll_back(state, &peer))).await {
+            Ok(true) => {
+                tracing::warn!(%peer, "link rolled back: the joining cluster never confirmed it");
+                shared.peers.lock().expect("peers lock").remove(&peer);
+                shared.metrics.forget_link(&peer);
+                shared.rebuild_bundles();
+                shared.changed();
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(%peer, error = %e.message(), "rolling the link back failed"),
+        }
+    }
+}
+
 /// Withdraw the imports of peers whose heartbeats stopped for a lease.
 pub(crate) async fn lease_keeper(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -482,6 +534,7 @@ pub(crate) async fn lease_keeper(shared: Arc<Shared>) {
             tracing::warn!(%peer, "no heartbeat for the import lease: imports withdrawn");
         }
         shared.advance_rotation().await;
+        roll_back_unconfirmed(&shared).await;
         publish_metrics(&shared);
         if !expired.is_empty() {
             shared.changed();

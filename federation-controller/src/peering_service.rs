@@ -54,7 +54,8 @@ impl Peering for Svc {
         shared
             .update(|state| {
                 join::check_token(state, &r, now).map_err(refused)?;
-                join::spend(state, &r, now);
+                let confirm_by = now + shared.cfg.confirm_window.as_secs() as i64;
+                join::spend(state, &r, now, confirm_by);
                 Ok(())
             })
             .await?;
@@ -89,6 +90,7 @@ impl Peering for Svc {
                 "{id} is not the controller of a linked cluster"
             )));
         };
+        peering::confirm(&self.0, &peer).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(peering::session(self.0.clone(), peer, req.into_inner(), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

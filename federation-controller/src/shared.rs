@@ -280,7 +280,8 @@ impl Shared {
             roots_pem: ca.bundle_pem(),
         }];
         let mut peers = Vec::new();
-        for link in state.links.values() {
+        // An unconfirmed link is trusted on the peering port only.
+        for link in state.links.values().filter(|l| l.unconfirmed.is_none()) {
             bundles.push(TrustBundle {
                 trust_domain: link.trust_domain.clone(),
                 roots_pem: link.roots_pem.clone(),

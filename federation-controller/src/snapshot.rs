@@ -290,6 +290,7 @@ mod tests {
                 priority: None,
                 created_unix: 0,
                 imports: scope.iter().map(|s| s.to_string()).collect(),
+                unconfirmed: None,
             },
         );
     }

@@ -132,6 +132,22 @@ pub struct LinkRecord {
     /// not exported takes a peer's endpoints only if a pattern names it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub imports: Vec<String>,
+    /// Set on the issuing side until the joiner confirms the link by
+    /// opening its peering stream (which it does only once it has stored
+    /// the link too). Until then the peer's roots are trusted on the
+    /// peering port alone, not by sidecars or the gateway; unconfirmed by
+    /// the deadline, the link is rolled back and the token's use returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unconfirmed: Option<Unconfirmed>,
+}
+
+/// A link the joiner has not confirmed yet.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Unconfirmed {
+    /// Rolled back after this time.
+    pub until_unix: i64,
+    /// The token it spent, whose use a rollback returns.
+    pub token_id: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -638,6 +638,71 @@ async fn import_scopes_decide_what_joins_a_local_service() {
     assert_eq!(backends(&s), ["west"]);
 }
 
+/// A join the joiner never confirms (it failed its own checks, or could not
+/// store the link, so it never opens its peering stream) gives the peer
+/// nothing here, and is rolled back with the token's use returned.
+#[tokio::test]
+async fn an_unconfirmed_link_trusts_nothing_and_is_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (east, stop) = start_in(dir.path(), "east", |c| c.confirm_window = Duration::from_secs(2)).await;
+    let tok = create_token(&east, 600, 0).await;
+    let decoded = isthmus_core::token::JoinToken::decode(&tok.token).unwrap();
+    // A joiner speaking the Join RPC itself, as `peering::join` does.
+    let cfg = isthmus_core::tls::pinned_client_config(
+        &decoded.root_fingerprint,
+        isthmus_core::identity::SpiffeId::controller(&decoded.trust_domain),
+        &[isthmus_core::tls::ALPN_H2],
+    )
+    .unwrap();
+    let channel = isthmus_core::grpc::connect(&decoded.peering.join(","), cfg)
+        .await
+        .unwrap();
+    let rogue = isthmus_core::identity::Ca::generate("rogue.mesh").unwrap();
+    isthmus_proto::peering_client::PeeringClient::new(channel)
+        .join(isthmus_proto::JoinRequest {
+            token_id: decoded.id.clone(),
+            secret: decoded.secret_bytes().unwrap(),
+            cluster: "rogue".into(),
+            trust_domain: "rogue.mesh".into(),
+            roots_pem: rogue.chain_pem().to_string(),
+            gateway_addr: "127.0.0.1:9".into(),
+        })
+        .await
+        .unwrap();
+    let s = east.admin().status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (s.links[0].cluster.as_str(), s.links[0].state.as_str()),
+        ("rogue", "pending")
+    );
+    // Sidecars and the gateway are told nothing of it.
+    let snap = watch(&east, echo_sidecar()).await.message().await.unwrap().unwrap();
+    assert!(snap.peers.is_empty(), "{:?}", snap.peers);
+    assert!(
+        snap.bundles.iter().all(|b| b.trust_domain != "rogue.mesh"),
+        "an unconfirmed peer's roots reached the data plane"
+    );
+    // Rolled back, and the token usable again.
+    let mut rolled_back = false;
+    for _ in 0..200 {
+        let s = east.admin().status(StatusRequest {}).await.unwrap().into_inner();
+        if s.links.is_empty() {
+            rolled_back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rolled_back, "the unconfirmed link stayed");
+    let tokens = east
+        .admin()
+        .list_tokens(ListTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert_eq!(tokens[0].uses_left, 1, "{tokens:?}");
+    stop.cancel();
+}
+
 #[tokio::test]
 async fn token_priority_reaches_the_joiner() {
     let east = controller("east").await;
