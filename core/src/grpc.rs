@@ -13,6 +13,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
+/// Connections in their TLS handshake at once, at most, on a gRPC
+/// listener: more are closed at once, so a flood of connections that never
+/// finish one holds a bounded number of tasks and descriptors.
+pub const MAX_HANDSHAKING: usize = 256;
+/// A client has this long to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A stream of TLS connections for `Server::serve_with_incoming`. Each
 /// handshake runs in its own task so a slow client cannot stall the others.
 pub fn tls_incoming(
@@ -22,12 +29,19 @@ pub fn tls_incoming(
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let budget = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKING));
     tokio::spawn(async move {
         while let Some((tcp, peer)) = crate::net::accept(&listener, &stop).await {
+            let Ok(permit) = budget.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "too many TLS handshakes in progress: connection closed");
+                continue;
+            };
             let acceptor = acceptor.clone();
             let conns = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(permit);
+                match handshake {
                     Ok(Ok(tls)) => {
                         let _ = conns.send(Ok(tls)).await;
                     }
@@ -104,4 +118,43 @@ fn endpoint(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<(Endpoint, 
         }
     });
     Ok((ep, tower::util::BoxCloneSyncService::new(connector)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Past `MAX_HANDSHAKING` connections still in their handshake, a new
+    /// one is closed at once rather than waiting its turn.
+    #[tokio::test]
+    async fn handshakes_in_progress_are_capped() {
+        crate::install_crypto_provider();
+        let ca = crate::identity::Ca::generate("t.mesh").unwrap();
+        let id = crate::identity::SpiffeId::parse("spiffe://t.mesh/ns/a/sa/b").unwrap();
+        let svid = ca.issue_local(&id, Duration::from_secs(600)).unwrap();
+        let tls = crate::tls::server_config(
+            crate::tls::SvidResolver::new(&svid).unwrap(),
+            Arc::new(arc_swap::ArcSwap::from_pointee(crate::bundle::TrustBundles::new())),
+            crate::tls::ClientAuth::None,
+            &[crate::tls::ALPN_H2],
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let _incoming = tls_incoming(listener, tls, stop.clone());
+        let mut held = Vec::new();
+        for _ in 0..MAX_HANDSHAKING {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(HANDSHAKE_TIMEOUT / 2, extra.read(&mut b)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "a connection past the budget was kept: {r:?}"
+        );
+        stop.cancel();
+    }
 }

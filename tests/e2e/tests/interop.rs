@@ -154,6 +154,9 @@ impl Mesh {
         );
         let token = ok(&["token", "create", "--dir", &e]).trim().to_string();
         ok(&["link", "--dir", &w, &token]);
+        // West runs the same services, unexported: east's endpoints join
+        // them (east.<svc>... names) because west imports them.
+        ok(&["imports", "--dir", &w, "east", "demo/*"]);
         for svc in ["demo/echo", "demo/hello", "demo/ws"] {
             ok(&["export", "--dir", &e, svc]);
         }
