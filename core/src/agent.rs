@@ -189,7 +189,9 @@ impl Agent {
     }
 }
 
-async fn request_svid(client: &LocalClient, ns: &str, sa: &str) -> Result<(Svid, i64), AgentError> {
+/// A fresh key and an SVID for `ns/sa` from the controller `client` talks
+/// to, with its expiry (Unix seconds).
+pub async fn request_svid(client: &LocalClient, ns: &str, sa: &str) -> Result<(Svid, i64), AgentError> {
     let key = WorkloadKey::generate()?;
     let resp = client
         .control()

@@ -277,6 +277,18 @@ mod tests {
         svcs.iter().map(|s| s.name.as_str()).collect()
     }
 
+    /// demo/echo exported from this cluster.
+    fn export_echo(state: &mut State) {
+        state.exports.insert(
+            ServiceKey::new("demo", "echo"),
+            ExportRecord {
+                namespace: "demo".into(),
+                name: "echo".into(),
+                created_unix: 10,
+            },
+        );
+    }
+
     /// A link to `peer` with this import scope.
     fn link(state: &mut State, peer: &str, scope: &[&str]) {
         state.links.insert(
@@ -321,14 +333,7 @@ mod tests {
     #[test]
     fn merges_local_and_imported_backends() {
         let mut state = State::new("east", "east.mesh");
-        state.exports.insert(
-            ServiceKey::new("demo", "echo"),
-            ExportRecord {
-                namespace: "demo".into(),
-                name: "echo".into(),
-                created_unix: 10,
-            },
-        );
+        export_echo(&mut state);
         link(&mut state, "west", &["demo/echo", "demo/db"]);
         let regs = [
             reg("demo", "echo", 8080, "127.0.1.10:1"),
@@ -404,14 +409,7 @@ mod tests {
         );
 
         // Exported from here too, it is one service across the cluster set.
-        state.exports.insert(
-            ServiceKey::new("demo", "echo"),
-            ExportRecord {
-                namespace: "demo".into(),
-                name: "echo".into(),
-                created_unix: 10,
-            },
-        );
+        export_echo(&mut state);
         let svcs = services(&state, regs.iter(), &imports);
         assert_eq!(svcs[1].backends.len(), 2, "{:?}", svcs[1]);
         state.exports.clear();

@@ -36,7 +36,7 @@ async fn connections_past_the_opening_budget_are_closed_at_once() {
 /// `MAX_CONNECTIONS_PER_PEER`, a further one is closed at once.
 #[tokio::test]
 async fn a_peer_may_keep_only_a_few_connections() {
-    use isthmus_core::identity::{self, SpiffeId, Svid, WorkloadKey};
+    use isthmus_core::identity::SpiffeId;
     use isthmus_core::local::ClusterDir;
     isthmus_core::install_crypto_provider();
     let stop = CancellationToken::new();
@@ -65,22 +65,9 @@ async fn a_peer_may_keep_only_a_few_connections() {
 
     // West's gateway identity, as west's CA issues it.
     let id = SpiffeId::gateway("west.mesh");
-    let key = WorkloadKey::generate().unwrap();
-    let issued = west
-        .control()
-        .issue_certificate(isthmus_proto::CertificateRequest {
-            csr_pem: key.csr_pem().unwrap(),
-            namespace: id.namespace.clone(),
-            service_account: id.service_account.clone(),
-        })
+    let (svid, _) = isthmus_core::agent::request_svid(&west, &id.namespace, &id.service_account)
         .await
-        .unwrap()
-        .into_inner();
-    let svid = Svid {
-        id,
-        chain: identity::certs_from_pem(&issued.cert_chain_pem).unwrap(),
-        key: key.private_key_der(),
-    };
+        .unwrap();
     let tls = isthmus_core::tls::client_config(
         Some(isthmus_core::tls::SvidResolver::new(&svid).unwrap()),
         east.bundles.clone(),

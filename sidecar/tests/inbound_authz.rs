@@ -10,10 +10,10 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use isthmus_core::bundle::TrustBundles;
-use isthmus_core::identity::{self, SpiffeId, Svid, WorkloadKey};
+use isthmus_core::identity::{SpiffeId, Svid};
 use isthmus_core::local::ClusterDir;
 use isthmus_core::tls::{self, Expect, SvidResolver};
-use isthmus_proto::{CertificateRequest, CreateTokenRequest, ExportRequest, LinkRequest};
+use isthmus_proto::{CreateTokenRequest, ExportRequest, LinkRequest};
 use tokio_util::sync::CancellationToken;
 
 async fn controller(dir: &std::path::Path, name: &str, stop: &CancellationToken) -> isthmus_core::local::LocalClient {
@@ -146,22 +146,9 @@ async fn remote_callers_reach_only_exported_services() {
         .unwrap()
         .into_inner();
     west.admin().link(LinkRequest { token: token.token }).await.unwrap();
-    let key = WorkloadKey::generate().unwrap();
-    let cert = west
-        .control()
-        .issue_certificate(CertificateRequest {
-            csr_pem: key.csr_pem().unwrap(),
-            namespace: "demo".into(),
-            service_account: "client".into(),
-        })
+    let (svid, _) = isthmus_core::agent::request_svid(&west, "demo", "client")
         .await
-        .unwrap()
-        .into_inner();
-    let svid = Svid {
-        id: SpiffeId::parse(&cert.spiffe_id).unwrap(),
-        chain: identity::certs_from_pem(&cert.cert_chain_pem).unwrap(),
-        key: key.private_key_der(),
-    };
+        .unwrap();
     let east_roots = ClusterDir::new(east_dir.path()).roots_pem().unwrap();
 
     // Once east's sidecar trusts west (the link reached its config), a

@@ -11,10 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use isthmus_core::identity::{self, SpiffeId, Svid, WorkloadKey};
+use isthmus_core::identity::{SpiffeId, Svid};
 use isthmus_core::local::{ClusterDir, LocalClient};
 use isthmus_core::tls;
-use isthmus_proto::{CertificateRequest, CreateTokenRequest, ExportRequest, LinkRequest, UnlinkRequest};
+use isthmus_proto::{CreateTokenRequest, ExportRequest, LinkRequest, UnlinkRequest};
 use tokio_util::sync::CancellationToken;
 
 async fn controller(dir: &std::path::Path, name: &str, stop: &CancellationToken) -> LocalClient {
@@ -111,22 +111,9 @@ async fn a_session_from_an_unlinked_cluster_is_refused_and_closed() {
         .unwrap();
 
     // West's client identity, as west's CA issues it.
-    let key = WorkloadKey::generate().unwrap();
-    let issued = west
-        .control()
-        .issue_certificate(CertificateRequest {
-            csr_pem: key.csr_pem().unwrap(),
-            namespace: "demo".into(),
-            service_account: "client".into(),
-        })
+    let (svid, _) = isthmus_core::agent::request_svid(&west, "demo", "client")
         .await
-        .unwrap()
-        .into_inner();
-    let svid = Svid {
-        id: SpiffeId::parse(&issued.spiffe_id).unwrap(),
-        chain: identity::certs_from_pem(&issued.cert_chain_pem).unwrap(),
-        key: key.private_key_der(),
-    };
+        .unwrap();
 
     // Once east's sidecar trusts west (its config carries the link), the
     // session serves.
