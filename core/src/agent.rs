@@ -5,7 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use isthmus_proto::{CertificateRequest, ConfigSnapshot, WatchRequest, watch_request};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Mutex;
+
+use isthmus_proto::{CertificateRequest, ConfigSnapshot, WatchRequest, WatchScope, watch_request};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -96,6 +101,46 @@ pub struct Agent {
     pub cluster: String,
     pub trust_domain: String,
     pub svid_metrics: SvidMetrics,
+    subs: Arc<Subscriptions>,
+}
+
+/// The services a component has subscribed to (scope Subscribed), which
+/// the controller has answered, and where to send new ones.
+#[derive(Default)]
+struct Subscriptions {
+    /// Everything subscribed: sent again on every new stream.
+    wanted: Mutex<BTreeSet<String>>,
+    answered: Mutex<HashSet<String>>,
+    /// Bumped after each answer is applied.
+    answers: watch::Sender<u64>,
+    /// Requests of the current stream.
+    tx: Mutex<Option<mpsc::UnboundedSender<WatchRequest>>>,
+}
+
+impl Subscriptions {
+    /// A new stream: its first request registers and subscribes to
+    /// everything wanted so far.
+    fn open(&self, mut first: WatchRequest) -> UnboundedReceiverStream<WatchRequest> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        first.subscribe = self.wanted.lock().expect("wanted lock").iter().cloned().collect();
+        let _ = tx.send(first);
+        *self.tx.lock().expect("tx lock") = Some(tx);
+        UnboundedReceiverStream::new(rx)
+    }
+
+    fn answer(&self, items: &[String]) {
+        if items.is_empty() {
+            return;
+        }
+        self.answered.lock().expect("answered lock").extend(items.iter().cloned());
+        self.answers.send_modify(|n| *n += 1);
+    }
+}
+
+/// How a component registers: as what, and which services it hears of.
+pub struct Registration {
+    pub node: watch_request::Node,
+    pub scope: WatchScope,
 }
 
 impl Agent {
@@ -109,7 +154,7 @@ impl Agent {
         credential: Option<&Credential>,
         namespace: &str,
         service_account: &str,
-        node: watch_request::Node,
+        registration: Registration,
         wait: Duration,
         shutdown: CancellationToken,
     ) -> Result<Self, AgentError> {
@@ -139,12 +184,16 @@ impl Agent {
 
         let bundles = client.bundles.clone();
         let req = WatchRequest {
-            node: Some(node),
+            node: Some(registration.node),
             resume: false,
+            subscribe: Vec::new(),
+            scope: registration.scope.into(),
+            incremental: true,
         };
+        let subs = Arc::new(Subscriptions::default());
         let mut stream = client
             .control()
-            .watch_config(req.clone())
+            .watch_config(subs.open(req.clone()))
             .await
             .map_err(|s| AgentError::Config(s.message().to_string()))?
             .into_inner();
@@ -153,19 +202,24 @@ impl Agent {
             .await
             .map_err(|s| AgentError::Config(s.message().to_string()))?
             .ok_or_else(|| AgentError::Config("stream closed".into()))?;
-        apply_bundles(&bundles, &first);
-        let cluster = first.cluster.clone();
-        let trust_domain = first.trust_domain.clone();
-        let (tx, rx) = watch::channel(Arc::new(first));
+        let mut held = ConfigSnapshot::default();
+        crate::delta::apply(&mut held, first);
+        apply_bundles(&bundles, &held);
+        let cluster = held.cluster.clone();
+        let trust_domain = held.trust_domain.clone();
+        let (tx, rx) = watch::channel(Arc::new(held.clone()));
 
-        tokio::spawn(watch_loop(
-            client.clone(),
-            req,
-            Some(stream),
-            tx,
-            bundles.clone(),
-            shutdown.clone(),
-        ));
+        tokio::spawn(
+            Watch {
+                client: client.clone(),
+                req,
+                tx,
+                bundles: bundles.clone(),
+                subs: subs.clone(),
+                held,
+            }
+            .run(Some(stream), shutdown.clone()),
+        );
         let renewer = Renewer {
             client,
             ns: namespace.to_string(),
@@ -181,11 +235,51 @@ impl Agent {
             cluster,
             trust_domain,
             svid_metrics,
+            subs,
         })
     }
 
     pub fn id(&self) -> SpiffeId {
         self.svid.id()
+    }
+
+    /// Make sure the controller has told this component about `item` (a
+    /// `namespace/name` key, or `ip:ADDRESS`): subscribe if not yet, and
+    /// wait up to `wait` for the answer. True once answered (the service
+    /// is then in `config`, or unknown to the cluster).
+    pub async fn ensure(&self, item: &str, wait: Duration) -> bool {
+        if self.subs.answered.lock().expect("answered lock").contains(item) {
+            return true;
+        }
+        let mut answers = self.subs.answers.subscribe();
+        if self.subs.wanted.lock().expect("wanted lock").insert(item.to_string())
+            && let Some(tx) = self.subs.tx.lock().expect("tx lock").as_ref()
+        {
+            let _ = tx.send(WatchRequest {
+                subscribe: vec![item.to_string()],
+                ..Default::default()
+            });
+        }
+        let done = |subs: &Subscriptions| subs.answered.lock().expect("answered lock").contains(item);
+        let answered = tokio::time::timeout(wait, async {
+            loop {
+                if done(&self.subs) {
+                    return;
+                }
+                if answers.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        })
+        .await
+        .is_ok();
+        // An address is looked up when asked, not followed: ask again next
+        // time rather than remember that it was unknown.
+        if item.starts_with("ip:") && answered {
+            self.subs.answered.lock().expect("answered lock").remove(item);
+            self.subs.wanted.lock().expect("wanted lock").remove(item);
+        }
+        answered
     }
 }
 
@@ -225,48 +319,61 @@ fn apply_bundles(bundles: &SharedBundles, snap: &ConfigSnapshot) {
     bundles.store(Arc::new(b));
 }
 
-async fn watch_loop(
+/// The config stream, reconnected after a loss; applies each message to
+/// the config held and publishes the result.
+struct Watch {
     client: LocalClient,
-    mut req: WatchRequest,
-    mut stream: Option<tonic::Streaming<ConfigSnapshot>>,
+    req: WatchRequest,
     tx: watch::Sender<Arc<ConfigSnapshot>>,
     bundles: SharedBundles,
-    shutdown: CancellationToken,
-) {
-    // Every later stream resumes: this component keeps serving from its
-    // last config until the controller it reaches has settled.
-    req.resume = true;
-    let mut backoff = RECONNECT_MIN;
-    loop {
-        if let Some(s) = stream.as_mut() {
-            loop {
-                let msg = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    m = s.message() => m,
-                };
-                match msg {
-                    Ok(Some(snap)) => {
-                        backoff = RECONNECT_MIN;
-                        apply_bundles(&bundles, &snap);
-                        tx.send_replace(Arc::new(snap));
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e.message(), "config stream lost; serving from the last config");
-                        break;
+    subs: Arc<Subscriptions>,
+    held: ConfigSnapshot,
+}
+
+impl Watch {
+    async fn run(mut self, mut stream: Option<tonic::Streaming<ConfigSnapshot>>, shutdown: CancellationToken) {
+        // Every later stream resumes: this component keeps serving from its
+        // last config until the controller it reaches has settled.
+        self.req.resume = true;
+        let mut backoff = RECONNECT_MIN;
+        loop {
+            if let Some(s) = stream.as_mut() {
+                loop {
+                    let msg = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        m = s.message() => m,
+                    };
+                    match msg {
+                        Ok(Some(update)) => {
+                            backoff = RECONNECT_MIN;
+                            let answered = update.answered.clone();
+                            let cluster = !update.delta || update.cluster_changed;
+                            crate::delta::apply(&mut self.held, update);
+                            if cluster {
+                                apply_bundles(&self.bundles, &self.held);
+                            }
+                            self.tx.send_replace(Arc::new(self.held.clone()));
+                            self.subs.answer(&answered);
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e.message(), "config stream lost; serving from the last config");
+                            break;
+                        }
                     }
                 }
             }
-        }
-        stream = None;
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(jittered(backoff)) => {}
-        }
-        backoff = (backoff * 2).min(RECONNECT_MAX);
-        match client.control().watch_config(req.clone()).await {
-            Ok(s) => stream = Some(s.into_inner()),
-            Err(e) => tracing::debug!(error = %error_chain(&e), "controller unreachable"),
+            stream = None;
+            *self.subs.tx.lock().expect("tx lock") = None;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(jittered(backoff)) => {}
+            }
+            backoff = (backoff * 2).min(RECONNECT_MAX);
+            match self.client.control().watch_config(self.subs.open(self.req.clone())).await {
+                Ok(s) => stream = Some(s.into_inner()),
+                Err(e) => tracing::debug!(error = %error_chain(&e), "controller unreachable"),
+            }
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`agent`]: a sidecar's or gateway's link to its controller (SVID
 //!   renewal, the config stream).
 //! - [`token`]: the join token codec (sans-IO).
+//! - [`delta`]: config deltas, applied and computed (sans-IO).
 //! - [`tunnel`]: the header that opens every tunneled stream (sans-IO).
 //! - [`policy`]: the TrafficPolicy document and its validation.
 //! - [`naming`]: `clusterset.local` service names and `ns/name` keys.
@@ -17,6 +18,7 @@
 
 pub mod agent;
 pub mod bundle;
+pub mod delta;
 pub mod grpc;
 pub mod http;
 pub mod identity;

@@ -9,12 +9,17 @@ use isthmus_core::identity::{self, SpiffeId};
 use isthmus_core::naming::ServiceKey;
 use isthmus_proto::admin_server::AdminServer;
 use isthmus_proto::control_server::{Control, ControlServer};
-use isthmus_proto::{CertificateRequest, CertificateResponse, ConfigSnapshot, WatchRequest, watch_request};
+use isthmus_proto::{
+    CertificateRequest, CertificateResponse, ConfigSnapshot, Service, WatchRequest, WatchScope, watch_request,
+};
+use prost::Message;
+use std::collections::HashSet;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::auth;
+use crate::publish::{self, Published, Watcher};
 use crate::shared::{Shared, Svc};
 
 /// Serve Control and Admin on the control port until shutdown.
@@ -59,11 +64,233 @@ impl Control for Svc {
 
     type WatchConfigStream = SnapshotStream;
 
-    async fn watch_config(&self, req: Request<WatchRequest>) -> Result<Response<SnapshotStream>, Status> {
+    async fn watch_config(
+        &self,
+        req: Request<tonic::Streaming<WatchRequest>>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        // The first request registers; the request side may close after it.
+        let (meta, ext, mut inbound) = req.into_parts();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("registration missing"))?;
+        let req = Request::from_parts(meta, ext, first);
+        let credential = self.admit(&req).await?;
+        let WatchRequest {
+            node,
+            resume,
+            subscribe,
+            scope,
+            incremental,
+        } = req.into_inner();
+        let scope = WatchScope::try_from(scope).map_err(|_| Status::invalid_argument("unknown watch scope"))?;
+        let node = node.ok_or_else(|| Status::invalid_argument("registration missing"))?;
+        let shared = self.0.clone();
+        let mut own = None;
+        let id = {
+            let mut reg = shared.registry.lock().expect("registry lock");
+            reg.next_id += 1;
+            let id = reg.next_id;
+            match node {
+                watch_request::Node::Sidecar(mut s) => {
+                    // The identity this sidecar serves with is the one the CA
+                    // issues for its namespace and service account.
+                    s.identity = SpiffeId::new(&shared.cfg.trust_domain, &s.namespace, &s.service_account)
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?
+                        .to_string();
+                    if !s.service.is_empty() {
+                        identity::validate_name(&s.service).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                        own = Some(ServiceKey::new(&s.namespace, &s.service).to_string());
+                    }
+                    tracing::info!(service = %ServiceKey::new(&s.namespace, &s.service), addr = %s.inbound_addr, "sidecar registered");
+                    reg.sidecars.insert(id, s);
+                }
+                watch_request::Node::Gateway(g) => {
+                    tracing::info!(tunnel = %g.tunnel_addr, quic = %g.quic_addr, "gateway registered");
+                    reg.gateway = Some((id, g));
+                }
+            }
+            id
+        };
+        let watcher = shared.hub.add(id, scope);
+        // A sidecar holds its own service (whether it is exported).
+        shared.hub.subscribe(id, &watcher, &own.into_iter().chain(subscribe).collect::<Vec<_>>());
+        shared.metrics.watchers.set(shared.hub.watchers() as i64);
+        shared.changed();
+        let registered = *shared.version.borrow();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let stream = ConfigStream {
+            shared: shared.clone(),
+            id,
+            watcher: watcher.clone(),
+            credential,
+            incremental,
+        };
+        tokio::spawn(async move {
+            // A reconnecting component keeps its last config until this
+            // controller has heard from the rest (Config::settle): a
+            // gateway told now would refuse tunnels to sidecars not yet
+            // back, though they still serve.
+            if resume && !shared.settled() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(shared.settled_at()) => {}
+                    _ = tx.closed() => {}
+                    _ = shared.shutdown.cancelled() => {}
+                }
+            }
+            // Later requests subscribe to more services.
+            let subscriber = {
+                let (shared, watcher) = (shared.clone(), watcher.clone());
+                tokio::spawn(async move {
+                    while let Ok(Some(r)) = inbound.message().await {
+                        shared.hub.subscribe(id, &watcher, &r.subscribe);
+                    }
+                })
+            };
+            stream.run(tx, registered).await;
+            subscriber.abort();
+            // The registration lives as long as the stream.
+            shared.hub.remove(id);
+            shared.metrics.watchers.set(shared.hub.watchers() as i64);
+            let mut reg = shared.registry.lock().expect("registry lock");
+            reg.sidecars.remove(&id);
+            if reg.gateway.as_ref().is_some_and(|(g, _)| *g == id) {
+                reg.gateway = None;
+            }
+            drop(reg);
+            shared.changed();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One config stream: a full snapshot of what is in its scope, then what
+/// changed of it, each time the publisher marks it.
+struct ConfigStream {
+    shared: Arc<Shared>,
+    id: u64,
+    watcher: Arc<Watcher>,
+    credential: Option<String>,
+    incremental: bool,
+}
+
+impl ConfigStream {
+    async fn run(self, tx: tokio::sync::mpsc::Sender<Result<ConfigSnapshot, Status>>, registered: u64) {
+        let shared = &self.shared;
+        // The first snapshot includes this registration.
+        let mut current = shared.hub.current.subscribe();
+        let ready = tokio::select! {
+            r = current.wait_for(|p| p.source >= registered) => r.map(|p| p.clone()).ok(),
+            _ = tx.closed() => None,
+            _ = shared.shutdown.cancelled() => None,
+        };
+        let Some(table) = ready else { return };
+        // Keys this stream has sent (to tell it when one leaves its scope).
+        let mut sent: HashSet<ServiceKey> = HashSet::new();
+        let first = self.take(&table, &mut sent, true);
+        // A stream that is not incremental gets every message whole.
+        let mut whole = first.clone();
+        if !self.send(&tx, first).await {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = self.watcher.wake.notified() => {}
+                _ = tx.closed() => return,
+                _ = shared.shutdown.cancelled() => return,
+            }
+            if let Some(c) = &self.credential
+                && !shared.state.lock().expect("state lock").workloads.contains_key(c)
+            {
+                tracing::warn!(credential = %c, "workload credential revoked: its registration ends");
+                let _ = tx
+                    .send(Err(Status::unauthenticated("the workload credential was revoked")))
+                    .await;
+                return;
+            }
+            let table = shared.hub.current.borrow().clone();
+            let d = self.take(&table, &mut sent, false);
+            if isthmus_core::delta::is_empty(&d) {
+                continue;
+            }
+            let msg = if self.incremental {
+                d
+            } else {
+                isthmus_core::delta::apply(&mut whole, d);
+                whole.clone()
+            };
+            if !self.send(&tx, msg).await {
+                return;
+            }
+        }
+    }
+
+    /// What this stream is owed now: everything in its scope (`full`), or
+    /// the services marked dirty since it last sent.
+    fn take(&self, table: &Published, sent: &mut HashSet<ServiceKey>, full: bool) -> ConfigSnapshot {
+        let dirty = self.watcher.take();
+        let snap = &table.snapshot;
+        let scope = self.watcher.scope;
+        let wanted = |key: &ServiceKey, s: &Service| match scope {
+            WatchScope::Subscribed => self.watcher.holds(key),
+            _ => publish::in_scope(scope, s),
+        };
+        let mut services = Vec::new();
+        let mut removed = Vec::new();
+        if full {
+            for s in &snap.services {
+                let key = ServiceKey::new(&s.namespace, &s.name);
+                if wanted(&key, s) {
+                    services.push(s.clone());
+                    sent.insert(key);
+                }
+            }
+        } else {
+            for key in dirty.keys {
+                match table.service(&key).filter(|s| wanted(&key, s)) {
+                    Some(s) => {
+                        services.push(s.clone());
+                        sent.insert(key);
+                    }
+                    None if sent.remove(&key) => removed.push(key.to_string()),
+                    None => {}
+                }
+            }
+        }
+        let cluster = full || dirty.cluster;
+        ConfigSnapshot {
+            version: snap.version,
+            cluster: snap.cluster.clone(),
+            trust_domain: snap.trust_domain.clone(),
+            bundles: if cluster { snap.bundles.clone() } else { vec![] },
+            services,
+            gateway_tunnel_addr: if cluster {
+                snap.gateway_tunnel_addr.clone()
+            } else {
+                String::new()
+            },
+            peers: if cluster { snap.peers.clone() } else { vec![] },
+            signing_root: if cluster { snap.signing_root.clone() } else { String::new() },
+            delta: !full,
+            removed,
+            cluster_changed: cluster && !full,
+            answered: dirty.answered,
+        }
+    }
+
+    async fn send(&self, tx: &tokio::sync::mpsc::Sender<Result<ConfigSnapshot, Status>>, msg: ConfigSnapshot) -> bool {
+        self.shared.metrics.config_sent(msg.delta, msg.encoded_len());
+        tracing::trace!(stream = self.id, delta = msg.delta, services = msg.services.len(), "config sent");
+        tx.send(Ok(msg)).await.is_ok()
+    }
+}
+
+impl Svc {
+    /// Check a registration: who may register what. Returns the workload
+    /// credential it came with, whose revocation ends it.
+    async fn admit(&self, req: &Request<WatchRequest>) -> Result<Option<String>, Status> {
         // A sidecar registers as its own identity; only the gateway's may
         // register the gateway, whose address every tunnel goes through.
-        // The workload credential it registered with: its revocation ends
-        // the registration.
         let mut credential = None;
         match &req.get_ref().node {
             Some(watch_request::Node::Sidecar(s)) => {
@@ -121,89 +348,6 @@ impl Control for Svc {
             }
             None => {}
         }
-        let WatchRequest { node, resume } = req.into_inner();
-        let node = node.ok_or_else(|| Status::invalid_argument("registration missing"))?;
-        let shared = self.0.clone();
-        let id = {
-            let mut reg = shared.registry.lock().expect("registry lock");
-            reg.next_id += 1;
-            let id = reg.next_id;
-            match node {
-                watch_request::Node::Sidecar(mut s) => {
-                    // The identity this sidecar serves with is the one the CA
-                    // issues for its namespace and service account.
-                    s.identity = SpiffeId::new(&shared.cfg.trust_domain, &s.namespace, &s.service_account)
-                        .map_err(|e| Status::invalid_argument(e.to_string()))?
-                        .to_string();
-                    if !s.service.is_empty() {
-                        identity::validate_name(&s.service).map_err(|e| Status::invalid_argument(e.to_string()))?;
-                    }
-                    tracing::info!(service = %ServiceKey::new(&s.namespace, &s.service), addr = %s.inbound_addr, "sidecar registered");
-                    reg.sidecars.insert(id, s);
-                }
-                watch_request::Node::Gateway(g) => {
-                    tracing::info!(tunnel = %g.tunnel_addr, quic = %g.quic_addr, "gateway registered");
-                    reg.gateway = Some((id, g));
-                }
-            }
-            id
-        };
-        shared.changed();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            // A reconnecting component keeps its last config until this
-            // controller has heard from the rest (Config::settle): a
-            // gateway told now would refuse tunnels to sidecars not yet
-            // back, though they still serve.
-            if resume && !shared.settled() {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(shared.settled_at()) => {}
-                    _ = tx.closed() => {}
-                    _ = shared.shutdown.cancelled() => {}
-                }
-            }
-            let mut version = shared.version.subscribe();
-            // What this component was last sent, its version zeroed: a change
-            // elsewhere (another component, a token, a resent export list)
-            // that leaves its config as it was sends nothing.
-            let mut last: Option<ConfigSnapshot> = None;
-            loop {
-                version.borrow_and_update();
-                if let Some(c) = &credential
-                    && !shared.state.lock().expect("state lock").workloads.contains_key(c)
-                {
-                    tracing::warn!(credential = %c, "workload credential revoked: its registration ends");
-                    let _ = tx
-                        .send(Err(Status::unauthenticated("the workload credential was revoked")))
-                        .await;
-                    break;
-                }
-                let snap = shared.snapshot();
-                let same = ConfigSnapshot {
-                    version: 0,
-                    ..snap.clone()
-                };
-                if last.as_ref() != Some(&same) {
-                    if tx.send(Ok(snap)).await.is_err() {
-                        break;
-                    }
-                    last = Some(same);
-                }
-                tokio::select! {
-                    r = version.changed() => if r.is_err() { break },
-                    _ = tx.closed() => break,
-                    _ = shared.shutdown.cancelled() => break,
-                }
-            }
-            // The registration lives as long as the stream.
-            let mut reg = shared.registry.lock().expect("registry lock");
-            reg.sidecars.remove(&id);
-            if reg.gateway.as_ref().is_some_and(|(g, _)| *g == id) {
-                reg.gateway = None;
-            }
-            drop(reg);
-            shared.changed();
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(credential)
     }
 }

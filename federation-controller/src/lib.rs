@@ -21,6 +21,7 @@ pub mod k8s;
 pub mod metrics;
 mod peering;
 mod peering_service;
+mod publish;
 mod rotation;
 mod shared;
 pub mod snapshot;
@@ -190,6 +191,7 @@ pub(crate) async fn start(
         kube: kube.map(crate::k8s::auth::Reviewer::new),
         started: tokio::time::Instant::now(),
         clusterset_ips: Mutex::new(BTreeMap::new()),
+        hub: Default::default(),
         ca: ArcSwap::from_pointee(ca),
         cfg,
     });
@@ -209,6 +211,7 @@ pub(crate) async fn start(
     )?;
 
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(publish::publisher(shared.clone()));
     tasks.spawn(control::serve_control(shared.clone(), control, control_tls));
     tasks.spawn(peering_service::serve_peering(shared.clone(), peering, peering_tls));
     tasks.spawn(peering::lease_keeper(shared.clone()));

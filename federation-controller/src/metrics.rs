@@ -43,6 +43,17 @@ pub struct Metrics {
     pub unlinks: Counter,
     pub policy_changes: Counter,
     pub injections: Family<ResultLabels, Counter>,
+    pub config_rebuilds: Counter,
+    pub config_rebuild_seconds: Counter<f64, AtomicU64>,
+    pub config_messages: Family<KindLabels, Counter>,
+    pub config_bytes: Family<KindLabels, Counter>,
+    pub watchers: Gauge,
+    pub peering_export_bytes: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,7 +139,45 @@ impl Metrics {
             "Pods the admission webhook was asked about, by result (injected, skipped, error)",
             m.injections.clone(),
         );
+        registry.register(
+            "isthmus_config_rebuilds",
+            "Rebuilds of the service table (one per burst of changes)",
+            m.config_rebuilds.clone(),
+        );
+        registry.register(
+            "isthmus_config_rebuild_seconds",
+            "Time spent rebuilding the service table",
+            m.config_rebuild_seconds.clone(),
+        );
+        registry.register(
+            "isthmus_config_messages",
+            "Config messages sent to sidecars and gateways, by kind (full, delta)",
+            m.config_messages.clone(),
+        );
+        registry.register(
+            "isthmus_config_message_bytes",
+            "Bytes of config sent to sidecars and gateways (protobuf, before framing), by kind (full, delta)",
+            m.config_bytes.clone(),
+        );
+        registry.register(
+            "isthmus_config_streams",
+            "Open config streams (registered sidecars, gateways and tools)",
+            m.watchers.clone(),
+        );
+        registry.register(
+            "isthmus_peering_export_bytes",
+            "Bytes of export lists sent to linked peers (protobuf, before framing)",
+            m.peering_export_bytes.clone(),
+        );
         m
+    }
+
+    pub fn config_sent(&self, delta: bool, bytes: usize) {
+        let kind = KindLabels {
+            kind: if delta { "delta" } else { "full" },
+        };
+        self.config_messages.get_or_create(&kind).inc();
+        self.config_bytes.get_or_create(&kind).inc_by(bytes as u64);
     }
 
     /// Drop the series of a link that no longer exists.

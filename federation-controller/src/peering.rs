@@ -13,6 +13,7 @@ use isthmus_core::unix_now_ms;
 use isthmus_proto::peer_message::Msg;
 use isthmus_proto::peering_client::PeeringClient;
 use isthmus_proto::{BundleUpdate, ExportList, Heartbeat, JoinRequest, LinkResponse, PeerMessage, Unlinked};
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
@@ -270,11 +271,18 @@ async fn run_session(
             snapshot::exports(&state, reg.sidecars.values())
         };
         // Exports wait until the registry has settled (Config::settle).
+        // The first list is whole, later ones only what changed.
         if shared.settled() && last_exports.as_ref() != Some(&exports) {
-            let m = Msg::Exports(ExportList {
-                services: exports.clone(),
-            });
-            if tx.send(PeerMessage { msg: Some(m) }).await.is_err() {
+            let list = match &last_exports {
+                None => ExportList {
+                    services: exports.clone(),
+                    delta: false,
+                    withdrawn: vec![],
+                },
+                Some(before) => snapshot::export_delta(before, &exports),
+            };
+            shared.metrics.peering_export_bytes.inc_by(list.encoded_len() as u64);
+            if tx.send(PeerMessage { msg: Some(Msg::Exports(list)) }).await.is_err() {
                 break;
             }
             last_exports = Some(exports);
@@ -333,9 +341,12 @@ async fn apply(shared: &Shared, peer: &str, m: PeerMessage) {
             else {
                 return;
             };
-            let services = snapshot::sanitize_imports(&td, list.services);
-            let limits = snapshot::check_limits(&services);
             mark(shared, peer, |p| {
+                // The list as the peer sent it, deltas applied: what its
+                // next delta applies to.
+                p.imports.received = snapshot::apply_exports(std::mem::take(&mut p.imports.received), list);
+                let services = snapshot::sanitize_imports(&td, p.imports.received.clone());
+                let limits = snapshot::check_limits(&services);
                 p.last_heartbeat = Some(Instant::now());
                 if !p.imports.live {
                     p.imports.live = true;

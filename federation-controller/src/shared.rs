@@ -83,6 +83,8 @@ pub(crate) struct Shared {
     pub clusterset_ips: Mutex<BTreeMap<isthmus_core::naming::ServiceKey, Vec<String>>>,
     /// When this controller started serving (`Config::settle`).
     pub started: tokio::time::Instant,
+    /// The published service table and who holds what of it.
+    pub hub: crate::publish::Hub,
 }
 
 impl Shared {
@@ -305,6 +307,7 @@ impl Shared {
                 .unwrap_or_default(),
             peers,
             signing_root: ca.signer().fingerprint(),
+            ..Default::default()
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use isthmus_core::naming::ServiceKey;
-use isthmus_proto::{Backend, ExportedService, Service, SidecarRegistration};
+use isthmus_proto::{Backend, ExportList, ExportedService, Service, SidecarRegistration};
 
 use crate::state::State;
 
@@ -20,6 +20,60 @@ pub struct PeerImports {
     /// Why the peer's last export list was refused (over a limit), if it
     /// was; the list before it stays.
     pub problem: Option<String>,
+    /// The peer's list as it sent it (whole, then deltas applied), before
+    /// sanitizing and limits: what its next delta applies to.
+    pub received: Vec<ExportedService>,
+}
+
+/// The longest list `apply_exports` builds: past the limit a list is
+/// refused anyway; this bounds what a peer's deltas can make us hold.
+const MAX_RECEIVED: usize = 2 * MAX_IMPORTED_SERVICES;
+
+fn export_key(e: &ExportedService) -> (&str, &str) {
+    (e.namespace.as_str(), e.name.as_str())
+}
+
+/// The delta from export list `before` to `after` (both sorted by key, as
+/// `exports` builds them).
+pub fn export_delta(before: &[ExportedService], after: &[ExportedService]) -> ExportList {
+    let old: BTreeMap<(&str, &str), &ExportedService> = before.iter().map(|e| (export_key(e), e)).collect();
+    let new: BTreeMap<(&str, &str), &ExportedService> = after.iter().map(|e| (export_key(e), e)).collect();
+    ExportList {
+        services: after
+            .iter()
+            .filter(|e| old.get(&export_key(e)) != Some(e))
+            .cloned()
+            .collect(),
+        delta: true,
+        withdrawn: before
+            .iter()
+            .filter(|e| !new.contains_key(&export_key(e)))
+            .map(|e| format!("{}/{}", e.namespace, e.name))
+            .collect(),
+    }
+}
+
+/// `held` with `list` applied: replaced by a whole list, edited by a delta.
+pub fn apply_exports(held: Vec<ExportedService>, list: ExportList) -> Vec<ExportedService> {
+    if !list.delta {
+        return list.services;
+    }
+    let mut map: BTreeMap<(String, String), ExportedService> = held
+        .into_iter()
+        .map(|e| ((e.namespace.clone(), e.name.clone()), e))
+        .collect();
+    for key in &list.withdrawn {
+        if let Some((ns, name)) = key.split_once('/') {
+            map.remove(&(ns.to_string(), name.to_string()));
+        }
+    }
+    for e in list.services {
+        if map.len() >= MAX_RECEIVED && !map.contains_key(&(e.namespace.clone(), e.name.clone())) {
+            continue;
+        }
+        map.insert((e.namespace.clone(), e.name.clone()), e);
+    }
+    map.into_values().collect()
 }
 
 /// The most services one peer may export to this cluster.
@@ -263,6 +317,43 @@ pub fn sanitize_imports(peer_trust_domain: &str, services: Vec<ExportedService>)
 mod tests {
     use super::*;
     use crate::state::{ExportRecord, LinkRecord};
+
+    fn export(name: &str, endpoints: u32) -> ExportedService {
+        ExportedService {
+            namespace: "demo".into(),
+            name: name.into(),
+            port: 8080,
+            healthy_endpoints: endpoints,
+            ..Default::default()
+        }
+    }
+
+    /// A peer sends its list whole once, then only what changed; applying
+    /// the deltas rebuilds the list exactly.
+    #[test]
+    fn export_deltas_carry_the_change_only() {
+        let before = vec![export("a", 1), export("b", 1), export("c", 1)];
+        let after = vec![export("b", 2), export("c", 1), export("d", 1)];
+        let d = export_delta(&before, &after);
+        assert!(d.delta);
+        let names: Vec<&str> = d.services.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["b", "d"]);
+        assert_eq!(d.withdrawn, ["demo/a"]);
+        let whole = ExportList {
+            services: before.clone(),
+            ..Default::default()
+        };
+        let held = apply_exports(vec![export("stale", 9)], whole);
+        assert_eq!(held, before);
+        assert_eq!(apply_exports(held, d), after);
+        // Deltas cannot grow what is held without bound.
+        let flood = ExportList {
+            services: (0..3 * MAX_IMPORTED_SERVICES).map(|i| export(&format!("s{i}"), 1)).collect(),
+            delta: true,
+            withdrawn: vec![],
+        };
+        assert_eq!(apply_exports(vec![], flood).len(), MAX_RECEIVED);
+    }
 
     /// A live peer's imports.
     fn live(services: Vec<ExportedService>) -> PeerImports {

@@ -48,7 +48,7 @@ async fn start_in(
 
 /// Register with `req` and return the config stream.
 async fn watch(c: &LocalClient, req: WatchRequest) -> tonic::Streaming<isthmus_proto::ConfigSnapshot> {
-    c.control().watch_config(req).await.unwrap().into_inner()
+    c.control().watch_config(tokio_stream::once(req)).await.unwrap().into_inner()
 }
 
 fn echo_sidecar() -> WatchRequest {
@@ -64,6 +64,7 @@ fn echo_sidecar() -> WatchRequest {
             service_account: "echo".into(),
         })),
         resume: false,
+        ..Default::default()
     }
 }
 
@@ -118,8 +119,8 @@ async fn reconnecting_components_wait_for_the_registry_to_settle() {
     };
     let dir = tempfile::tempdir().unwrap();
     let (east, stop) = start_in(dir.path(), "east", |c| c.settle = Duration::from_secs(60)).await;
-    let mut resumed = east.control().watch_config(resume()).await.unwrap().into_inner();
-    let mut fresh = east.control().watch_config(echo_sidecar()).await.unwrap().into_inner();
+    let mut resumed = east.control().watch_config(tokio_stream::once(resume())).await.unwrap().into_inner();
+    let mut fresh = east.control().watch_config(tokio_stream::once(echo_sidecar())).await.unwrap().into_inner();
     let snap = fresh.message().await.unwrap().unwrap();
     // Both registrations count at once, though one is not told yet.
     let echo = snap.services.iter().find(|s| s.name == "echo").expect("echo");
@@ -134,7 +135,7 @@ async fn reconnecting_components_wait_for_the_registry_to_settle() {
     // Settled: a resuming component is served at once.
     let dir = tempfile::tempdir().unwrap();
     let (east, stop) = start_in(dir.path(), "east", |c| c.settle = Duration::ZERO).await;
-    let mut resumed = east.control().watch_config(resume()).await.unwrap().into_inner();
+    let mut resumed = east.control().watch_config(tokio_stream::once(resume())).await.unwrap().into_inner();
     let snap = tokio::time::timeout(Duration::from_secs(30), resumed.message())
         .await
         .expect("settled, yet the resuming component waits")
@@ -160,7 +161,7 @@ async fn a_registration_cannot_point_the_gateway_elsewhere() {
             s.inbound_addr = addr.into();
             s.port = port;
         }
-        let err = east.client.control().watch_config(req).await.unwrap_err();
+        let err = east.client.control().watch_config(tokio_stream::once(req)).await.unwrap_err();
         assert_eq!(err.code(), code, "{addr} {port}: {err:?}");
     }
     assert!(status(&east).await.services.is_empty());
@@ -185,7 +186,7 @@ async fn only_changed_config_is_pushed() {
     if let Some(watch_request::Node::Sidecar(s)) = second.node.as_mut() {
         s.inbound_addr = "127.0.0.1:2".into();
     }
-    let _second = east.client.control().watch_config(second).await.unwrap();
+    let _second = east.client.control().watch_config(tokio_stream::once(second)).await.unwrap();
     let next = stream.message().await.unwrap().unwrap();
     assert_eq!(next.services[0].backends[0].healthy_endpoints, 2, "{next:?}");
 }
@@ -494,8 +495,9 @@ async fn workload_credentials_are_bound_to_one_identity() {
     let gateway = WatchRequest {
         node: Some(watch_request::Node::Gateway(Default::default())),
         resume: false,
+        ..Default::default()
     };
-    let err = echo.control().watch_config(gateway).await.unwrap_err();
+    let err = echo.control().watch_config(tokio_stream::once(gateway)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     let mut registered = watch(&echo, echo_sidecar()).await;
     registered.message().await.unwrap().unwrap();
@@ -505,7 +507,7 @@ async fn workload_credentials_are_bound_to_one_identity() {
     if let Some(watch_request::Node::Sidecar(s)) = other.node.as_mut() {
         s.service = "billing".into();
     }
-    let err = echo.control().watch_config(other).await.unwrap_err();
+    let err = echo.control().watch_config(tokio_stream::once(other)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 
     let err = echo.admin().status(StatusRequest {}).await.unwrap_err();
@@ -567,7 +569,7 @@ async fn exports_reach_directly_linked_peers_only() {
     let _echo = east
         .client
         .control()
-        .watch_config(echo_sidecar())
+        .watch_config(tokio_stream::once(echo_sidecar()))
         .await
         .unwrap()
         .into_inner();
@@ -590,10 +592,10 @@ async fn import_scopes_decide_what_joins_a_local_service() {
     let east = controller("east").await;
     let west = controller("west").await;
     link(&west, &east).await;
-    let _east_echo = east.client.control().watch_config(echo_sidecar()).await.unwrap();
+    let _east_echo = east.client.control().watch_config(tokio_stream::once(echo_sidecar())).await.unwrap();
     export_echo(&east.client).await;
     // West runs echo too, and has not exported it.
-    let _west_echo = west.client.control().watch_config(echo_sidecar()).await.unwrap();
+    let _west_echo = west.client.control().watch_config(tokio_stream::once(echo_sidecar())).await.unwrap();
     let backends = |s: &StatusResponse| -> Vec<String> {
         s.services
             .iter()
@@ -729,7 +731,7 @@ async fn imports_follow_the_lease() {
     let east_dir = tempfile::tempdir().unwrap();
     let (east, east_stop) = start_in(east_dir.path(), "east", |_| {}).await;
     let peering = east.info.peering_addr.clone();
-    let register = |c: LocalClient| async move { c.control().watch_config(echo_sidecar()).await.unwrap().into_inner() };
+    let register = |c: LocalClient| async move { c.control().watch_config(tokio_stream::once(echo_sidecar())).await.unwrap().into_inner() };
     let _echo = register(east.clone()).await;
     let tok = create_token(&east, 60, 0).await;
     west.admin().link(LinkRequest { token: tok.token }).await.unwrap();
@@ -759,4 +761,97 @@ async fn imports_follow_the_lease() {
     .await;
     let _echo = register(east).await;
     wait(true, "echo restored").await;
+}
+
+/// Registration of `demo/<service>` at `addr` (a full, non-incremental stream).
+fn sidecar_of(service: &str, addr: &str) -> WatchRequest {
+    let mut req = echo_sidecar();
+    if let Some(watch_request::Node::Sidecar(s)) = &mut req.node {
+        s.service = service.into();
+        s.service_account = service.into();
+        s.inbound_addr = addr.into();
+    }
+    req
+}
+
+async fn next(s: &mut tonic::Streaming<isthmus_proto::ConfigSnapshot>) -> isthmus_proto::ConfigSnapshot {
+    tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("a config message in time")
+        .unwrap()
+        .expect("the stream is open")
+}
+
+/// A sidecar that subscribes holds only its own service and those it asked
+/// for, and hears only what changed of them: a change to a service it does
+/// not use sends it nothing.
+#[tokio::test]
+async fn subscribed_streams_carry_only_their_services_and_only_what_changed() {
+    use isthmus_proto::WatchScope;
+    let east = controller("east").await;
+    let _echo = watch(&east.client, sidecar_of("echo", "127.0.0.1:1")).await;
+    let _db = watch(&east.client, sidecar_of("db", "127.0.0.1:2")).await;
+
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tx.send(WatchRequest {
+        node: Some(watch_request::Node::Sidecar(SidecarRegistration {
+            namespace: "demo".into(),
+            service_account: "client".into(),
+            ..Default::default()
+        })),
+        scope: WatchScope::Subscribed.into(),
+        incremental: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut client = east
+        .client
+        .control()
+        .watch_config(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut client).await;
+    assert!(!first.delta);
+    assert!(first.services.is_empty(), "{:?}", first.services);
+    assert!(!first.bundles.is_empty());
+
+    tx.send(WatchRequest {
+        subscribe: vec!["demo/echo".into(), "demo/nothing".into()],
+        ..Default::default()
+    })
+    .unwrap();
+    let m = next(&mut client).await;
+    assert!(m.delta && !m.cluster_changed && m.bundles.is_empty());
+    let names: Vec<&str> = m.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["echo"]);
+    assert_eq!(m.answered, ["demo/echo", "demo/nothing"]);
+
+    // db changes first, then echo: only echo's change arrives.
+    let _db2 = watch(&east.client, sidecar_of("db", "127.0.0.1:3")).await;
+    let echo2 = watch(&east.client, sidecar_of("echo", "127.0.0.1:4")).await;
+    let m = next(&mut client).await;
+    let names: Vec<&str> = m.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["echo"]);
+    assert_eq!(m.services[0].backends[0].addresses.len(), 2);
+
+    // Withdrawn: both endpoints gone.
+    drop(_echo);
+    drop(echo2);
+    let mut removed = Vec::new();
+    for _ in 0..3 {
+        let m = next(&mut client).await;
+        assert!(m.services.iter().all(|s| s.name == "echo"));
+        removed = m.removed;
+        if !removed.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(removed, ["demo/echo"]);
+
+    // A service subscribed to before it exists reaches the subscriber.
+    let _nothing = watch(&east.client, sidecar_of("nothing", "127.0.0.1:5")).await;
+    let m = next(&mut client).await;
+    let names: Vec<&str> = m.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["nothing"]);
 }

@@ -141,7 +141,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
         cfg.credential.as_ref(),
         SYSTEM_NAMESPACE,
         "gateway",
-        node,
+        // A gateway admits tunnels to exported services only: it holds
+        // nothing of the rest.
+        isthmus_core::agent::Registration {
+            node,
+            scope: isthmus_proto::WatchScope::Exported,
+        },
         config::CONTROLLER_WAIT,
         shutdown.clone(),
     )

@@ -17,6 +17,15 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Outbound requests in flight at once to one service.
 pub const DEFAULT_MAX_REQUESTS_PER_SERVICE: usize = 1_000;
+/// How long the first call to a service waits for the controller to tell
+/// this sidecar about it (its subscription's answer); a sidecar learns a
+/// service when it is first called, and holds nothing of the rest.
+pub const LEARN_WAIT: Duration = Duration::from_secs(2);
+/// How long a DNS answer waits for the listener on the service's port.
+pub const PORT_WAIT: Duration = Duration::from_secs(1);
+/// How long a connection to an address that is no ClusterSet IP skips the
+/// controller's lookup (transparent mode).
+pub const IP_MISS_TTL: Duration = Duration::from_secs(30);
 /// How long a starting sidecar waits for its controller to come up.
 pub const CONTROLLER_WAIT: Duration = Duration::from_secs(30);
 

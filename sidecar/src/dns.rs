@@ -77,15 +77,46 @@ pub fn answer(packet: &[u8], resolve: impl Fn(&ServiceName) -> Option<IpAddr>) -
     reply.to_vec().ok()
 }
 
-/// Serve DNS over UDP and TCP on `addr` (both bound to the same port).
-pub type Resolve = Arc<dyn Fn(&ServiceName) -> Option<IpAddr> + Send + Sync>;
+/// What the DNS answers with: `resolve` decides from what is held now;
+/// `prepare` first learns a name not held yet (asks the controller).
+pub trait Names: Send + Sync + 'static {
+    fn prepare<'a>(&'a self, name: &'a ServiceName) -> futures::future::BoxFuture<'a, ()>;
+    fn resolve(&self, name: &ServiceName) -> Option<IpAddr>;
+}
 
+pub type Resolve = Arc<dyn Names>;
+
+/// Queries waiting on `prepare` at once; past this a query is answered
+/// from what is held (a flood of made-up names cannot pile up tasks).
+pub const MAX_PREPARING: usize = 256;
+
+/// The service a query names, if it is one not answerable yet.
+fn to_learn(packet: &[u8], names: &dyn Names) -> Option<ServiceName> {
+    let query = Message::from_vec(packet).ok()?;
+    let [q] = query.queries.as_slice() else { return None };
+    let host = q.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+    ServiceName::parse(&host).filter(|s| names.resolve(s).is_none())
+}
+
+/// The reply to `packet`, learning the name it asks for first if need be.
+async fn reply(packet: &[u8], names: &dyn Names, preparing: &tokio::sync::Semaphore) -> Option<Vec<u8>> {
+    if let Some(name) = to_learn(packet, names)
+        && let Ok(_permit) = preparing.try_acquire()
+    {
+        names.prepare(&name).await;
+    }
+    answer(packet, |s| names.resolve(s))
+}
+
+/// Serve DNS over UDP and TCP on `addr` (both bound to the same port).
 pub async fn serve(addr: SocketAddr, resolve: Resolve, stop: CancellationToken) -> std::io::Result<SocketAddr> {
-    let udp = UdpSocket::bind(addr).await?;
+    let udp = Arc::new(UdpSocket::bind(addr).await?);
     let bound = udp.local_addr()?;
     let tcp = TcpListener::bind(bound).await?;
     let k = resolve.clone();
     let s = stop.clone();
+    let preparing = Arc::new(tokio::sync::Semaphore::new(MAX_PREPARING));
+    let p = preparing.clone();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
         loop {
@@ -93,9 +124,21 @@ pub async fn serve(addr: SocketAddr, resolve: Resolve, stop: CancellationToken) 
                 _ = s.cancelled() => return,
                 r = udp.recv_from(&mut buf) => match r { Ok(r) => r, Err(_) => continue },
             };
-            if let Some(reply) = answer(&buf[..n], |s| k(s)) {
-                let _ = udp.send_to(&reply, from).await;
+            let packet = buf[..n].to_vec();
+            if to_learn(&packet, &*k).is_none() {
+                if let Some(reply) = answer(&packet, |s| k.resolve(s)) {
+                    let _ = udp.send_to(&reply, from).await;
+                }
+                continue;
             }
+            // A name to learn first: answered from its own task, so the
+            // others are not held up.
+            let (udp, k, p) = (udp.clone(), k.clone(), p.clone());
+            tokio::spawn(async move {
+                if let Some(reply) = reply(&packet, &*k, &p).await {
+                    let _ = udp.send_to(&reply, from).await;
+                }
+            });
         }
     });
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
@@ -105,6 +148,7 @@ pub async fn serve(addr: SocketAddr, resolve: Resolve, stop: CancellationToken) 
                 continue;
             };
             let resolve = resolve.clone();
+            let preparing = preparing.clone();
             tokio::spawn(async move {
                 let _slot = slot;
                 // TCP DNS: each message is preceded by its length (RFC 1035 4.2.2).
@@ -119,7 +163,7 @@ pub async fn serve(addr: SocketAddr, resolve: Resolve, stop: CancellationToken) 
                     ) {
                         return;
                     }
-                    let Some(reply) = answer(&msg, |s| resolve(s)) else {
+                    let Some(reply) = reply(&msg, &*resolve, &preparing).await else {
                         return;
                     };
                     let Ok(len) = u16::try_from(reply.len()) else { return };
@@ -142,7 +186,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn tcp_connections_are_capped_and_idle_ones_closed() {
         let stop = CancellationToken::new();
-        let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::new(|_| None), stop.clone())
+        struct Nothing;
+        impl Names for Nothing {
+            fn prepare<'a>(&'a self, _: &'a ServiceName) -> futures::future::BoxFuture<'a, ()> {
+                Box::pin(async {})
+            }
+            fn resolve(&self, _: &ServiceName) -> Option<IpAddr> {
+                None
+            }
+        }
+        let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::new(Nothing), stop.clone())
             .await
             .unwrap();
         let mut held = Vec::new();

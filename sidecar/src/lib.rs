@@ -45,13 +45,13 @@ mod upgrade;
 pub mod vip;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use isthmus_core::agent::{Agent, AgentError};
 use isthmus_core::identity::{SpiffeId, validate_name};
 use isthmus_core::local::ClusterDir;
-use isthmus_core::naming::ServiceName;
+use isthmus_core::naming::{ServiceKey, ServiceName};
 use isthmus_core::tls::{self, ClientAuth};
 use isthmus_proto::{SidecarRegistration, watch_request};
 use tokio_util::sync::CancellationToken;
@@ -111,6 +111,10 @@ struct Sidecar {
     otlp: Option<otlp::Exporter>,
     /// Transparent mode: each known service's virtual IP.
     vips: arc_swap::ArcSwap<vip::Vips>,
+    /// Service ports `ports::follow` has tried to listen on (open or not).
+    ports_tried: tokio::sync::watch::Sender<std::collections::BTreeSet<u16>>,
+    /// Addresses the controller said are no ClusterSet IP, and when.
+    ip_misses: Mutex<std::collections::HashMap<std::net::IpAddr, Instant>>,
 }
 
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, SidecarError> {
@@ -137,7 +141,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
         cfg.credential.as_ref(),
         &cfg.namespace,
         &cfg.service_account,
-        node,
+        // Services are subscribed to as they are first called (`Sidecar::
+        // known`): a sidecar holds nothing of a service it never calls.
+        isthmus_core::agent::Registration {
+            node,
+            scope: isthmus_proto::WatchScope::Subscribed,
+        },
         config::CONTROLLER_WAIT,
         shutdown.clone(),
     )
@@ -185,6 +194,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
         agent,
         cfg,
         vips: Default::default(),
+        ports_tried: Default::default(),
+        ip_misses: Default::default(),
     });
     tracing::info!(%id, %inbound_addr, %outbound_addr, app = ?sc.cfg.serve.as_ref().map(|s| s.app), "sidecar ready");
 
@@ -193,8 +204,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     }
     let mut dns_addr = None;
     if let Some(addr) = sc.cfg.dns_addr {
-        let resolver = sc.clone();
-        let resolve: dns::Resolve = Arc::new(move |name: &ServiceName| resolver.resolve(name, outbound_addr.ip()));
+        let resolve: dns::Resolve = Arc::new(Names {
+            sc: sc.clone(),
+            ip: outbound_addr.ip(),
+        });
         dns_addr = Some(
             dns::serve(addr, resolve, shutdown.clone())
                 .await
@@ -230,13 +243,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
 async fn follow_vips(sc: Arc<Sidecar>, stop: CancellationToken) {
     let mut rx = sc.agent.config.clone();
     loop {
-        let keys: Vec<isthmus_core::naming::ServiceKey> = rx
-            .borrow_and_update()
-            .services
-            .iter()
-            .map(|s| isthmus_core::naming::ServiceKey::new(&s.namespace, &s.name))
-            .collect();
-        sc.vips.store(Arc::new(vip::Vips::allocate(&keys)));
+        rx.borrow_and_update();
+        sc.refresh_vips();
         tokio::select! {
             _ = stop.cancelled() => return,
             r = rx.changed() => if r.is_err() { return },
@@ -244,19 +252,71 @@ async fn follow_vips(sc: Arc<Sidecar>, stop: CancellationToken) {
     }
 }
 
+/// What the sidecar's DNS answers with.
+struct Names {
+    sc: Arc<Sidecar>,
+    /// The outbound address, where the service ports listen.
+    ip: std::net::IpAddr,
+}
+
+impl dns::Names for Names {
+    fn prepare<'a>(&'a self, name: &'a ServiceName) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let key = name.key();
+            self.sc.learn(&key).await;
+            if self.sc.cfg.transparent {
+                self.sc.refresh_vips();
+                return;
+            }
+            // The answer is only good once the port listens.
+            let Some(port) = self.sc.port_of(&key) else { return };
+            let mut tried = self.sc.ports_tried.subscribe();
+            let _ = tokio::time::timeout(config::PORT_WAIT, tried.wait_for(|t| t.contains(&port))).await;
+        })
+    }
+
+    fn resolve(&self, name: &ServiceName) -> Option<std::net::IpAddr> {
+        self.sc.resolve(name, self.ip)
+    }
+}
+
 impl Sidecar {
-    /// The address DNS gives a service name: its virtual IP in transparent
-    /// mode, else the outbound address (`ip`), where it listens on every
-    /// service port; `None` for a service nobody serves or exports.
-    fn resolve(&self, name: &ServiceName, ip: std::net::IpAddr) -> Option<std::net::IpAddr> {
-        let known = self
+    /// Whether this sidecar holds `key`'s service now.
+    fn knows(&self, key: &ServiceKey) -> bool {
+        self.port_of(key).is_some()
+    }
+
+    fn port_of(&self, key: &ServiceKey) -> Option<u16> {
+        let snap = self.agent.config.borrow();
+        isthmus_core::delta::find(&snap, &key.namespace, &key.name).and_then(|s| u16::try_from(s.port).ok())
+    }
+
+    /// Before the first call to a service: subscribe to it and wait (up to
+    /// `LEARN_WAIT`) for the controller's answer. Afterwards, free.
+    pub(crate) async fn learn(&self, key: &ServiceKey) {
+        if !self.knows(key) && !self.agent.ensure(&key.to_string(), config::LEARN_WAIT).await {
+            tracing::warn!(service = %key, "the controller did not answer for this service in time");
+        }
+    }
+
+    /// Give every held service a virtual IP, keeping those already given.
+    fn refresh_vips(&self) {
+        let keys: Vec<ServiceKey> = self
             .agent
             .config
             .borrow()
             .services
             .iter()
-            .any(|s| s.namespace == name.namespace && s.name == name.name);
-        if !known {
+            .map(|s| ServiceKey::new(&s.namespace, &s.name))
+            .collect();
+        self.vips.rcu(|v| Arc::new(v.extended(&keys)));
+    }
+
+    /// The address DNS gives a service name: its virtual IP in transparent
+    /// mode, else the outbound address (`ip`), where it listens on every
+    /// service port; `None` for a service nobody serves or exports.
+    fn resolve(&self, name: &ServiceName, ip: std::net::IpAddr) -> Option<std::net::IpAddr> {
+        if !self.knows(&name.key()) {
             return None;
         }
         if self.cfg.transparent {
@@ -276,13 +336,39 @@ impl Sidecar {
                 .services
                 .iter()
                 .find(|s| s.clusterset_ips.contains(&text))
-                .map(|s| isthmus_core::naming::ServiceKey::new(&s.namespace, &s.name))
+                .map(|s| ServiceKey::new(&s.namespace, &s.name))
         })?;
         Some(ServiceName {
             cluster: None,
             namespace: key.namespace,
             name: key.name,
         })
+    }
+
+    /// `service_at`, asking the controller about an address not held yet
+    /// (a ClusterSet IP dialled without a DNS lookup through this
+    /// sidecar); an address it says is none is not asked about again for
+    /// `IP_MISS_TTL`.
+    pub(crate) async fn service_at_learning(&self, ip: std::net::IpAddr) -> Option<ServiceName> {
+        if let Some(name) = self.service_at(ip) {
+            return Some(name);
+        }
+        let now = Instant::now();
+        {
+            let mut misses = self.ip_misses.lock().expect("ip misses lock");
+            if misses.get(&ip).is_some_and(|t| now.duration_since(*t) < config::IP_MISS_TTL) {
+                return None;
+            }
+            if misses.len() >= 4096 {
+                misses.clear();
+            }
+        }
+        self.agent.ensure(&format!("ip:{ip}"), config::LEARN_WAIT).await;
+        let found = self.service_at(ip);
+        if found.is_none() {
+            self.ip_misses.lock().expect("ip misses lock").insert(ip, now);
+        }
+        found
     }
 
     /// Route `name:port` (see `Router::route`) on the current config, and

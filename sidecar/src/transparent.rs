@@ -66,7 +66,13 @@ pub(crate) async fn serve(sc: Arc<Sidecar>, listener: TcpListener, stop: Cancell
         };
         let sc = sc.clone();
         tokio::spawn(async move {
-            let dest = classify(original_dst(&tcp), local, |ip| sc.service_at(ip));
+            let original = original_dst(&tcp);
+            // An address not held yet may be a ClusterSet IP: ask first.
+            let learned = match original {
+                Some(o) if !o.ip().is_loopback() => sc.service_at_learning(o.ip()).await,
+                _ => None,
+            };
+            let dest = classify(original, local, |_| learned.clone());
             match dest {
                 Dest::Proxy => crate::outbound::serve_http(sc, tcp, slot).await,
                 Dest::Mesh { name, port } => crate::ports::carry(sc, tcp, port, Some(name), slot).await,

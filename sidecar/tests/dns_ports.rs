@@ -149,6 +149,12 @@ async fn unchanged_clients_resolve_names_and_dial_http_and_opaque_ports() {
     assert!(raw.ends_with("hello over http"), "{raw}");
 
     // A client-first protocol that is not HTTP: carried opaque, by port.
+    // A service's port listens once its name was first looked up (the
+    // sidecar learns services as they are used).
+    for name in ["store", "mail"] {
+        let r = resolve(dns, &format!("{name}.demo.svc.clusterset.local.")).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    }
     let mut s = dial(&format!("{CLIENT_IP}:7379")).await;
     s.write_all(b"*1\r\n$4\r\nping\r\n").await.unwrap();
     assert_eq!(read_some(&mut s).await, "*1\r\n$4\r\nPING\r\n");

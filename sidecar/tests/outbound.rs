@@ -236,7 +236,7 @@ async fn dead_endpoint(dir: &std::path::Path) -> tonic::Streaming<isthmus_proto:
     drop(dead);
     let ctl = ClusterDir::new(dir).connect().await.unwrap();
     ctl.control()
-        .watch_config(isthmus_proto::WatchRequest {
+        .watch_config(tokio_stream::once(isthmus_proto::WatchRequest {
             node: Some(isthmus_proto::watch_request::Node::Sidecar(
                 isthmus_proto::SidecarRegistration {
                     namespace: "demo".into(),
@@ -249,7 +249,8 @@ async fn dead_endpoint(dir: &std::path::Path) -> tonic::Streaming<isthmus_proto:
                 },
             )),
             resume: false,
-        })
+            ..Default::default()
+        }))
         .await
         .unwrap()
         .into_inner()

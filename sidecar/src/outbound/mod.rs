@@ -135,6 +135,7 @@ async fn forward(
     let name = ServiceName::parse(&host).ok_or_else(|| ProxyError::NotMeshName(host.clone()))?;
     let key = name.key();
     labels.destination_service = key.to_string();
+    sc.learn(&key).await;
     let _slot = sc
         .limits
         .reserve(&key, &sc.metrics)
