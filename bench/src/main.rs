@@ -2,10 +2,13 @@
 //! in one run on one machine. See docs/benchmarks.md for what each figure
 //! means; `scripts/bench` builds, runs this and draws the chart.
 
+mod haproxy;
 mod hedge;
 mod load;
+mod loss;
 mod procs;
 mod report;
+mod scale;
 mod stunnel;
 mod upstream;
 
@@ -37,6 +40,12 @@ enum Cmd {
     /// Hedging: p50/p99 of a service with a slow endpoint, or slow
     /// answers, without and with a TrafficPolicy `hedge`, side by side.
     Hedge(hedge::HedgeArgs),
+    /// The cross-cluster hop under packet loss and added round-trip time:
+    /// the QUIC tunnel against the stunnel pair (needs root, for nftables).
+    Loss(loss::LossArgs),
+    /// The control plane at scale: controllers in a full mesh, thousands of
+    /// services, endpoint churn; how fast and how cheaply changes travel.
+    Scale(scale::ScaleArgs),
     /// The benchmark's application server (started by `run`).
     Upstream {
         #[arg(long)]
@@ -89,6 +98,9 @@ pub struct RunArgs {
     /// Leave out the stunnel baseline (if stunnel is not installed).
     #[arg(long)]
     no_stunnel: bool,
+    /// Leave out the HAProxy pair (if haproxy is not installed).
+    #[arg(long)]
+    no_haproxy: bool,
     /// Measure only these paths besides direct (stunnel, intra, cross).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -176,6 +188,12 @@ fn main() -> anyhow::Result<()> {
             )),
         Cmd::Run(args) => run(args),
         Cmd::Hedge(args) => hedge::run(args),
+        Cmd::Loss(args) => loss::run(args),
+        Cmd::Scale(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(scale::run(args)),
     }
 }
 
@@ -245,6 +263,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         )?)
     };
 
+    let haproxy_dir = root.join("haproxy");
+    std::fs::create_dir_all(&haproxy_dir)?;
+    let l7 = if args.no_haproxy {
+        None
+    } else {
+        Some(haproxy::start(
+            &haproxy_dir,
+            &format!("{BASE}.3"),
+            &format!("{BASE}.4"),
+            upstream,
+        )?)
+    };
+
     let mesh = |c: &Component| -> anyhow::Result<Target> {
         Ok(Target {
             addr: c.addr("outbound").parse()?,
@@ -269,6 +300,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 host: upstream.to_string(),
             },
             procs: vec![("stunnel client", t.client.id()), ("stunnel server", t.server.id())],
+        });
+    }
+    if let Some(h) = &l7 {
+        paths.push(Path {
+            name: "haproxy",
+            label: "HAProxy mTLS h2 pair",
+            target: Target {
+                addr: h.entry,
+                host: upstream.to_string(),
+            },
+            procs: vec![("haproxy client", h.client.id()), ("haproxy server", h.server.id())],
         });
     }
     paths.push(Path {

@@ -26,20 +26,10 @@ impl Drop for Stunnel {
     }
 }
 
-/// A port free on `ip` now; stunnel cannot be told to bind port 0 and
-/// report it, so this is the one place the harness picks a port.
-fn free_port(ip: &str) -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind((ip, 0))?.local_addr()?)
-}
-
-pub fn binary() -> Option<&'static str> {
-    ["/usr/bin/stunnel4", "/usr/bin/stunnel"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-}
-
-pub fn start(dir: &Path, ip_client: &str, ip_server: &str, upstream: SocketAddr) -> anyhow::Result<Stunnel> {
-    let bin = binary().context("stunnel is not installed (apt-get install stunnel4)")?;
+/// A CA, and a client and a server certificate it signs (names `client`
+/// and `server`): `ca.pem`, `<name>.pem`, `<name>.key` in `dir`. The
+/// baselines' ends authenticate each other with them.
+pub fn certs(dir: &Path) -> anyhow::Result<()> {
     let alg = &rcgen::PKCS_ECDSA_P256_SHA256;
     let ca_key = KeyPair::generate_for(alg)?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
@@ -59,13 +49,44 @@ pub fn start(dir: &Path, ip_client: &str, ip_server: &str, upstream: SocketAddr)
         std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
         std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem())?;
     }
+    Ok(())
+}
+
+/// A port free on `ip` now; stunnel cannot be told to bind port 0 and
+/// report it, so this is the one place the harness picks a port.
+pub fn free_port(ip: &str) -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind((ip, 0))?.local_addr()?)
+}
+
+pub fn binary() -> Option<&'static str> {
+    ["/usr/bin/stunnel4", "/usr/bin/stunnel"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+}
+
+pub fn start(dir: &Path, ip_client: &str, ip_server: &str, upstream: SocketAddr) -> anyhow::Result<Stunnel> {
+    start_via(dir, ip_client, ip_server, upstream, Ok)
+}
+
+/// As `start`, with the client end dialling `via(middle)` instead of the
+/// server end's address `middle` (a relay that adds delay).
+pub fn start_via(
+    dir: &Path,
+    ip_client: &str,
+    ip_server: &str,
+    upstream: SocketAddr,
+    via: impl FnOnce(SocketAddr) -> anyhow::Result<SocketAddr>,
+) -> anyhow::Result<Stunnel> {
+    let bin = binary().context("stunnel is not installed (apt-get install stunnel4)")?;
+    certs(dir)?;
     let entry = free_port(ip_client)?;
     let middle = free_port(ip_server)?;
+    let hop = via(middle)?;
     let d = dir.display();
     let common =
         "foreground = yes\npid =\nsyslog = no\ndebug = warning\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n";
     let client = format!(
-        "{common}[tunnel]\nclient = yes\naccept = {entry}\nconnect = {middle}\ncert = {d}/client.pem\n\
+        "{common}[tunnel]\nclient = yes\naccept = {entry}\nconnect = {hop}\ncert = {d}/client.pem\n\
          key = {d}/client.key\nCAfile = {d}/ca.pem\nverifyChain = yes\ncheckHost = server\nsslVersionMin = TLSv1.3\n"
     );
     let server = format!(

@@ -9,14 +9,14 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Mutex;
 
 use isthmus_proto::{CertificateRequest, ConfigSnapshot, WatchRequest, WatchScope, watch_request};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
 use tokio::sync::watch;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::bundle::TrustBundles;
@@ -132,7 +132,10 @@ impl Subscriptions {
         if items.is_empty() {
             return;
         }
-        self.answered.lock().expect("answered lock").extend(items.iter().cloned());
+        self.answered
+            .lock()
+            .expect("answered lock")
+            .extend(items.iter().cloned());
         self.answers.send_modify(|n| *n += 1);
     }
 }
@@ -370,7 +373,12 @@ impl Watch {
                 _ = tokio::time::sleep(jittered(backoff)) => {}
             }
             backoff = (backoff * 2).min(RECONNECT_MAX);
-            match self.client.control().watch_config(self.subs.open(self.req.clone())).await {
+            match self
+                .client
+                .control()
+                .watch_config(self.subs.open(self.req.clone()))
+                .await
+            {
                 Ok(s) => stream = Some(s.into_inner()),
                 Err(e) => tracing::debug!(error = %error_chain(&e), "controller unreachable"),
             }

@@ -40,7 +40,9 @@ pub fn apply(held: &mut ConfigSnapshot, update: ConfigSnapshot) {
         held.signing_root = update.signing_root;
     }
     for key in &update.removed {
-        let Some((ns, name)) = key.split_once('/') else { continue };
+        let Some((ns, name)) = key.split_once('/') else {
+            continue;
+        };
         if let Ok(i) = held.services.binary_search_by(|s| by_key(s, ns, name)) {
             held.services.remove(i);
         }
@@ -164,7 +166,12 @@ mod tests {
     #[test]
     fn a_diff_applied_gives_the_target() {
         let from = snap(vec![svc("a", "x", 1), svc("b", "y", 2), svc("c", "z", 3)]);
-        let mut to = snap(vec![svc("a", "w", 9), svc("b", "y", 20), svc("c", "z", 3), svc("d", "v", 4)]);
+        let mut to = snap(vec![
+            svc("a", "w", 9),
+            svc("b", "y", 20),
+            svc("c", "z", 3),
+            svc("d", "v", 4),
+        ]);
         to.version = 7;
         to.peers = vec![Peer {
             cluster: "west".into(),

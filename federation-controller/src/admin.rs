@@ -77,11 +77,7 @@ impl Admin for Svc {
         identity::validate_name(&key.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         {
             let reg = self.0.registry.lock().expect("registry lock");
-            if !reg
-                .sidecars
-                .values()
-                .any(|s| s.namespace == r.namespace && s.service == r.name)
-            {
+            if !reg.serves(&key) {
                 let mut known: Vec<String> = reg
                     .sidecars
                     .values()
@@ -118,7 +114,7 @@ impl Admin for Svc {
             .await?;
         self.0.metrics.exports.set(exports as i64);
         tracing::info!(service = %key, "exported");
-        self.0.changed();
+        self.0.changed_services([key]);
         Ok(Response::new(ExportResponse {}))
     }
 

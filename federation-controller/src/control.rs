@@ -103,7 +103,7 @@ impl Control for Svc {
                         own = Some(ServiceKey::new(&s.namespace, &s.service).to_string());
                     }
                     tracing::info!(service = %ServiceKey::new(&s.namespace, &s.service), addr = %s.inbound_addr, "sidecar registered");
-                    reg.sidecars.insert(id, s);
+                    reg.add_sidecar(id, s);
                 }
                 watch_request::Node::Gateway(g) => {
                     tracing::info!(tunnel = %g.tunnel_addr, quic = %g.quic_addr, "gateway registered");
@@ -114,9 +114,12 @@ impl Control for Svc {
         };
         let watcher = shared.hub.add(id, scope);
         // A sidecar holds its own service (whether it is exported).
-        shared.hub.subscribe(id, &watcher, &own.into_iter().chain(subscribe).collect::<Vec<_>>());
+        shared
+            .hub
+            .subscribe(id, &watcher, &own.into_iter().chain(subscribe).collect::<Vec<_>>());
         shared.metrics.watchers.set(shared.hub.watchers() as i64);
-        shared.changed();
+        let touched = registered_service(&shared, id);
+        touched.changed(&shared);
         let registered = *shared.version.borrow();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let stream = ConfigStream {
@@ -153,14 +156,38 @@ impl Control for Svc {
             shared.hub.remove(id);
             shared.metrics.watchers.set(shared.hub.watchers() as i64);
             let mut reg = shared.registry.lock().expect("registry lock");
-            reg.sidecars.remove(&id);
-            if reg.gateway.as_ref().is_some_and(|(g, _)| *g == id) {
-                reg.gateway = None;
-            }
+            reg.remove(id);
             drop(reg);
-            shared.changed();
+            touched.changed(&shared);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// What a registration changes in the service table.
+enum Touched {
+    /// A sidecar's service: only it is rebuilt.
+    Service(Vec<ServiceKey>),
+    /// The gateway: its address is cluster-wide.
+    Everything,
+}
+
+impl Touched {
+    fn changed(&self, shared: &Shared) {
+        match self {
+            Touched::Service(keys) => shared.changed_services(keys.iter().cloned()),
+            Touched::Everything => shared.changed(),
+        }
+    }
+}
+
+fn registered_service(shared: &Shared, id: u64) -> Touched {
+    let reg = shared.registry.lock().expect("registry lock");
+    match reg.sidecars.get(&id) {
+        // A client-only sidecar changes no service.
+        Some(s) if s.service.is_empty() => Touched::Service(vec![]),
+        Some(s) => Touched::Service(vec![ServiceKey::new(&s.namespace, &s.service)]),
+        None => Touched::Everything,
     }
 }
 
@@ -229,7 +256,7 @@ impl ConfigStream {
     /// the services marked dirty since it last sent.
     fn take(&self, table: &Published, sent: &mut HashSet<ServiceKey>, full: bool) -> ConfigSnapshot {
         let dirty = self.watcher.take();
-        let snap = &table.snapshot;
+        let snap = &table.cluster;
         let scope = self.watcher.scope;
         let wanted = |key: &ServiceKey, s: &Service| match scope {
             WatchScope::Subscribed => self.watcher.holds(key),
@@ -237,19 +264,37 @@ impl ConfigStream {
         };
         let mut services = Vec::new();
         let mut removed = Vec::new();
+        let hub = &self.shared.hub;
         if full {
-            for s in &snap.services {
-                let key = ServiceKey::new(&s.namespace, &s.name);
-                if wanted(&key, s) {
+            let all = hub.table.read().expect("table lock");
+            let mut add = |key: &ServiceKey, s: &Service| {
+                if wanted(key, s) {
                     services.push(s.clone());
-                    sent.insert(key);
+                    sent.insert(key.clone());
+                }
+            };
+            match self.watcher.scope {
+                // Only what it subscribed to: found by key, not by a walk
+                // over every service.
+                WatchScope::Subscribed => {
+                    for key in self.watcher.subscribed() {
+                        if let Some(s) = all.services.get(&key) {
+                            add(&key, s);
+                        }
+                    }
+                    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+                }
+                _ => {
+                    for (key, s) in &all.services {
+                        add(key, s);
+                    }
                 }
             }
         } else {
             for key in dirty.keys {
-                match table.service(&key).filter(|s| wanted(&key, s)) {
+                match hub.service(&key).filter(|s| wanted(&key, s)) {
                     Some(s) => {
-                        services.push(s.clone());
+                        services.push((*s).clone());
                         sent.insert(key);
                     }
                     None if sent.remove(&key) => removed.push(key.to_string()),
@@ -270,7 +315,11 @@ impl ConfigStream {
                 String::new()
             },
             peers: if cluster { snap.peers.clone() } else { vec![] },
-            signing_root: if cluster { snap.signing_root.clone() } else { String::new() },
+            signing_root: if cluster {
+                snap.signing_root.clone()
+            } else {
+                String::new()
+            },
             delta: !full,
             removed,
             cluster_changed: cluster && !full,
@@ -280,7 +329,12 @@ impl ConfigStream {
 
     async fn send(&self, tx: &tokio::sync::mpsc::Sender<Result<ConfigSnapshot, Status>>, msg: ConfigSnapshot) -> bool {
         self.shared.metrics.config_sent(msg.delta, msg.encoded_len());
-        tracing::trace!(stream = self.id, delta = msg.delta, services = msg.services.len(), "config sent");
+        tracing::trace!(
+            stream = self.id,
+            delta = msg.delta,
+            services = msg.services.len(),
+            "config sent"
+        );
         tx.send(Ok(msg)).await.is_ok()
     }
 }

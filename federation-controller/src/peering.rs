@@ -237,7 +237,8 @@ async fn run_session(
         p.connected = true;
         p.ever_connected = true;
     });
-    let mut version = shared.version.subscribe();
+    // Woken by each rebuild of the table, which carries the export list.
+    let mut table = shared.hub.current.subscribe();
     let mut heartbeat = tokio::time::interval(shared.cfg.heartbeat);
     let mut last_exports = None;
     let mut last_bundle = None;
@@ -251,38 +252,55 @@ async fn run_session(
                 .await;
             break;
         };
-        // Announce what changed since the last round.
+        // Announce what changed since the last round. The bundle's PEM is
+        // built again only when the roots changed.
         let (_, quic) = shared.gateway_addrs();
+        let ca = shared.ca.load_full();
+        let roots_pem = match &last_bundle {
+            Some((c, b)) if Arc::ptr_eq(c, &ca) => BundleUpdate::clone(b).roots_pem,
+            _ => ca.bundle_pem(),
+        };
         let bundle = BundleUpdate {
             trust_domain: shared.cfg.trust_domain.clone(),
-            roots_pem: shared.ca.load().bundle_pem(),
+            roots_pem,
             gateway_addr: quic,
         };
-        if last_bundle.as_ref() != Some(&bundle) {
+        if last_bundle.as_ref().map(|(_, b)| b) != Some(&bundle) {
             let m = Msg::Bundle(bundle.clone());
             if tx.send(PeerMessage { msg: Some(m) }).await.is_err() {
                 break;
             }
-            last_bundle = Some(bundle);
+            last_bundle = Some((ca, bundle));
         }
-        let exports = {
-            let state = shared.state.lock().expect("state lock");
-            let reg = shared.registry.lock().expect("registry lock");
-            snapshot::exports(&state, reg.sidecars.values())
-        };
+        let published = table.borrow_and_update().clone();
+        let exports = published.exports.clone();
         // Exports wait until the registry has settled (Config::settle).
         // The first list is whole, later ones only what changed.
-        if shared.settled() && last_exports.as_ref() != Some(&exports) {
+        let unchanged = last_exports
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(l, &exports) || *l == exports);
+        if shared.settled() && !unchanged {
             let list = match &last_exports {
                 None => ExportList {
-                    services: exports.clone(),
+                    services: exports.to_vec(),
                     delta: false,
                     withdrawn: vec![],
                 },
-                Some(before) => snapshot::export_delta(before, &exports),
+                // The publisher's delta when this stream sent the list it
+                // starts from (the common case), else one worked out here.
+                Some(before) => match &published.exports_delta {
+                    Some((from, d)) if Arc::ptr_eq(from, before) => d.clone(),
+                    _ => snapshot::export_delta(before, &exports),
+                },
             };
             shared.metrics.peering_export_bytes.inc_by(list.encoded_len() as u64);
-            if tx.send(PeerMessage { msg: Some(Msg::Exports(list)) }).await.is_err() {
+            if tx
+                .send(PeerMessage {
+                    msg: Some(Msg::Exports(list)),
+                })
+                .await
+                .is_err()
+            {
                 break;
             }
             last_exports = Some(exports);
@@ -297,7 +315,7 @@ async fn run_session(
                 let m = Msg::Heartbeat(Heartbeat { sent_unix_ms: unix_now_ms(), your_roots });
                 if tx.send(PeerMessage { msg: Some(m) }).await.is_err() { break; }
             }
-            r = version.changed() => if r.is_err() { break },
+            r = table.changed() => if r.is_err() { break },
             m = inbound.message() => match m {
                 Ok(Some(PeerMessage { msg: Some(Msg::Unlinked(_)) })) => {
                     remove_link(&shared, &peer, "the peer unlinked").await;
@@ -321,6 +339,8 @@ async fn run_session(
 
 async fn apply(shared: &Shared, peer: &str, m: PeerMessage) {
     let mut changed = false;
+    // Services whose imports changed (a rebuild of those only).
+    let mut keys: Vec<isthmus_core::naming::ServiceKey> = Vec::new();
     match m.msg {
         Some(Msg::Heartbeat(h)) => mark(shared, peer, |p| {
             p.last_heartbeat = Some(Instant::now());
@@ -342,32 +362,23 @@ async fn apply(shared: &Shared, peer: &str, m: PeerMessage) {
                 return;
             };
             mark(shared, peer, |p| {
-                // The list as the peer sent it, deltas applied: what its
-                // next delta applies to.
-                p.imports.received = snapshot::apply_exports(std::mem::take(&mut p.imports.received), list);
-                let services = snapshot::sanitize_imports(&td, p.imports.received.clone());
-                let limits = snapshot::check_limits(&services);
                 p.last_heartbeat = Some(Instant::now());
                 if !p.imports.live {
                     p.imports.live = true;
                     changed = true;
                 }
-                match limits {
+                match snapshot::accept_exports(&mut p.imports, &td, list, isthmus_core::unix_now()) {
                     Err(problem) => {
                         if p.imports.problem.as_ref() != Some(&problem) {
                             tracing::warn!(%peer, %problem, "refusing the peer's export list");
                         }
                         p.imports.problem = Some(problem);
                     }
-                    Ok(()) => {
+                    // An unchanged list (a reconnect, a peer resending)
+                    // pushes nothing to sidecars and the gateway.
+                    Ok(changed_keys) => {
                         p.imports.problem = None;
-                        let services = snapshot::first_seen(&p.imports.services, services, isthmus_core::unix_now());
-                        // An unchanged list (a reconnect, a peer resending)
-                        // pushes nothing to sidecars and the gateway.
-                        if services != p.imports.services {
-                            p.imports.services = services;
-                            changed = true;
-                        }
+                        keys = changed_keys;
                     }
                 }
             });
@@ -403,6 +414,8 @@ async fn apply(shared: &Shared, peer: &str, m: PeerMessage) {
     }
     if changed {
         shared.changed();
+    } else if !keys.is_empty() {
+        shared.changed_services(keys);
     }
 }
 

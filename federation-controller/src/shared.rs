@@ -2,7 +2,9 @@
 //! and registry, the peers' runtime state, and how a change reaches
 //! sidecars, gateways and peers (a version bump, then a fresh snapshot).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+use isthmus_core::naming::ServiceKey;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -50,7 +52,49 @@ impl PeerRuntime {
 pub(crate) struct Registry {
     pub next_id: u64,
     pub sidecars: BTreeMap<u64, SidecarRegistration>,
+    /// Registrations by the service they serve (a rebuild of one service
+    /// looks at its own endpoints only).
+    by_service: BTreeMap<ServiceKey, BTreeSet<u64>>,
     pub gateway: Option<(u64, GatewayRegistration)>,
+}
+
+impl Registry {
+    pub fn add_sidecar(&mut self, id: u64, s: SidecarRegistration) {
+        if !s.service.is_empty() {
+            self.by_service
+                .entry(ServiceKey::new(&s.namespace, &s.service))
+                .or_default()
+                .insert(id);
+        }
+        self.sidecars.insert(id, s);
+    }
+
+    pub fn remove(&mut self, id: u64) {
+        if let Some(s) = self.sidecars.remove(&id) {
+            let key = ServiceKey::new(&s.namespace, &s.service);
+            if let Some(ids) = self.by_service.get_mut(&key) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.by_service.remove(&key);
+                }
+            }
+        }
+        if self.gateway.as_ref().is_some_and(|(g, _)| *g == id) {
+            self.gateway = None;
+        }
+    }
+
+    /// The registrations serving any of `keys`.
+    pub fn serving<'a>(&'a self, keys: &'a BTreeSet<ServiceKey>) -> impl Iterator<Item = &'a SidecarRegistration> {
+        keys.iter()
+            .filter_map(|k| self.by_service.get(k))
+            .flatten()
+            .filter_map(|id| self.sidecars.get(id))
+    }
+
+    pub fn serves(&self, key: &ServiceKey) -> bool {
+        self.by_service.contains_key(key)
+    }
 }
 
 /// What every task of the controller shares.
@@ -98,8 +142,17 @@ impl Shared {
         tokio::time::Instant::now() >= self.settled_at()
     }
 
-    /// Something sidecars, gateways or peers see has changed.
+    /// Something sidecars, gateways or peers see has changed: the next
+    /// rebuild of the service table is whole.
     pub fn changed(&self) {
+        self.hub.dirty_all();
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// What changed concerns only the services `keys` (a registration, a
+    /// peer's export delta): the next rebuild may redo just those.
+    pub fn changed_services(&self, keys: impl IntoIterator<Item = ServiceKey>) {
+        self.hub.dirty_keys(keys);
         self.version.send_modify(|v| *v += 1);
     }
 
@@ -256,26 +309,56 @@ impl Shared {
             .unwrap_or_default()
     }
 
-    /// The config a sidecar or gateway of this cluster receives.
-    pub fn snapshot(&self) -> ConfigSnapshot {
-        let state = self.state.lock().expect("state lock").clone();
+    /// The services `only` names (all of them if `None`), as sidecars of
+    /// this cluster are told them; sorted by key. A partial build looks
+    /// only at those services' endpoints and imports (both indexed).
+    pub fn services(&self, only: Option<&BTreeSet<ServiceKey>>) -> Vec<isthmus_proto::Service> {
+        // Locks in the order state, peers, registry, as everywhere.
+        let state = self.state.lock().expect("state lock");
         let imports: BTreeMap<String, snapshot::PeerImports> = self
             .peers
             .lock()
             .expect("peers lock")
             .iter()
             .filter(|(c, _)| state.links.contains_key(*c))
-            .map(|(c, p)| (c.clone(), p.imports.clone()))
+            .map(|(c, p)| {
+                let services = match only {
+                    None => p.imports.services.clone(),
+                    Some(keys) => keys
+                        .iter()
+                        .filter_map(|k| snapshot::find_import(&p.imports.services, k).cloned())
+                        .collect(),
+                };
+                (
+                    c.clone(),
+                    snapshot::PeerImports {
+                        services,
+                        live: p.imports.live,
+                        ..Default::default()
+                    },
+                )
+            })
             .collect();
         let reg = self.registry.lock().expect("registry lock");
-        let mut services = snapshot::services(&state, reg.sidecars.values(), &imports);
+        let mut services = match only {
+            None => snapshot::services(&state, reg.sidecars.values(), &imports),
+            Some(keys) => snapshot::services(&state, reg.serving(keys), &imports),
+        };
+        drop((reg, state));
         let ips = self.clusterset_ips.lock().expect("clusterset ips lock");
         for s in &mut services {
-            if let Some(v) = ips.get(&isthmus_core::naming::ServiceKey::new(&s.namespace, &s.name)) {
+            if let Some(v) = ips.get(&ServiceKey::new(&s.namespace, &s.name)) {
                 s.clusterset_ips = v.clone();
             }
         }
-        drop(ips);
+        services
+    }
+
+    /// The config a sidecar or gateway of this cluster receives.
+    pub fn snapshot(&self) -> ConfigSnapshot {
+        let services = self.services(None);
+        let state = self.state.lock().expect("state lock").clone();
+        let reg = self.registry.lock().expect("registry lock");
         let ca = self.ca.load();
         let mut bundles = vec![TrustBundle {
             trust_domain: self.cfg.trust_domain.clone(),

@@ -53,31 +53,188 @@ pub fn export_delta(before: &[ExportedService], after: &[ExportedService]) -> Ex
     }
 }
 
-/// `held` with `list` applied: replaced by a whole list, edited by a delta.
-pub fn apply_exports(held: Vec<ExportedService>, list: ExportList) -> Vec<ExportedService> {
-    if !list.delta {
-        return list.services;
-    }
-    let mut map: BTreeMap<(String, String), ExportedService> = held
-        .into_iter()
-        .map(|e| ((e.namespace.clone(), e.name.clone()), e))
+/// The services whose export differs between `old` and `new`.
+pub fn changed_keys(old: &[ExportedService], new: &[ExportedService]) -> Vec<ServiceKey> {
+    let before: BTreeMap<(&str, &str), &ExportedService> = old.iter().map(|e| (export_key(e), e)).collect();
+    let after: BTreeMap<(&str, &str), &ExportedService> = new.iter().map(|e| (export_key(e), e)).collect();
+    let mut keys: Vec<ServiceKey> = after
+        .iter()
+        .filter(|(k, e)| before.get(*k) != Some(*e))
+        .chain(before.iter().filter(|(k, _)| !after.contains_key(*k)))
+        .map(|((ns, name), _)| ServiceKey::new(*ns, *name))
         .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+fn by_export_key(e: &ExportedService, ns: &str, name: &str) -> std::cmp::Ordering {
+    (e.namespace.as_str(), e.name.as_str()).cmp(&(ns, name))
+}
+
+/// A peer's accepted export of `key` (`imports` is sorted by key).
+pub fn find_import<'a>(imports: &'a [ExportedService], key: &ServiceKey) -> Option<&'a ExportedService> {
+    imports
+        .binary_search_by(|x| by_export_key(x, &key.namespace, &key.name))
+        .ok()
+        .map(|i| &imports[i])
+}
+
+/// Put `e` in `list` (sorted by key) in place of its key's entry.
+fn upsert(list: &mut Vec<ExportedService>, e: ExportedService) {
+    match list.binary_search_by(|x| by_export_key(x, &e.namespace, &e.name)) {
+        Ok(i) => list[i] = e,
+        Err(i) => list.insert(i, e),
+    }
+}
+
+fn remove_key(list: &mut Vec<ExportedService>, ns: &str, name: &str) -> Option<ExportedService> {
+    let i = list.binary_search_by(|x| by_export_key(x, ns, name)).ok()?;
+    Some(list.remove(i))
+}
+
+/// `list` with the entries of `keys` replaced by `fresh` (the entries those
+/// keys have now), and the delta that makes: O(keys · log list).
+pub fn patch_exports(
+    list: &[ExportedService],
+    keys: &std::collections::BTreeSet<ServiceKey>,
+    fresh: Vec<ExportedService>,
+) -> (Vec<ExportedService>, ExportList) {
+    let mut next = list.to_vec();
+    let mut delta = ExportList {
+        delta: true,
+        ..Default::default()
+    };
+    for key in keys {
+        let now = fresh
+            .iter()
+            .find(|e| e.namespace == key.namespace && e.name == key.name);
+        match now {
+            Some(e) => {
+                if find_import(&next, key) != Some(e) {
+                    upsert(&mut next, e.clone());
+                    delta.services.push(e.clone());
+                }
+            }
+            None => {
+                if remove_key(&mut next, &key.namespace, &key.name).is_some() {
+                    delta.withdrawn.push(key.to_string());
+                }
+            }
+        }
+    }
+    (next, delta)
+}
+
+/// Take in a peer's export list (whole, or a delta on the last one): what
+/// it sent is kept as sent (`received`, what its next delta applies to),
+/// and what is accepted from it (`services`: sanitized, within the
+/// limits, each stamped with when this cluster first saw it) follows.
+/// Returns the services whose import changed; over a limit, the reason,
+/// and the accepted list stays as it was. A delta costs what it carries;
+/// only a whole list, or a delta after a refusal, is checked whole.
+pub fn accept_exports(
+    imports: &mut PeerImports,
+    peer_trust_domain: &str,
+    list: ExportList,
+    now: i64,
+) -> Result<Vec<ServiceKey>, String> {
+    if !list.delta {
+        let mut received = list.services;
+        received.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        received.dedup_by(|a, b| a.namespace == b.namespace && a.name == b.name);
+        imports.received = received;
+        return accept_whole(imports, peer_trust_domain, now);
+    }
     for key in &list.withdrawn {
         if let Some((ns, name)) = key.split_once('/') {
-            map.remove(&(ns.to_string(), name.to_string()));
+            remove_key(&mut imports.received, ns, name);
         }
     }
-    for e in list.services {
-        if map.len() >= MAX_RECEIVED && !map.contains_key(&(e.namespace.clone(), e.name.clone())) {
+    for e in &list.services {
+        let known = imports
+            .received
+            .binary_search_by(|x| by_export_key(x, &e.namespace, &e.name))
+            .is_ok();
+        if known || imports.received.len() < MAX_RECEIVED {
+            upsert(&mut imports.received, e.clone());
+        }
+    }
+    if imports.problem.is_some() {
+        return accept_whole(imports, peer_trust_domain, now);
+    }
+    // The limits, checked on what the delta brings before anything moves:
+    // each entry's own, and the count it leaves.
+    let sanitized: Vec<(String, String, Option<ExportedService>)> = list
+        .services
+        .into_iter()
+        .map(|e| {
+            let (ns, name) = (e.namespace.clone(), e.name.clone());
+            (ns, name, sanitize_imports(peer_trust_domain, vec![e]).pop())
+        })
+        .collect();
+    let fresh: Vec<ExportedService> = sanitized.iter().filter_map(|(_, _, e)| e.clone()).collect();
+    let held = |ns: &str, name: &str| {
+        imports
+            .services
+            .binary_search_by(|x| by_export_key(x, ns, name))
+            .is_ok()
+    };
+    let gone = list
+        .withdrawn
+        .iter()
+        .filter_map(|k| k.split_once('/'))
+        .filter(|(ns, name)| held(ns, name))
+        .count();
+    let added = fresh.iter().filter(|e| !held(&e.namespace, &e.name)).count();
+    if check_limits(&fresh).is_err() || (imports.services.len() + added).saturating_sub(gone) > MAX_IMPORTED_SERVICES {
+        return accept_whole(imports, peer_trust_domain, now);
+    }
+    let next = &mut imports.services;
+    let mut keys = Vec::new();
+    for key in &list.withdrawn {
+        if let Some((ns, name)) = key.split_once('/')
+            && remove_key(next, ns, name).is_some()
+        {
+            keys.push(ServiceKey::new(ns, name));
+        }
+    }
+    for (ns, name, valid) in sanitized {
+        let at = next.binary_search_by(|x| by_export_key(x, &ns, &name));
+        let Some(e) = valid else {
+            // Sanitizing dropped it: no import now.
+            if remove_key(next, &ns, &name).is_some() {
+                keys.push(ServiceKey::new(ns, name));
+            }
+            continue;
+        };
+        let e = ExportedService {
+            exported_unix: at.map(|i| next[i].exported_unix).unwrap_or(now),
+            ..e
+        };
+        if at.is_ok_and(|i| next[i] == e) {
             continue;
         }
-        map.insert((e.namespace.clone(), e.name.clone()), e);
+        upsert(next, e);
+        keys.push(ServiceKey::new(ns, name));
     }
-    map.into_values().collect()
+    keys.sort();
+    keys.dedup();
+    Ok(keys)
+}
+
+/// Accept the whole of what the peer sent, or refuse it over a limit.
+fn accept_whole(imports: &mut PeerImports, peer_trust_domain: &str, now: i64) -> Result<Vec<ServiceKey>, String> {
+    let services = sanitize_imports(peer_trust_domain, imports.received.clone());
+    check_limits(&services)?;
+    let services = first_seen(&imports.services, services, now);
+    let keys = changed_keys(&imports.services, &services);
+    imports.services = services;
+    Ok(keys)
 }
 
 /// The most services one peer may export to this cluster.
-pub const MAX_IMPORTED_SERVICES: usize = 1000;
+pub const MAX_IMPORTED_SERVICES: usize = 10_000;
 /// The most distinct identities one imported service may claim.
 pub const MAX_IMPORTED_IDENTITIES: usize = 32;
 /// The most endpoints one imported service may count (the count only
@@ -271,22 +428,39 @@ pub fn exports<'a>(state: &State, regs: impl Iterator<Item = &'a SidecarRegistra
     state
         .exports
         .iter()
-        .map(|(key, rec)| {
-            let (port, eps) = local.get(key).cloned().unwrap_or((0, Vec::new()));
-            let identities = identities(&eps);
-            ExportedService {
-                namespace: rec.namespace.clone(),
-                name: rec.name.clone(),
-                port,
-                identities,
-                healthy_endpoints: eps.len() as u32,
-                exported_unix: rec.created_unix,
-            }
-        })
-        // An export whose workloads are all gone is announced with no port
-        // until one registers again; peers keep nothing routable for it.
-        .filter(|e| e.port != 0)
+        .filter_map(|(key, rec)| export_entry(rec, local.get(key)))
         .collect()
+}
+
+/// The export entries of `keys` only (`regs`: the registrations serving
+/// them), for a partial rebuild.
+pub fn exports_of<'a>(
+    state: &State,
+    regs: impl Iterator<Item = &'a SidecarRegistration>,
+    keys: &std::collections::BTreeSet<ServiceKey>,
+) -> Vec<ExportedService> {
+    let local = local_services(regs);
+    keys.iter()
+        .filter_map(|k| export_entry(state.exports.get(k)?, local.get(k)))
+        .collect()
+}
+
+/// What peers are told of one export: its port and identities from the
+/// endpoints registered here. An export whose workloads are all gone is
+/// left out until one registers again; peers keep nothing routable for it.
+fn export_entry(
+    rec: &crate::state::ExportRecord,
+    local: Option<&(u32, Vec<&SidecarRegistration>)>,
+) -> Option<ExportedService> {
+    let (port, eps) = local?;
+    Some(ExportedService {
+        namespace: rec.namespace.clone(),
+        name: rec.name.clone(),
+        port: *port,
+        identities: identities(eps),
+        healthy_endpoints: eps.len() as u32,
+        exported_unix: rec.created_unix,
+    })
 }
 
 /// The part of a peer's export list that can be trusted: valid names and
@@ -343,16 +517,39 @@ mod tests {
             services: before.clone(),
             ..Default::default()
         };
-        let held = apply_exports(vec![export("stale", 9)], whole);
-        assert_eq!(held, before);
-        assert_eq!(apply_exports(held, d), after);
-        // Deltas cannot grow what is held without bound.
+        let mut imports = PeerImports {
+            received: vec![export("stale", 9)],
+            ..Default::default()
+        };
+        let keys = accept_exports(&mut imports, "east.mesh", whole, 5).unwrap();
+        assert_eq!(imports.received, before);
+        assert_eq!(keys.len(), 3);
+        let keys = accept_exports(&mut imports, "east.mesh", d, 9).unwrap();
+        assert_eq!(imports.received, after);
+        let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "d"]);
+        // First seen: kept for b, now for d.
+        let seen: Vec<(&str, i64)> = imports
+            .services
+            .iter()
+            .map(|e| (e.name.as_str(), e.exported_unix))
+            .collect();
+        assert_eq!(seen, [("b", 5), ("c", 5), ("d", 9)]);
+        // The same delta again changes nothing.
+        let again = export_delta(&before, &after);
+        assert_eq!(accept_exports(&mut imports, "east.mesh", again, 11).unwrap(), vec![]);
+        // Deltas cannot grow what is held without bound, and a delta over
+        // the limit is refused whole.
         let flood = ExportList {
-            services: (0..3 * MAX_IMPORTED_SERVICES).map(|i| export(&format!("s{i}"), 1)).collect(),
+            services: (0..3 * MAX_IMPORTED_SERVICES)
+                .map(|i| export(&format!("s{i}"), 1))
+                .collect(),
             delta: true,
             withdrawn: vec![],
         };
-        assert_eq!(apply_exports(vec![], flood).len(), MAX_RECEIVED);
+        assert!(accept_exports(&mut imports, "east.mesh", flood, 12).is_err());
+        assert_eq!(imports.received.len(), MAX_RECEIVED);
+        assert_eq!(imports.services.len(), 3);
     }
 
     /// A live peer's imports.

@@ -48,7 +48,11 @@ async fn start_in(
 
 /// Register with `req` and return the config stream.
 async fn watch(c: &LocalClient, req: WatchRequest) -> tonic::Streaming<isthmus_proto::ConfigSnapshot> {
-    c.control().watch_config(tokio_stream::once(req)).await.unwrap().into_inner()
+    c.control()
+        .watch_config(tokio_stream::once(req))
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 fn echo_sidecar() -> WatchRequest {
@@ -119,8 +123,18 @@ async fn reconnecting_components_wait_for_the_registry_to_settle() {
     };
     let dir = tempfile::tempdir().unwrap();
     let (east, stop) = start_in(dir.path(), "east", |c| c.settle = Duration::from_secs(60)).await;
-    let mut resumed = east.control().watch_config(tokio_stream::once(resume())).await.unwrap().into_inner();
-    let mut fresh = east.control().watch_config(tokio_stream::once(echo_sidecar())).await.unwrap().into_inner();
+    let mut resumed = east
+        .control()
+        .watch_config(tokio_stream::once(resume()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut fresh = east
+        .control()
+        .watch_config(tokio_stream::once(echo_sidecar()))
+        .await
+        .unwrap()
+        .into_inner();
     let snap = fresh.message().await.unwrap().unwrap();
     // Both registrations count at once, though one is not told yet.
     let echo = snap.services.iter().find(|s| s.name == "echo").expect("echo");
@@ -135,7 +149,12 @@ async fn reconnecting_components_wait_for_the_registry_to_settle() {
     // Settled: a resuming component is served at once.
     let dir = tempfile::tempdir().unwrap();
     let (east, stop) = start_in(dir.path(), "east", |c| c.settle = Duration::ZERO).await;
-    let mut resumed = east.control().watch_config(tokio_stream::once(resume())).await.unwrap().into_inner();
+    let mut resumed = east
+        .control()
+        .watch_config(tokio_stream::once(resume()))
+        .await
+        .unwrap()
+        .into_inner();
     let snap = tokio::time::timeout(Duration::from_secs(30), resumed.message())
         .await
         .expect("settled, yet the resuming component waits")
@@ -161,7 +180,12 @@ async fn a_registration_cannot_point_the_gateway_elsewhere() {
             s.inbound_addr = addr.into();
             s.port = port;
         }
-        let err = east.client.control().watch_config(tokio_stream::once(req)).await.unwrap_err();
+        let err = east
+            .client
+            .control()
+            .watch_config(tokio_stream::once(req))
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), code, "{addr} {port}: {err:?}");
     }
     assert!(status(&east).await.services.is_empty());
@@ -186,7 +210,12 @@ async fn only_changed_config_is_pushed() {
     if let Some(watch_request::Node::Sidecar(s)) = second.node.as_mut() {
         s.inbound_addr = "127.0.0.1:2".into();
     }
-    let _second = east.client.control().watch_config(tokio_stream::once(second)).await.unwrap();
+    let _second = east
+        .client
+        .control()
+        .watch_config(tokio_stream::once(second))
+        .await
+        .unwrap();
     let next = stream.message().await.unwrap().unwrap();
     assert_eq!(next.services[0].backends[0].healthy_endpoints, 2, "{next:?}");
 }
@@ -497,7 +526,11 @@ async fn workload_credentials_are_bound_to_one_identity() {
         resume: false,
         ..Default::default()
     };
-    let err = echo.control().watch_config(tokio_stream::once(gateway)).await.unwrap_err();
+    let err = echo
+        .control()
+        .watch_config(tokio_stream::once(gateway))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     let mut registered = watch(&echo, echo_sidecar()).await;
     registered.message().await.unwrap().unwrap();
@@ -507,7 +540,11 @@ async fn workload_credentials_are_bound_to_one_identity() {
     if let Some(watch_request::Node::Sidecar(s)) = other.node.as_mut() {
         s.service = "billing".into();
     }
-    let err = echo.control().watch_config(tokio_stream::once(other)).await.unwrap_err();
+    let err = echo
+        .control()
+        .watch_config(tokio_stream::once(other))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 
     let err = echo.admin().status(StatusRequest {}).await.unwrap_err();
@@ -592,10 +629,20 @@ async fn import_scopes_decide_what_joins_a_local_service() {
     let east = controller("east").await;
     let west = controller("west").await;
     link(&west, &east).await;
-    let _east_echo = east.client.control().watch_config(tokio_stream::once(echo_sidecar())).await.unwrap();
+    let _east_echo = east
+        .client
+        .control()
+        .watch_config(tokio_stream::once(echo_sidecar()))
+        .await
+        .unwrap();
     export_echo(&east.client).await;
     // West runs echo too, and has not exported it.
-    let _west_echo = west.client.control().watch_config(tokio_stream::once(echo_sidecar())).await.unwrap();
+    let _west_echo = west
+        .client
+        .control()
+        .watch_config(tokio_stream::once(echo_sidecar()))
+        .await
+        .unwrap();
     let backends = |s: &StatusResponse| -> Vec<String> {
         s.services
             .iter()
@@ -731,7 +778,13 @@ async fn imports_follow_the_lease() {
     let east_dir = tempfile::tempdir().unwrap();
     let (east, east_stop) = start_in(east_dir.path(), "east", |_| {}).await;
     let peering = east.info.peering_addr.clone();
-    let register = |c: LocalClient| async move { c.control().watch_config(tokio_stream::once(echo_sidecar())).await.unwrap().into_inner() };
+    let register = |c: LocalClient| async move {
+        c.control()
+            .watch_config(tokio_stream::once(echo_sidecar()))
+            .await
+            .unwrap()
+            .into_inner()
+    };
     let _echo = register(east.clone()).await;
     let tok = create_token(&east, 60, 0).await;
     west.admin().link(LinkRequest { token: tok.token }).await.unwrap();

@@ -356,7 +356,10 @@ impl Sidecar {
         let now = Instant::now();
         {
             let mut misses = self.ip_misses.lock().expect("ip misses lock");
-            if misses.get(&ip).is_some_and(|t| now.duration_since(*t) < config::IP_MISS_TTL) {
+            if misses
+                .get(&ip)
+                .is_some_and(|t| now.duration_since(*t) < config::IP_MISS_TTL)
+            {
                 return None;
             }
             if misses.len() >= 4096 {

@@ -364,7 +364,8 @@ fn health(snap: &ConfigSnapshot, svc: &Service, cluster: &str, avoid: &dyn Fn(&s
 /// Pick the cluster that serves `name:port`, by the service's policy (or
 /// the default) and what is healthy now.
 pub fn route(snap: &ConfigSnapshot, name: &ServiceName, port: Option<u16>, inp: &Inputs) -> Result<Routed, RouteError> {
-    let svc = isthmus_core::delta::find(snap, &name.namespace, &name.name).ok_or_else(|| RouteError::UnknownService {
+    let svc =
+        isthmus_core::delta::find(snap, &name.namespace, &name.name).ok_or_else(|| RouteError::UnknownService {
             name: name.to_string(),
             cluster: snap.cluster.clone(),
         })?;

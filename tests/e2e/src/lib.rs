@@ -299,10 +299,17 @@ pub fn metrics(addr: &str) -> String {
     r.body
 }
 
-/// The value of the sample `name{...}` whose labels include all of `labels`.
+/// The value of the sample `name{...}` whose labels include all of `labels`
+/// (or `name` with no labels, if none are asked for).
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+        let rest = l.strip_prefix(name)?;
+        if labels.is_empty()
+            && let Some(value) = rest.strip_prefix(' ')
+        {
+            return value.trim().parse().ok();
+        }
+        let rest = rest.strip_prefix('{')?;
         let (set, value) = rest.split_once("} ")?;
         labels
             .iter()
