@@ -45,7 +45,7 @@ pub fn start(dir: &Path, ip_client: &str, ip_server: &str, upstream: SocketAddr)
     let entry = crate::stunnel::free_port(ip_client)?;
     let middle = crate::stunnel::free_port(ip_server)?;
     let d = dir.display();
-    let global = "global\n  nbthread 1\n  maxconn 10000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n  \
+    let global = "global\n  nbthread 1\n  maxconn 4000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n  \
                   ssl-default-server-options ssl-min-ver TLSv1.3\n\
                   defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  \
                   option http-keep-alive\n";

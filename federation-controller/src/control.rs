@@ -352,7 +352,7 @@ impl Svc {
                 // credential allows one service, not any in its namespace;
                 // a service account (Kubernetes), a Service of its own
                 // namespace that exists.
-                let caller = auth::acting_as(&self.0, &req, &s.namespace, &s.service_account).await?;
+                let caller = auth::acting_as(&self.0, req, &s.namespace, &s.service_account).await?;
                 if let auth::Caller::Workload { credential: c, .. } = &caller {
                     credential = c.clone();
                 }
@@ -395,7 +395,7 @@ impl Svc {
             Some(watch_request::Node::Gateway(_)) => {
                 let gw = SpiffeId::gateway(&self.0.cfg.trust_domain);
                 if let auth::Caller::Workload { credential: c, .. } =
-                    auth::acting_as(&self.0, &req, &gw.namespace, &gw.service_account).await?
+                    auth::acting_as(&self.0, req, &gw.namespace, &gw.service_account).await?
                 {
                     credential = c;
                 }

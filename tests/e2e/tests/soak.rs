@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use isthmus_e2e::{Component, ECHO, Load, Pair, ok, rss_kib};
 
+/// Seconds into the run, component, RSS (MiB), open file descriptors.
+type Sample = (f64, &'static str, f64, f64);
+
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -63,7 +66,7 @@ fn steady_calls_survive_a_rotation_and_a_gateway_restart_with_flat_resources() {
         ("west gateway", p.west_gw.pid()),
         ("west client sidecar", p.client.pid()),
     ])));
-    let samples: Arc<Mutex<Vec<(f64, &'static str, f64, f64)>>> = Arc::default();
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let started = Instant::now();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
