@@ -675,3 +675,26 @@ pub fn signal(pid: u32, signal: &str) {
         .expect("run kill");
     assert!(status.success(), "kill -{signal} {pid} failed");
 }
+
+/// The IPv4 address `name` resolves to at the DNS server `dns` (A query
+/// built by hand: this harness has no DNS library), or the response code.
+pub fn dns_a(dns: &str, name: &str) -> Result<[u8; 4], u8> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    udp.send_to(&q, dns).unwrap();
+    let mut buf = [0u8; 512];
+    let n = udp.recv(&mut buf).expect("a DNS answer");
+    assert_eq!(&buf[..2], &[0x12, 0x34], "answer to our query");
+    let rcode = buf[3] & 0x0f;
+    let answers = u16::from_be_bytes([buf[6], buf[7]]);
+    if rcode != 0 || answers == 0 {
+        return Err(rcode);
+    }
+    Ok(buf[n - 4..n].try_into().unwrap())
+}

@@ -3,33 +3,10 @@
 //! east, both across the gateways' QUIC tunnel. Real processes throughout.
 
 use std::io::{Read, Write};
-use std::net::{TcpStream, UdpSocket};
+use std::net::TcpStream;
 use std::time::Duration;
 
-use isthmus_e2e::{Component, ECHO, Pair, eventually, get_via, metrics, ok, sample, upper_echo};
-
-/// The IPv4 address `name` resolves to at the DNS server `dns` (A query
-/// built by hand: this harness has no DNS library), or the response code.
-fn resolve(dns: &str, name: &str) -> Result<[u8; 4], u8> {
-    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in name.trim_end_matches('.').split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-    udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    udp.send_to(&q, dns).unwrap();
-    let mut buf = [0u8; 512];
-    let n = udp.recv(&mut buf).expect("a DNS answer");
-    assert_eq!(&buf[..2], &[0x12, 0x34], "answer to our query");
-    let rcode = buf[3] & 0x0f;
-    let answers = u16::from_be_bytes([buf[6], buf[7]]);
-    if rcode != 0 || answers == 0 {
-        return Err(rcode);
-    }
-    Ok(buf[n - 4..n].try_into().unwrap())
-}
+use isthmus_e2e::{Component, ECHO, Pair, dns_a as resolve, eventually, get_via, metrics, ok, sample, upper_echo};
 
 #[test]
 fn unchanged_client_dials_http_and_opaque_tcp_across_clusters() {
@@ -83,7 +60,10 @@ fn unchanged_client_dials_http_and_opaque_tcp_across_clusters() {
     assert_eq!(&buf[..n], b"MORE BYTES");
     drop(s);
 
-    // HTTP to the echo name's port, as an unchanged client sends it.
+    // HTTP to the echo name's port, as an unchanged client sends it: it
+    // looks the name up first, which is when the sidecar learns the
+    // service and opens its port.
+    assert_eq!(resolve(&dns, "echo.demo.svc.clusterset.local"), Ok([127, 0, 27, 31]));
     let mut s = TcpStream::connect("127.0.27.31:8080").unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nhost: echo.demo.svc.clusterset.local:8080\r\nconnection: close\r\n\r\n")
         .unwrap();

@@ -166,6 +166,13 @@ impl Mesh {
                 .ok()
                 .filter(|r| r.status == 200)
         });
+        // Unchanged clients look the names up first: the client sidecar
+        // learns each service then, and opens its port.
+        let dns = client.addr("dns");
+        for svc in ["echo", "hello", "ws"] {
+            let name = format!("{svc}.demo.svc.clusterset.local");
+            assert!(isthmus_e2e::dns_a(&dns, &name).is_ok(), "{name} does not resolve");
+        }
         Mesh {
             root: root.to_path_buf(),
             east_dir: e,
