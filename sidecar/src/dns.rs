@@ -110,9 +110,18 @@ async fn reply(packet: &[u8], names: &dyn Names, preparing: &tokio::sync::Semaph
 
 /// Serve DNS over UDP and TCP on `addr` (both bound to the same port).
 pub async fn serve(addr: SocketAddr, resolve: Resolve, stop: CancellationToken) -> std::io::Result<SocketAddr> {
-    let udp = Arc::new(UdpSocket::bind(addr).await?);
-    let bound = udp.local_addr()?;
-    let tcp = TcpListener::bind(bound).await?;
+    // UDP and TCP on one port: with port 0 the UDP port picked may be
+    // taken for TCP, so pick again (a few times) rather than fail.
+    let mut tries = 0;
+    let (udp, bound, tcp) = loop {
+        let udp = UdpSocket::bind(addr).await?;
+        let bound = udp.local_addr()?;
+        match TcpListener::bind(bound).await {
+            Ok(tcp) => break (Arc::new(udp), bound, tcp),
+            Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse && tries < 8 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    };
     let k = resolve.clone();
     let s = stop.clone();
     let preparing = Arc::new(tokio::sync::Semaphore::new(MAX_PREPARING));
