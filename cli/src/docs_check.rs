@@ -1,6 +1,8 @@
 //! The reference docs say what the code does: every metric registered in
 //! code is in docs/metrics.md and the reverse, every `x-isthmus-error` kind,
-//! exit code, opaque-connection outcome and tunnel refusal is documented.
+//! exit code, opaque-connection outcome, tunnel refusal and join and link
+//! result is documented, and the README's layout names every directory and
+//! script.
 //! These tests fail when the two drift apart.
 
 use std::collections::BTreeSet;
@@ -123,6 +125,80 @@ fn every_error_kind_and_exit_code_is_in_the_cli_reference() {
         assert!(
             cli.contains(&format!("\n| {code} |")),
             "exit code {code} not in docs/cli.md's table"
+        );
+    }
+}
+
+/// The line of docs/metrics.md that documents `metric`.
+fn metric_row(metric: &str) -> String {
+    doc("metrics.md")
+        .lines()
+        .find(|l| l.starts_with(&format!("| `{metric}`")))
+        .unwrap_or_else(|| panic!("{metric} not in docs/metrics.md"))
+        .to_string()
+}
+
+#[test]
+fn every_join_and_link_result_is_documented() {
+    use isthmus_controller::join::{JoinRefusal, LinkFailure};
+    let join = metric_row("isthmus_join_attempts_total");
+    for r in JoinRefusal::examples() {
+        assert!(
+            join.contains(&format!("`{}`", r.label())),
+            "join result {} not documented",
+            r.label()
+        );
+    }
+    let link = metric_row("isthmus_link_attempts_total");
+    for f in LinkFailure::ALL {
+        assert!(
+            link.contains(&format!("`{}`", f.label())),
+            "link result {} not documented",
+            f.label()
+        );
+    }
+}
+
+#[test]
+fn the_readme_layout_names_every_directory_and_script() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let layout = readme.split("## Layout").nth(1).expect("a Layout section");
+    let layout = layout.split("\n## ").next().unwrap_or(layout);
+    let dirs = |path: &std::path::Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(path)
+            .expect("readable")
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    for d in dirs(&root) {
+        // Build output, VCS and editor state are no part of the layout.
+        if d == "target" || (d.starts_with('.') && d != ".ci") {
+            continue;
+        }
+        if d == "tests" {
+            for t in dirs(&root.join("tests")) {
+                assert!(
+                    layout.contains(&format!("`tests/{t}/`")),
+                    "README layout lacks tests/{t}/"
+                );
+            }
+            continue;
+        }
+        assert!(layout.contains(&format!("`{d}/`")), "README layout lacks {d}/");
+    }
+    for f in std::fs::read_dir(root.join("scripts")).expect("scripts/").flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".md") {
+            continue;
+        }
+        assert!(
+            layout.contains(&format!("`{name}`")),
+            "README layout lacks scripts/{name}"
         );
     }
 }

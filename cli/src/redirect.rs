@@ -36,28 +36,42 @@ pub struct Args {
     pub dry_run: bool,
 }
 
-fn feed(program: &str, args: &[&str], input: &str) -> Result<(), String> {
+/// Why a rules program could not install its input.
+#[derive(Debug, thiserror::Error)]
+enum FeedError {
+    /// It could not be started (absent, most often).
+    #[error("{program}: {source}")]
+    Start {
+        program: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{program} failed: {stderr}")]
+    Failed { program: &'static str, stderr: String },
+}
+
+fn feed(program: &'static str, args: &[&str], input: &str) -> Result<(), FeedError> {
+    let io = |source| FeedError::Start { program, source };
     let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("{program}: {e}"))?;
+        .map_err(io)?;
     child
         .stdin
         .take()
         .expect("piped")
         .write_all(input.as_bytes())
-        .map_err(|e| format!("{program}: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("{program}: {e}"))?;
+        .map_err(io)?;
+    let out = child.wait_with_output().map_err(io)?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "{program} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(FeedError::Failed {
+            program,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
@@ -86,7 +100,7 @@ pub fn run(a: Args) -> Result<(), CliError> {
     let nft = feed("nft", &["-f", "-"], &r.nftables());
     let applied = match nft {
         Ok(()) => "nftables",
-        Err(e) if e.starts_with("nft: ") => {
+        Err(e @ FeedError::Start { .. }) => {
             // No nft binary: iptables (legacy or nft backend) instead.
             feed("iptables-restore", &["--noflush"], &r.iptables(false))
                 .and_then(|()| feed("ip6tables-restore", &["--noflush"], &r.iptables(true)))
@@ -98,7 +112,7 @@ pub fn run(a: Args) -> Result<(), CliError> {
                 })?;
             "iptables"
         }
-        Err(e) => return Err(CliError::new(exit::FAILURE, e)),
+        Err(e) => return Err(CliError::new(exit::FAILURE, e.to_string())),
     };
     println!(
         "redirecting TCP through the sidecar ({applied}): outbound to :{}, inbound to :{}, user {} exempt",

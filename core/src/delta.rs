@@ -39,11 +39,8 @@ pub fn apply(held: &mut ConfigSnapshot, update: ConfigSnapshot) {
         held.peers = update.peers;
         held.signing_root = update.signing_root;
     }
-    for key in &update.removed {
-        let Some((ns, name)) = key.split_once('/') else {
-            continue;
-        };
-        if let Ok(i) = held.services.binary_search_by(|s| by_key(s, ns, name)) {
+    for key in update.removed.iter().filter_map(|k| ServiceKey::parse(k).ok()) {
+        if let Ok(i) = held.services.binary_search_by(|s| by_key(s, &key.namespace, &key.name)) {
             held.services.remove(i);
         }
     }
@@ -94,24 +91,32 @@ pub fn diff(from: &ConfigSnapshot, to: &ConfigSnapshot) -> ConfigSnapshot {
         || from.gateway_tunnel_addr != to.gateway_tunnel_addr
         || from.peers != to.peers
         || from.signing_root != to.signing_root;
+    let mut d = message(to, cluster_changed, services, removed);
+    d.delta = true;
+    d
+}
+
+/// A message of `snap`'s cluster with `services` and `removed`: the
+/// cluster-wide fields (bundles, gateway, peers, signing root) are carried
+/// only when `with_cluster`; the caller sets `delta`, `cluster_changed`
+/// and `answered` as its message needs.
+pub fn message(
+    snap: &ConfigSnapshot,
+    with_cluster: bool,
+    services: Vec<Service>,
+    removed: Vec<String>,
+) -> ConfigSnapshot {
+    let pick = |s: &String| if with_cluster { s.clone() } else { String::new() };
     ConfigSnapshot {
-        version: to.version,
-        cluster: to.cluster.clone(),
-        trust_domain: to.trust_domain.clone(),
-        delta: true,
-        cluster_changed,
-        bundles: if cluster_changed { to.bundles.clone() } else { vec![] },
-        gateway_tunnel_addr: if cluster_changed {
-            to.gateway_tunnel_addr.clone()
-        } else {
-            String::new()
-        },
-        peers: if cluster_changed { to.peers.clone() } else { vec![] },
-        signing_root: if cluster_changed {
-            to.signing_root.clone()
-        } else {
-            String::new()
-        },
+        version: snap.version,
+        cluster: snap.cluster.clone(),
+        trust_domain: snap.trust_domain.clone(),
+        delta: false,
+        cluster_changed: with_cluster,
+        bundles: if with_cluster { snap.bundles.clone() } else { vec![] },
+        gateway_tunnel_addr: pick(&snap.gateway_tunnel_addr),
+        peers: if with_cluster { snap.peers.clone() } else { vec![] },
+        signing_root: pick(&snap.signing_root),
         services,
         removed,
         answered: Vec::new(),

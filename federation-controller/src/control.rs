@@ -302,29 +302,11 @@ impl ConfigStream {
                 }
             }
         }
-        let cluster = full || dirty.cluster;
-        ConfigSnapshot {
-            version: snap.version,
-            cluster: snap.cluster.clone(),
-            trust_domain: snap.trust_domain.clone(),
-            bundles: if cluster { snap.bundles.clone() } else { vec![] },
-            services,
-            gateway_tunnel_addr: if cluster {
-                snap.gateway_tunnel_addr.clone()
-            } else {
-                String::new()
-            },
-            peers: if cluster { snap.peers.clone() } else { vec![] },
-            signing_root: if cluster {
-                snap.signing_root.clone()
-            } else {
-                String::new()
-            },
-            delta: !full,
-            removed,
-            cluster_changed: cluster && !full,
-            answered: dirty.answered,
-        }
+        let mut msg = isthmus_core::delta::message(snap, full || dirty.cluster, services, removed);
+        msg.delta = !full;
+        msg.cluster_changed = dirty.cluster && !full;
+        msg.answered = dirty.answered;
+        msg
     }
 
     async fn send(&self, tx: &tokio::sync::mpsc::Sender<Result<ConfigSnapshot, Status>>, msg: ConfigSnapshot) -> bool {

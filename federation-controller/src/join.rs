@@ -105,6 +105,29 @@ pub enum JoinRefusal {
 }
 
 impl JoinRefusal {
+    /// One refusal of each kind (for the docs' check).
+    pub fn examples() -> Vec<JoinRefusal> {
+        let s = String::new;
+        vec![
+            JoinRefusal::SelfLink {
+                cluster: s(),
+                trust_domain: s(),
+            },
+            JoinRefusal::Invalid(s()),
+            JoinRefusal::UnknownToken,
+            JoinRefusal::BadSecret,
+            JoinRefusal::Revoked,
+            JoinRefusal::Expired(0),
+            JoinRefusal::UsedByYou(s()),
+            JoinRefusal::Used(s()),
+            JoinRefusal::AlreadyLinked {
+                cluster: s(),
+                trust_domain: s(),
+                issuer: s(),
+            },
+        ]
+    }
+
     /// The `result` label of `isthmus_join_attempts_total`.
     pub fn label(&self) -> &'static str {
         match self {
@@ -253,27 +276,82 @@ pub enum LinkError {
         "the token was issued by cluster {issuer}, but the Link is named {link}: name the Link after the cluster it links to"
     )]
     MisnamedLink { link: String, issuer: String },
-    #[error("{0}")]
-    Internal(String),
+    #[error("cannot make a TLS client for the issuer: {0}")]
+    Tls(#[from] isthmus_core::tls::TlsError),
+    #[error("cannot store the link: {}", .0.message())]
+    Store(Status),
+}
+
+/// What a failed link attempt counts as: one kind yields both the metric
+/// label and the reason a Link's condition shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkFailure {
+    Malformed,
+    AlreadyLinked,
+    FingerprintMismatch,
+    Unreachable,
+    Refused,
+    Error,
+}
+
+impl LinkFailure {
+    pub const ALL: [LinkFailure; 6] = [
+        LinkFailure::Malformed,
+        LinkFailure::AlreadyLinked,
+        LinkFailure::FingerprintMismatch,
+        LinkFailure::Unreachable,
+        LinkFailure::Refused,
+        LinkFailure::Error,
+    ];
+
+    /// The `result` label of `isthmus_link_attempts_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            LinkFailure::Malformed => "malformed",
+            LinkFailure::AlreadyLinked => "already_linked",
+            LinkFailure::FingerprintMismatch => "fingerprint_mismatch",
+            LinkFailure::Unreachable => "unreachable",
+            LinkFailure::Refused => "refused",
+            LinkFailure::Error => "error",
+        }
+    }
+
+    /// The reason of a Link's `Linked` condition.
+    pub fn reason(self) -> &'static str {
+        match self {
+            LinkFailure::Malformed => "Malformed",
+            LinkFailure::AlreadyLinked => "AlreadyLinked",
+            LinkFailure::FingerprintMismatch => "FingerprintMismatch",
+            LinkFailure::Unreachable => "Unreachable",
+            LinkFailure::Refused => "Refused",
+            LinkFailure::Error => "Error",
+        }
+    }
 }
 
 impl LinkError {
+    pub fn failure(&self) -> LinkFailure {
+        match self {
+            LinkError::Malformed(_) => LinkFailure::Malformed,
+            LinkError::AlreadyLinked { .. } => LinkFailure::AlreadyLinked,
+            LinkError::FingerprintMismatch(_) => LinkFailure::FingerprintMismatch,
+            LinkError::Unreachable { .. } => LinkFailure::Unreachable,
+            LinkError::Refused { status, .. } => match status.code() {
+                Code::AlreadyExists => LinkFailure::AlreadyLinked,
+                Code::InvalidArgument => LinkFailure::Malformed,
+                Code::Unavailable => LinkFailure::Unreachable,
+                _ => LinkFailure::Refused,
+            },
+            LinkError::OwnToken(_) | LinkError::WrongName { .. } | LinkError::MisnamedLink { .. } => {
+                LinkFailure::Refused
+            }
+            LinkError::Tls(_) | LinkError::Store(_) => LinkFailure::Error,
+        }
+    }
+
     /// The `result` label of `isthmus_link_attempts_total`.
     pub fn label(&self) -> &'static str {
-        match self {
-            LinkError::Malformed(_) => "malformed",
-            LinkError::AlreadyLinked { .. } => "already_linked",
-            LinkError::FingerprintMismatch(_) => "fingerprint_mismatch",
-            LinkError::Unreachable { .. } => "unreachable",
-            LinkError::Refused { status, .. } => match status.code() {
-                Code::AlreadyExists => "already_linked",
-                Code::InvalidArgument => "malformed",
-                Code::Unavailable => "unreachable",
-                _ => "refused",
-            },
-            LinkError::OwnToken(_) | LinkError::WrongName { .. } | LinkError::MisnamedLink { .. } => "refused",
-            LinkError::Internal(_) => "error",
-        }
+        self.failure().label()
     }
 
     pub fn status(&self) -> Status {
@@ -285,7 +363,7 @@ impl LinkError {
             LinkError::OwnToken(_) | LinkError::FingerprintMismatch(_) | LinkError::WrongName { .. } => {
                 Code::FailedPrecondition
             }
-            LinkError::Internal(_) => Code::Internal,
+            LinkError::Tls(_) | LinkError::Store(_) => Code::Internal,
         };
         Status::new(code, self.to_string())
     }

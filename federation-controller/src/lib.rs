@@ -16,6 +16,7 @@ mod auth;
 mod ca;
 pub mod config;
 mod control;
+pub mod imports;
 pub mod join;
 pub mod k8s;
 pub mod metrics;

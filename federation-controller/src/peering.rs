@@ -18,10 +18,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use crate::imports;
 use crate::join::{self, LinkError};
 use crate::metrics::StateLabels;
 use crate::shared::{PeerRuntime, Shared};
-use crate::snapshot;
 use crate::state::{LinkRecord, RootPhase};
 
 /// The state of a link, as `isthmus status` shows it.
@@ -49,8 +49,7 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
         &tok.root_fingerprint,
         SpiffeId::controller(&tok.trust_domain),
         &[tls::ALPN_H2],
-    )
-    .map_err(|e| LinkError::Internal(e.to_string()))?;
+    )?;
     let channel = isthmus_core::grpc::connect(addr, cfg).await.map_err(|e| {
         if tls::is_pin_mismatch(&e) {
             LinkError::FingerprintMismatch(format!(
@@ -113,11 +112,7 @@ pub(crate) async fn join(shared: Arc<Shared>, tok: &JoinToken) -> Result<LinkRes
             Ok(())
         })
         .await
-        .map_err(|status| {
-            raced
-                .take()
-                .unwrap_or_else(|| LinkError::Internal(status.message().to_string()))
-        })?;
+        .map_err(|status| raced.take().unwrap_or(LinkError::Store(status)))?;
     shared.rebuild_bundles();
     shared.changed();
     tracing::info!(peer = %resp.cluster, trust_domain = %resp.trust_domain, "linked (token spent)");
@@ -290,7 +285,7 @@ async fn run_session(
                 // starts from (the common case), else one worked out here.
                 Some(before) => match &published.exports_delta {
                     Some((from, d)) if Arc::ptr_eq(from, before) => d.clone(),
-                    _ => snapshot::export_delta(before, &exports),
+                    _ => imports::export_delta(before, &exports),
                 },
             };
             shared.metrics.peering_export_bytes.inc_by(list.encoded_len() as u64);
@@ -367,7 +362,7 @@ async fn apply(shared: &Shared, peer: &str, m: PeerMessage) {
                     p.imports.live = true;
                     changed = true;
                 }
-                match snapshot::accept_exports(&mut p.imports, &td, list, isthmus_core::unix_now()) {
+                match imports::accept_exports(&mut p.imports, &td, list, isthmus_core::unix_now()) {
                     Err(problem) => {
                         if p.imports.problem.as_ref() != Some(&problem) {
                             tracing::warn!(%peer, %problem, "refusing the peer's export list");

@@ -360,11 +360,11 @@ pub(crate) async fn publisher(shared: Arc<Shared>) {
             let reg = shared.registry.lock().expect("registry lock");
             let (list, delta) = if pending.all {
                 let list = crate::snapshot::exports(&state, reg.sidecars.values());
-                let delta = crate::snapshot::export_delta(&before.exports, &list);
+                let delta = crate::imports::export_delta(&before.exports, &list);
                 (list, delta)
             } else {
                 let fresh = crate::snapshot::exports_of(&state, reg.serving(&local), &local);
-                crate::snapshot::patch_exports(&before.exports, &local, fresh)
+                crate::imports::patch_exports(&before.exports, &local, fresh)
             };
             if list == *before.exports {
                 (before.exports.clone(), None)
@@ -390,5 +390,37 @@ pub(crate) async fn publisher(shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
             r = version.changed() => if r.is_err() { return },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, ips: &[&str]) -> Service {
+        Service {
+            namespace: "demo".into(),
+            name: name.into(),
+            port: 8080,
+            clusterset_ips: ips.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// A redirected connection to a ClusterSet IP is subscribed to as
+    /// `ip:ADDR`: the table finds its service by the IP, and forgets an IP
+    /// its service no longer has.
+    #[test]
+    fn clusterset_ips_find_their_service_and_follow_changes() {
+        let mut t = Table::default();
+        let echo = ServiceKey::new("demo", "echo");
+        assert!(t.set(&echo, Some(svc("echo", &["10.96.0.10"]))));
+        assert!(!t.set(&echo, Some(svc("echo", &["10.96.0.10"]))), "unchanged");
+        assert_eq!(t.by_ip.get("10.96.0.10"), Some(&echo));
+        assert!(t.set(&echo, Some(svc("echo", &["10.96.0.11"]))));
+        assert_eq!(t.by_ip.get("10.96.0.10"), None, "an old IP names nothing");
+        assert_eq!(t.by_ip.get("10.96.0.11"), Some(&echo));
+        assert!(t.set(&echo, None));
+        assert!(t.by_ip.is_empty() && t.services.is_empty());
     }
 }

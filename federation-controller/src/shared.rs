@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::state::State;
 use crate::store::Store;
-use crate::{ca, metrics, peering, snapshot};
+use crate::{ca, imports, metrics, peering, snapshot};
 
 /// Link health as peers and operators see it.
 #[derive(Clone, Debug)]
@@ -29,7 +29,7 @@ pub(crate) struct PeerRuntime {
     pub connected: bool,
     pub ever_connected: bool,
     pub last_heartbeat: Option<Instant>,
-    pub imports: snapshot::PeerImports,
+    pub imports: imports::PeerImports,
     /// Fingerprints of our roots the peer last said it trusts.
     pub holds_our_roots: Vec<String>,
 }
@@ -239,7 +239,10 @@ impl Shared {
                         .map(|p| p.imports.services.len() as u32)
                         .unwrap_or(0),
                     import_scope: l.imports.clone(),
-                    import_problem: rt.and_then(|p| p.imports.problem.clone()).unwrap_or_default(),
+                    import_problem: rt
+                        .and_then(|p| p.imports.problem.as_ref())
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
                 }
             })
             .collect();
@@ -315,7 +318,7 @@ impl Shared {
     pub fn services(&self, only: Option<&BTreeSet<ServiceKey>>) -> Vec<isthmus_proto::Service> {
         // Locks in the order state, peers, registry, as everywhere.
         let state = self.state.lock().expect("state lock");
-        let imports: BTreeMap<String, snapshot::PeerImports> = self
+        let imports: BTreeMap<String, imports::PeerImports> = self
             .peers
             .lock()
             .expect("peers lock")
@@ -326,12 +329,12 @@ impl Shared {
                     None => p.imports.services.clone(),
                     Some(keys) => keys
                         .iter()
-                        .filter_map(|k| snapshot::find_import(&p.imports.services, k).cloned())
+                        .filter_map(|k| imports::find_import(&p.imports.services, k).cloned())
                         .collect(),
                 };
                 (
                     c.clone(),
-                    snapshot::PeerImports {
+                    imports::PeerImports {
                         services,
                         live: p.imports.live,
                         ..Default::default()

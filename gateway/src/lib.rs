@@ -54,7 +54,9 @@ pub enum GatewayError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("QUIC configuration: {0}")]
-    Quic(String),
+    QuicCrypto(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("QUIC endpoint: {0}")]
+    QuicEndpoint(#[source] std::io::Error),
 }
 
 /// Why a tunnel or stream ended before it could be relayed (logged).
@@ -162,7 +164,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
         ClientAuth::Required,
         &[tls::ALPN_TUNNEL],
     )?;
-    let quic_server = QuicServerConfig::try_from(server_tls).map_err(|e| GatewayError::Quic(e.to_string()))?;
+    let quic_server = QuicServerConfig::try_from(server_tls)?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
     let transport = quic::transport(cfg.peer_timeout);
     server_config.transport_config(transport.clone());
@@ -179,7 +181,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
         udp,
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(|e| GatewayError::Quic(e.to_string()))?;
+    .map_err(GatewayError::QuicEndpoint)?;
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(metrics::Metrics::register(&mut registry));

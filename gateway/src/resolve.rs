@@ -6,10 +6,12 @@
 //! has (`peers.rs`).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ProtocolConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 
 /// A name that does not resolve is asked again this soon: a load
@@ -24,7 +26,7 @@ pub enum ResolveError {
     #[error("{0:?} is not host:port")]
     Malformed(String),
     #[error("no DNS resolver: {0} (give the gateway --dns-server)")]
-    NoResolver(String),
+    NoResolver(Arc<NetError>),
     #[error("cannot resolve {name}: {reason}")]
     Lookup { name: String, reason: String },
 }
@@ -61,7 +63,8 @@ impl Target {
 
 /// Resolves peer gateway addresses (one per gateway, shared by its dials).
 pub struct Resolver {
-    inner: Result<TokioResolver, String>,
+    /// Why there is none, kept for every lookup that needs it.
+    inner: Result<TokioResolver, Arc<NetError>>,
 }
 
 impl Resolver {
@@ -69,7 +72,7 @@ impl Resolver {
     /// `/etc/hosts`), or the given name servers (host:port, UDP and TCP).
     pub fn new(servers: &[SocketAddr]) -> Self {
         let builder = if servers.is_empty() {
-            TokioResolver::builder_tokio().map_err(|e| format!("the system's DNS configuration: {e}"))
+            TokioResolver::builder_tokio()
         } else {
             let servers = servers
                 .iter()
@@ -93,8 +96,9 @@ impl Resolver {
             o.negative_max_ttl = Some(NEGATIVE_TTL_CAP);
             // Both families, IPv4 first: whichever the path has.
             o.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
-            b.build().map_err(|e| e.to_string())
+            b.build()
         });
+        let inner = inner.map_err(Arc::new);
         if let Err(e) = &inner {
             tracing::warn!(error = %e, "no DNS resolver: peer gateways given by name cannot be reached");
         }
@@ -132,7 +136,10 @@ impl Resolver {
     }
 
     async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, ResolveError> {
-        let resolver = self.inner.as_ref().map_err(|e| ResolveError::NoResolver(e.clone()))?;
+        let resolver = self
+            .inner
+            .as_ref()
+            .map_err(|e| ResolveError::NoResolver(Arc::clone(e)))?;
         // Fully qualified: the search list is for people, not for peers.
         let fqdn = format!("{name}.");
         let lookup = resolver
@@ -181,7 +188,7 @@ mod tests {
     async fn addresses_keep_order_drop_repeats_and_need_no_resolver_for_ips() {
         // A resolver that cannot be built must not matter for IPs.
         let r = Resolver {
-            inner: Err("none here".into()),
+            inner: Err(Arc::new(NetError::from("none here"))),
         };
         let got = r.addresses("10.0.0.1:1, 10.0.0.2:1,10.0.0.1:1").await.unwrap();
         assert_eq!(got, vec!["10.0.0.1:1".parse().unwrap(), "10.0.0.2:1".parse().unwrap()]);

@@ -220,7 +220,7 @@ impl Drop for InFlight<'_> {
         };
         if ejected {
             let label = ServiceLabels {
-                destination_service: format!("{}/{}", self.service.namespace, self.service.service),
+                destination_service: ServiceKey::new(&self.service.namespace, &self.service.service).to_string(),
             };
             self.metrics.ejections.get_or_create(&label).inc();
         }

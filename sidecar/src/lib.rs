@@ -11,7 +11,8 @@
 //! - Ejected (service, cluster) pairs are probed back (`probe.rs`).
 //! - With DNS on (`dns.rs`, `ports.rs`, `detect.rs`): `clusterset.local`
 //!   names resolve to the outbound address, which listens on every service
-//!   port for clients that dial the name unchanged.
+//!   port for clients that dial the name unchanged. A service is learned
+//!   (subscribed to) on its first lookup or call (`services.rs`).
 //! - Transparent (`transparent.rs`, `vip.rs`): the workload's TCP arrives
 //!   redirected by the rules of `redirect.rs`, and goes where its original
 //!   destination says (a service's virtual or ClusterSet IP, or through).
@@ -38,6 +39,7 @@ mod probe;
 pub mod redirect;
 pub mod route;
 mod router;
+mod services;
 mod telemetry;
 pub mod trace;
 pub mod transparent;
@@ -45,7 +47,7 @@ mod upgrade;
 pub mod vip;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use isthmus_core::agent::{Agent, AgentError};
@@ -109,12 +111,8 @@ struct Sidecar {
     router: router::Router,
     metrics: metrics::Metrics,
     otlp: Option<otlp::Exporter>,
-    /// Transparent mode: each known service's virtual IP.
-    vips: arc_swap::ArcSwap<vip::Vips>,
-    /// Service ports `ports::follow` has tried to listen on (open or not).
-    ports_tried: tokio::sync::watch::Sender<std::collections::BTreeSet<u16>>,
-    /// Addresses the controller said are no ClusterSet IP, and when.
-    ip_misses: Mutex<std::collections::HashMap<std::net::IpAddr, Instant>>,
+    /// What this sidecar has learned of the services it calls.
+    learned: services::Learned,
 }
 
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, SidecarError> {
@@ -169,7 +167,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
         Some(endpoint) => {
             let who = cfg.serve.as_ref().map_or(&cfg.service_account, |s| &s.service);
             let resource = vec![
-                ("service.name", format!("{}/{who}", cfg.namespace)),
+                ("service.name", ServiceKey::new(&cfg.namespace, who).to_string()),
                 ("service.instance.id", cfg.instance.clone()),
                 ("isthmus.cluster", agent.cluster.clone()),
             ];
@@ -193,18 +191,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
         metrics,
         agent,
         cfg,
-        vips: Default::default(),
-        ports_tried: Default::default(),
-        ip_misses: Default::default(),
+        learned: Default::default(),
     });
     tracing::info!(%id, %inbound_addr, %outbound_addr, app = ?sc.cfg.serve.as_ref().map(|s| s.app), "sidecar ready");
 
     if sc.cfg.transparent {
-        tokio::spawn(follow_vips(sc.clone(), shutdown.clone()));
+        tokio::spawn(services::follow_vips(sc.clone(), shutdown.clone()));
     }
     let mut dns_addr = None;
     if let Some(addr) = sc.cfg.dns_addr {
-        let resolve: dns::Resolve = Arc::new(Names {
+        let resolve: dns::Resolve = Arc::new(services::Names {
             sc: sc.clone(),
             ip: outbound_addr.ip(),
         });
@@ -239,141 +235,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Si
     })
 }
 
-/// Keep the virtual IPs in step with the known services.
-async fn follow_vips(sc: Arc<Sidecar>, stop: CancellationToken) {
-    let mut rx = sc.agent.config.clone();
-    loop {
-        rx.borrow_and_update();
-        sc.refresh_vips();
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            r = rx.changed() => if r.is_err() { return },
-        }
-    }
-}
-
-/// What the sidecar's DNS answers with.
-struct Names {
-    sc: Arc<Sidecar>,
-    /// The outbound address, where the service ports listen.
-    ip: std::net::IpAddr,
-}
-
-impl dns::Names for Names {
-    fn prepare<'a>(&'a self, name: &'a ServiceName) -> futures::future::BoxFuture<'a, ()> {
-        Box::pin(async move {
-            let key = name.key();
-            self.sc.learn(&key).await;
-            if self.sc.cfg.transparent {
-                self.sc.refresh_vips();
-                return;
-            }
-            // The answer is only good once the port listens.
-            let Some(port) = self.sc.port_of(&key) else { return };
-            let mut tried = self.sc.ports_tried.subscribe();
-            let _ = tokio::time::timeout(config::PORT_WAIT, tried.wait_for(|t| t.contains(&port))).await;
-        })
-    }
-
-    fn resolve(&self, name: &ServiceName) -> Option<std::net::IpAddr> {
-        self.sc.resolve(name, self.ip)
-    }
-}
-
 impl Sidecar {
-    /// Whether this sidecar holds `key`'s service now.
-    fn knows(&self, key: &ServiceKey) -> bool {
-        self.port_of(key).is_some()
-    }
-
-    fn port_of(&self, key: &ServiceKey) -> Option<u16> {
-        let snap = self.agent.config.borrow();
-        isthmus_core::delta::find(&snap, &key.namespace, &key.name).and_then(|s| u16::try_from(s.port).ok())
-    }
-
-    /// Before the first call to a service: subscribe to it and wait (up to
-    /// `LEARN_WAIT`) for the controller's answer. Afterwards, free.
-    pub(crate) async fn learn(&self, key: &ServiceKey) {
-        if !self.knows(key) && !self.agent.ensure(&key.to_string(), config::LEARN_WAIT).await {
-            tracing::warn!(service = %key, "the controller did not answer for this service in time");
-        }
-    }
-
-    /// Give every held service a virtual IP, keeping those already given.
-    fn refresh_vips(&self) {
-        let keys: Vec<ServiceKey> = self
-            .agent
-            .config
-            .borrow()
-            .services
-            .iter()
-            .map(|s| ServiceKey::new(&s.namespace, &s.name))
-            .collect();
-        self.vips.rcu(|v| Arc::new(v.extended(&keys)));
-    }
-
-    /// The address DNS gives a service name: its virtual IP in transparent
-    /// mode, else the outbound address (`ip`), where it listens on every
-    /// service port; `None` for a service nobody serves or exports.
-    fn resolve(&self, name: &ServiceName, ip: std::net::IpAddr) -> Option<std::net::IpAddr> {
-        if !self.knows(&name.key()) {
-            return None;
-        }
-        if self.cfg.transparent {
-            return self.vips.load().ip_of(&name.key()).map(std::net::IpAddr::V4);
-        }
-        Some(ip)
-    }
-
-    /// The service a redirected connection to `ip` is for: a virtual IP,
-    /// or a ClusterSet IP of a service the controller told of.
-    fn service_at(&self, ip: std::net::IpAddr) -> Option<ServiceName> {
-        let key = self.vips.load().service_at(ip).cloned().or_else(|| {
-            let text = ip.to_string();
-            self.agent
-                .config
-                .borrow()
-                .services
-                .iter()
-                .find(|s| s.clusterset_ips.contains(&text))
-                .map(|s| ServiceKey::new(&s.namespace, &s.name))
-        })?;
-        Some(ServiceName {
-            cluster: None,
-            namespace: key.namespace,
-            name: key.name,
-        })
-    }
-
-    /// `service_at`, asking the controller about an address not held yet
-    /// (a ClusterSet IP dialled without a DNS lookup through this
-    /// sidecar); an address it says is none is not asked about again for
-    /// `IP_MISS_TTL`.
-    pub(crate) async fn service_at_learning(&self, ip: std::net::IpAddr) -> Option<ServiceName> {
-        if let Some(name) = self.service_at(ip) {
-            return Some(name);
-        }
-        let now = Instant::now();
-        {
-            let mut misses = self.ip_misses.lock().expect("ip misses lock");
-            if misses
-                .get(&ip)
-                .is_some_and(|t| now.duration_since(*t) < config::IP_MISS_TTL)
-            {
-                return None;
-            }
-            if misses.len() >= 4096 {
-                misses.clear();
-            }
-        }
-        self.agent.ensure(&format!("ip:{ip}"), config::LEARN_WAIT).await;
-        let found = self.service_at(ip);
-        if found.is_none() {
-            self.ip_misses.lock().expect("ip misses lock").insert(ip, now);
-        }
-        found
-    }
-
     /// Route `name:port` (see `Router::route`) on the current config, and
     /// label the request with the cluster it goes to.
     fn route(

@@ -175,7 +175,7 @@ impl Metrics {
         );
         registry.register(
             "isthmus_retries",
-            "Requests sent again: on another endpoint after a connect failure, or on a new session after their pooled session failed",
+            "Requests sent again, within the retry budget: to another endpoint or cluster when nothing was delivered (or, if idempotent, after app-failed, a dead session or a per-try timeout), gRPC UNAVAILABLE, or on a new session after a pooled one died",
             m.retries.clone(),
         );
         registry.register(

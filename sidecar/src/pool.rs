@@ -11,6 +11,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use isthmus_core::agent::Agent;
 use isthmus_core::identity::SpiffeId;
+use isthmus_core::naming::ServiceKey;
 use isthmus_core::tls::{self, Expect};
 use isthmus_core::tunnel::{TunnelRequest, TunnelResponse};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -136,7 +137,11 @@ pub(crate) async fn connect_tls(
         &[alpn],
     )
     .map_err(ConnectError::from)?;
-    let peer = format!("{}/{} in cluster {}", target.namespace, target.service, target.cluster);
+    let peer = format!(
+        "{} in cluster {}",
+        ServiceKey::new(&target.namespace, &target.service),
+        target.cluster
+    );
     let inner = tokio::time::timeout(
         CONNECT_TIMEOUT,
         tokio_rustls::TlsConnector::from(cfg).connect(tls::sni(), io),

@@ -72,7 +72,7 @@ pub(crate) async fn follow(sc: Arc<Sidecar>, ip: IpAddr, stop: CancellationToken
         }
         // Said tried (bound or not): DNS answers waiting on a port go on.
         let tried: std::collections::BTreeSet<u16> = open.keys().chain(failed.iter()).copied().collect();
-        sc.ports_tried.send_if_modified(|t| {
+        sc.learned.ports_tried.send_if_modified(|t| {
             let changed = *t != tried;
             *t = tried;
             changed

@@ -194,7 +194,7 @@ pub fn by_port(snap: &ConfigSnapshot, port: u16) -> Result<ServiceName, RouteErr
             port,
             names: many
                 .iter()
-                .map(|s| format!("{}/{}", s.namespace, s.name))
+                .map(|s| ServiceKey::new(&s.namespace, &s.name).to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
         }),

@@ -1,6 +1,7 @@
 //! `isthmus check`: verify a cluster and say what to fix. The findings
 //! are a pure function of its status (unit-tested).
 
+use isthmus_core::naming::ServiceKey;
 use isthmus_proto::StatusResponse;
 
 use super::status::{fetch_status, lacking_our_roots, or_none, until};
@@ -104,7 +105,7 @@ fn findings(s: &StatusResponse, now: i64) -> Vec<Finding> {
         for c in &svc.conditions {
             add(
                 false,
-                format!("{}/{}: {c}", svc.namespace, svc.name),
+                format!("{}: {c}", ServiceKey::new(&svc.namespace, &svc.name)),
                 if c.starts_with("NotImported") {
                     "to make them one service, export it here too or import it from that cluster (`isthmus imports`); else rename one"
                 } else {

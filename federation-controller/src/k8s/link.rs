@@ -35,14 +35,7 @@ const HEARTBEAT_SLACK: i64 = 10;
 
 /// The reason a failed join gives in the `Linked` condition.
 pub fn reason(e: &LinkError) -> &'static str {
-    match e.label() {
-        "malformed" => "Malformed",
-        "already_linked" => "AlreadyLinked",
-        "fingerprint_mismatch" => "FingerprintMismatch",
-        "unreachable" => "Unreachable",
-        "refused" => "Refused",
-        _ => "Error",
-    }
+    e.failure().reason()
 }
 
 pub(crate) async fn run(ctx: Arc<Ctx>) {
@@ -193,7 +186,7 @@ async fn spend(ctx: &Ctx, peer: &str, secret: &str) -> Result<Spent, kube::Error
             delete_secret(ctx, secret).await?;
             Ok(Spent::Linked)
         }
-        Err(e) if e.label() == "unreachable" => {
+        Err(e) if e.failure() == crate::join::LinkFailure::Unreachable => {
             tracing::warn!(%peer, error = %e, "cannot reach the issuer yet; trying again");
             Ok(Spent::Failed(e))
         }
@@ -252,10 +245,10 @@ pub(crate) fn observe(shared: &Shared, peer: &str) -> LinkStatus {
     }
 }
 
-/// The condition reason of an import problem (`snapshot::check_limits`
-/// starts each with it).
+/// The condition reason of an import problem, as its text (from the
+/// controller's status) starts (`imports::ImportProblem`).
 fn import_reason(problem: &str) -> &'static str {
-    ["TooManyServices", "TooManyIdentities", "TooManyEndpoints"]
+    crate::imports::ImportProblem::REASONS
         .into_iter()
         .find(|r| problem.starts_with(r))
         .unwrap_or("Refused")

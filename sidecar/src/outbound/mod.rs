@@ -13,6 +13,11 @@
 //! route's attempts and the retry budget. With `hedge`, an idempotent
 //! request not answered in time gets a copy elsewhere; the first answer
 //! wins. Upgrades (WebSocket) go through `upgrade.rs`.
+//!
+//! Over 600 lines on purpose: one request's path (admit, route, attempt,
+//! hedge, retry, answer) reads top to bottom here; every decision on it is
+//! a pure function elsewhere (`retry.rs`, `route.rs`, `balance.rs`,
+//! `health.rs`), unit-tested there.
 
 pub mod grpc;
 pub mod retry;
