@@ -8,6 +8,8 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,6 +33,10 @@ pub struct Args {
     /// Answer every request this late (a slow app, for tests).
     #[arg(long, default_value = "0s")]
     delay: humantime::Duration,
+    /// Answer at once until SIGUSR1, then `--delay` late: an app that turns
+    /// slow while it runs, on the same address and connections (for tests).
+    #[arg(long)]
+    slow_on_sigusr1: bool,
     /// Write the bound address as JSON to this file once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -59,6 +65,17 @@ pub async fn run(a: Args) -> Result<(), CliError> {
     }
     let shutdown = crate::components::shutdown_token(a.exit_with_parent);
     let delay: Duration = a.delay.into();
+    let slow = Arc::new(AtomicBool::new(!a.slow_on_sigusr1));
+    if a.slow_on_sigusr1 {
+        let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot watch SIGUSR1: {e}")))?;
+        let slow = slow.clone();
+        tokio::spawn(async move {
+            if usr1.recv().await.is_some() {
+                slow.store(true, Ordering::Relaxed);
+            }
+        });
+    }
     loop {
         let (tcp, _) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -66,9 +83,15 @@ pub async fn run(a: Args) -> Result<(), CliError> {
         };
         let cluster = a.cluster.clone();
         let instance = a.instance.clone();
+        let slow = slow.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let (cluster, instance) = (cluster.clone(), instance.clone());
+                let delay = if slow.load(Ordering::Relaxed) {
+                    delay
+                } else {
+                    Duration::ZERO
+                };
                 async move {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;

@@ -3,8 +3,9 @@
 //! Each ejected pair is probed along the path its requests take (a local
 //! endpoint's sidecar, or the gateways and a sidecar in the other cluster);
 //! the serving sidecar answers the probe itself with whether its app
-//! accepts a connection, so the probe tests the whole path and the app
-//! without reaching the app's handlers. Only a probe's success puts a pair
+//! answers a request now (`answer`: a hung app that still accepts
+//! connections is not healthy), so the probe tests the whole path and the
+//! app. Only a probe's success puts a pair
 //! back (traffic returns after the failback hold, `route::FAILBACK_HOLD`).
 
 use std::collections::HashSet;
@@ -26,7 +27,7 @@ use crate::metrics::{Direction, RouteLabels};
 use crate::route;
 
 /// Marks a request the serving sidecar answers itself: 200 if its app
-/// accepts a connection now, else 502 `app-unavailable`.
+/// answers a request now (`answer`), else 502 `app-unavailable`.
 pub const PROBE_HEADER: &str = "x-isthmus-probe";
 /// How often each ejected (service, cluster) is probed.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);

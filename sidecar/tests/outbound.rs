@@ -682,25 +682,7 @@ async fn a_slow_endpoint_is_hedged_around() {
     )
     .await;
     let ctl = ClusterDir::new(dir.path()).connect().await.unwrap();
-    ctl.admin()
-        .apply_policy(isthmus_proto::ApplyPolicyRequest {
-            policy: Some(isthmus_proto::TrafficPolicy {
-                namespace: "demo".into(),
-                service: "echo".into(),
-                failover_threshold: 0.5,
-                retry_budget_percent: 100,
-                retry_budget_min_per_second: 100,
-                requests: Some(isthmus_proto::RequestPolicy {
-                    hedge_after_ms: 20,
-                    hedge_max: 1,
-                    ..Default::default()
-                }),
-                routes: Vec::new(),
-            }),
-            delete: false,
-        })
-        .await
-        .unwrap();
+    hedge_policy(&ctl, 100, 100).await;
     let client = sidecar(dir.path(), None, &stop).await;
     until_ok(|| async { get(client.outbound_addr).await.0 == 200 }).await;
     let mut slowest = Duration::ZERO;
@@ -716,16 +698,78 @@ async fn a_slow_endpoint_is_hedged_around() {
         slowest < Duration::from_millis(300),
         "a call waited {slowest:?} for the slow endpoint"
     );
-    let admin = client.admin_addr.unwrap();
+    let hedges = hedges_sent(client.admin_addr.unwrap()).await;
+    assert!(hedges >= 1.0, "no hedge was sent");
+    stop.cancel();
+}
+
+/// demo/echo's policy: a hedge after 20 ms, and this retry budget.
+async fn hedge_policy(ctl: &isthmus_core::local::LocalClient, percent: u32, floor: u32) {
+    ctl.admin()
+        .apply_policy(isthmus_proto::ApplyPolicyRequest {
+            policy: Some(isthmus_proto::TrafficPolicy {
+                namespace: "demo".into(),
+                service: "echo".into(),
+                failover_threshold: 0.5,
+                retry_budget_percent: percent,
+                retry_budget_min_per_second: floor,
+                requests: Some(isthmus_proto::RequestPolicy {
+                    hedge_after_ms: 20,
+                    hedge_max: 1,
+                    ..Default::default()
+                }),
+                routes: Vec::new(),
+            }),
+            delete: false,
+        })
+        .await
+        .unwrap();
+}
+
+/// The hedges a sidecar has sent, by its metrics.
+async fn hedges_sent(admin: std::net::SocketAddr) -> f64 {
     let m = isthmus_core::http::get_via(&admin.to_string(), &format!("http://{admin}/metrics"))
         .await
         .unwrap()
         .text();
-    let hedges: f64 = m
-        .lines()
+    m.lines()
         .filter(|l| l.starts_with("isthmus_hedges_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert!(hedges >= 1.0, "no hedge was sent:\n{m}");
+        .sum()
+}
+
+/// Hedges draw on the retry budget: with none left, a call that is late
+/// gets no copy, however the hedge is set; with budget, the same calls do.
+#[tokio::test]
+async fn hedges_draw_on_the_retry_budget() {
+    let stop = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    east(dir.path(), &stop).await;
+    // Both endpoints answer after 100 ms: every call is late for a 20 ms
+    // hedge, wherever it goes.
+    for name in ["one", "two"] {
+        sidecar(
+            dir.path(),
+            Some(app(200, name, Duration::from_millis(100)).await),
+            &stop,
+        )
+        .await;
+    }
+    let ctl = ClusterDir::new(dir.path()).connect().await.unwrap();
+    hedge_policy(&ctl, 0, 0).await;
+    let client = sidecar(dir.path(), None, &stop).await;
+    let admin = client.admin_addr.unwrap();
+    until_ok(|| async { get(client.outbound_addr).await.0 == 200 }).await;
+    for _ in 0..10 {
+        assert_eq!(get(client.outbound_addr).await.0, 200);
+    }
+    assert_eq!(hedges_sent(admin).await, 0.0, "a hedge was sent with no budget");
+    hedge_policy(&ctl, 100, 100).await;
+    // The new budget reaches the sidecar with the next config.
+    until_ok(|| async {
+        get(client.outbound_addr).await;
+        hedges_sent(admin).await >= 1.0
+    })
+    .await;
     stop.cancel();
 }

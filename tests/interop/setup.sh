@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Prepare the interop peers: Debian tools (curl, h2load, nft, dnsmasq) and a Python venv with
-# requirements.txt. Idempotent and cheap when already done. All progress goes
+# Prepare the interop peers: Debian tools (curl, h2load, nft, iptables,
+# dnsmasq, node), a Python venv with requirements.txt, and grpc-js from
+# node/package-lock.json (under target/interop-node). Idempotent and cheap when already done. All progress goes
 # to stderr; the last (only) stdout line is the venv's python path.
 #
 #   ISTHMUS_INTEROP_VENV  venv location (default: <repo>/target/interop-venv)
+#   ISTHMUS_INTEROP_NODE  grpc-js install (default: <repo>/target/interop-node)
 #   PYTHON                interpreter to create the venv with (default: python3)
 set -euo pipefail
 
@@ -22,7 +24,10 @@ command -v h2load >/dev/null || missing+=(nghttp2-client)
 # Transparent-mode tests: nftables in a network namespace; dnsmasq as the
 # DNS server whose answers change under a gateway.
 command -v nft >/dev/null || missing+=(nftables)
+command -v iptables-restore >/dev/null || missing+=(iptables)
 command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
+# grpc-js, the pure JavaScript gRPC: a client that shares no code with C-core.
+command -v npm >/dev/null || missing+=(nodejs npm)
 # Debian ships venv/ensurepip separately from python3 (package python3-venv).
 if ! command -v "$python" >/dev/null || ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
   missing+=(python3 python3-venv)
@@ -61,6 +66,22 @@ else
   "$venv/bin/python" -m pip install --disable-pip-version-check -q \
     --only-binary=:all: -r "$req" >&2
   echo "$want" >"$stamp"
+fi
+
+# --- grpc-js (npm ci from the committed lock) ---------------------------------
+node_dir="${ISTHMUS_INTEROP_NODE:-$repo/target/interop-node}"
+lock="$here/node/package-lock.json"
+want_node="$(cat "$here/node/package.json" "$lock" | sha256sum | cut -d' ' -f1)"
+node_stamp="$node_dir/.isthmus-lock.sha256"
+if [[ -f "$node_stamp" && "$(cat "$node_stamp")" == "$want_node" ]] \
+  && [[ -d "$node_dir/node_modules/@grpc/grpc-js" ]]; then
+  log "grpc-js up to date: $node_dir"
+else
+  log "installing grpc-js into $node_dir"
+  mkdir -p "$node_dir"
+  cp "$here/node/package.json" "$lock" "$node_dir/"
+  (cd "$node_dir" && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error >&2)
+  echo "$want_node" >"$node_stamp"
 fi
 
 echo "$venv/bin/python"

@@ -570,6 +570,20 @@ pub fn interop_python() -> PathBuf {
     .clone()
 }
 
+/// `node` running the grpc-js peer `tests/interop/node/<script>`, with the
+/// modules setup.sh installed (under target/interop-node).
+pub fn interop_node(script: &str) -> Command {
+    interop_python(); // runs setup.sh, which installs node and grpc-js
+    let modules = std::env::var_os("ISTHMUS_INTEROP_NODE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/interop-node"))
+        .join("node_modules");
+    let mut c = Command::new("node");
+    c.arg(repo().join("tests/interop/node").join(script))
+        .env("NODE_PATH", modules);
+    c
+}
+
 /// The workspace's root directory.
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

@@ -18,8 +18,8 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use isthmus_e2e::three::{SLOW, Three, check, signal, through};
-use isthmus_e2e::{Component, Impact};
+use isthmus_e2e::three::{SLOW, Three, check, echo_with, signal, through};
+use isthmus_e2e::Impact;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -55,7 +55,23 @@ fn without_a_per_try_timeout_only_the_calls_in_flight_fail() {
     let m = Three::start_with(NETS, "--request-timeout 3s");
     let [west] = m.west_echoes([20]);
     let app = [west.app.pid()];
-    let (sent, at) = through(&m.proxy(), Duration::from_secs(6), || signal("-STOP", &app));
+    only_the_calls_in_flight_fail(&m, &app, "a hung local app", elsewhere);
+}
+
+#[test]
+fn without_a_per_try_timeout_a_hung_remote_app_costs_only_the_calls_in_flight() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = Three::start_with(NETS, "--request-timeout 3s");
+    m.east_then_north("");
+    let app = [m.east_echo.app.pid()];
+    only_the_calls_in_flight_fail(&m, &app, "a hung remote app (east)", |c| c == "north");
+}
+
+/// Hang `app` under load with no per-try timeout (3 s request timeout):
+/// the four calls in flight at the hang time out, and every call that
+/// starts after the first timeout goes to a cluster `moved_to` accepts.
+fn only_the_calls_in_flight_fail(m: &Three, app: &[u32], case: &str, moved_to: fn(&str) -> bool) {
+    let (sent, at) = through(&m.proxy(), Duration::from_secs(6), || signal("-STOP", app));
     let failed: Vec<_> = sent.iter().filter(|s| s.status != 200).collect();
     // Four callers, one call each at a time: the four in flight at the hang.
     assert!(failed.len() <= 4, "{} failed: {failed:?}", failed.len());
@@ -67,11 +83,11 @@ fn without_a_per_try_timeout_only_the_calls_in_flight_fail() {
     let late: Vec<_> = sent
         .iter()
         .filter(|s| s.start > first_timeout + Duration::from_millis(100))
-        .filter(|s| s.status != 200 || !elsewhere(&s.cluster))
+        .filter(|s| s.status != 200 || !moved_to(&s.cluster))
         .collect();
-    let impact = Impact::of(&sent, at, SLOW, elsewhere);
+    let impact = Impact::of(&sent, at, SLOW, moved_to);
     println!(
-        "a hung local app, no per-try timeout (3 s request timeout): {} calls, {} failed (in flight at the hang), first timeout {:.3} s after the hang, traffic moved {:.3} s after it",
+        "{case}, no per-try timeout (3 s request timeout): {} calls, {} failed (in flight at the hang), first timeout {:.3} s after the hang, traffic moved {:.3} s after it",
         sent.len(),
         failed.len(),
         (first_timeout - at).as_secs_f64(),
@@ -81,7 +97,7 @@ fn without_a_per_try_timeout_only_the_calls_in_flight_fail() {
         late.is_empty(),
         "calls after the first timeout stayed or failed: {late:?}"
     );
-    signal("-CONT", &app);
+    signal("-CONT", app);
 }
 
 #[test]
@@ -105,19 +121,19 @@ fn a_hung_remote_app_is_left_for_the_next_cluster_losing_nothing() {
 fn a_slow_remote_app_is_left_for_the_next_cluster_losing_nothing() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut m = Three::start(NETS);
+    // East's app, answering at once until SIGUSR1, then after 2 s: the
+    // same process, address and connections, turned slow (never dead).
+    m.east_echo = echo_with(
+        m.root.path(),
+        &m.east.dir,
+        "east",
+        &format!("{}.21", m.nets[1]),
+        "east-echo-slowing",
+        "--delay 2s --slow-on-sigusr1",
+    );
     m.east_then_north("      retries: { perTryTimeout: 500ms }\n");
-    let addr = m.east_echo.app.addr("listen");
-    let root = m.root.path().to_path_buf();
-    let mut slow = None;
-    let (sent, at) = through(&m.proxy(), Duration::from_secs(4), || {
-        // The same app, on the same address, now answering after 2 s.
-        m.east_echo.app.kill();
-        slow = Some(Component::start(
-            &root,
-            "east-echo-slow",
-            &format!("echo --cluster east --listen {addr} --delay 2s"),
-        ));
-    });
+    let app = [m.east_echo.app.pid()];
+    let (sent, at) = through(&m.proxy(), Duration::from_secs(4), || signal("-USR1", &app));
     let impact = Impact::of(&sent, at, Duration::from_millis(700), |c| c == "north");
     check(
         "a slow remote app (east, 2 s answers), 500 ms per-try timeout",

@@ -12,6 +12,8 @@
 //! | client | server | what |
 //! |---|---|---|
 //! | grpcio | grpcio | unary, the three streaming kinds, metadata and trailers, `grpc-timeout` as deadline, cancellation reaching the server, the health service, 16 MiB messages, status codes |
+//! | grpc-js (Node) | grpcio | unary, the three streaming kinds, metadata and trailers, deadline, cancellation reaching the server, 16 MiB messages, status codes |
+//! | curl (h2c) | grpcio | `grpc-timeout` enforced on the path for a client that keeps no deadline |
 //! | websockets | websockets | upgrade through the mesh, text and binary frames (1 MiB) both ways, the caller's identity at the server; and a session two minutes long |
 //! | curl | echo | HTTP/1.1 proxy, h2c with prior knowledge on the service port, HTTP/1.0, `Expect: 100-continue`, chunked upload, a streamed answer's first byte on time, hop-by-hop headers, 1 GiB each way with flat memory |
 //! | h2load | echo | 2,000 multiplexed HTTP/2 requests, none failed |
@@ -22,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use isthmus_e2e::{Component, Pair, Program, eventually, get_via, interop_python, ok, repo, rss_kib};
+use isthmus_e2e::{Component, Pair, Program, eventually, get_via, interop_node, interop_python, ok, repo, rss_kib};
 
 const EAST: &str = "127.0.62";
 const WEST: &str = "127.0.63";
@@ -237,7 +239,55 @@ fn grpc_cases(m: &Mesh) {
         let passed = out.lines().filter(|l| l.contains("\"ok\": true")).count();
         println!("grpcio -> grpcio via {cluster}: {passed} cases passed");
         assert!(passed >= 10, "{out}");
+        // grpc-js: a gRPC stack that shares no code with C-core.
+        let out = run(
+            &format!("grpc-js client, {cluster} path"),
+            interop_node("grpc_client.js").args([
+                "--target",
+                &m.port(50051),
+                "--authority",
+                &format!("{cluster}.hello.demo.svc.clusterset.local:50051"),
+            ]),
+        );
+        let passed = out.lines().filter(|l| l.contains("\"ok\":true")).count();
+        println!("grpc-js -> grpcio via {cluster}: {passed} cases passed");
+        assert!(passed >= 9, "{out}");
+        grpc_timeout_case(m, cluster);
     }
+}
+
+/// `grpc-timeout` bounds the call on the path: curl sends the header but
+/// keeps no deadline of its own, so only the mesh (the sidecar's deadline,
+/// or the server's from the header passed on) can end this 5 s Sleep at
+/// 300 ms.
+fn grpc_timeout_case(m: &Mesh, cluster: &str) {
+    // One gRPC frame: uncompressed, 3 bytes, SleepRequest { millis: 5000 }.
+    let frame = m.root.join("sleep-5s.grpc");
+    std::fs::write(&frame, [0u8, 0, 0, 0, 3, 0x08, 0x88, 0x27]).unwrap();
+    let out = curl(&[
+        "--http2-prior-knowledge",
+        "--connect-to",
+        &format!("::{}", m.port(50051)),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "-H",
+        "grpc-timeout: 300m",
+        "--data-binary",
+        &format!("@{}", frame.display()),
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{time_total}",
+        &format!("http://{cluster}.hello.demo.svc.clusterset.local:50051/interop.Echo/Sleep"),
+    ]);
+    let took: f64 = out.lines().last().unwrap().trim().parse().unwrap();
+    println!("curl gRPC with grpc-timeout 300m via {cluster}: ended after {took} s");
+    assert!(out.to_ascii_lowercase().contains("grpc-status: 4"), "{out}");
+    assert!(took < 2.0, "the call ran {took} s past its 300 ms grpc-timeout");
 }
 
 fn ws_case(m: &Mesh, cluster: &str, messages: &str, seconds: &str) -> String {
@@ -290,16 +340,25 @@ fn curl_cases(m: &Mesh) {
         // Expect: 100-continue with a 2 MiB body, and a chunked upload.
         let file = m.root.join("two-mib");
         std::fs::write(&file, vec![b'a'; 2 << 20]).unwrap();
+        // curl waits up to 30 s for the 100 before it sends the body: an
+        // answer well within that means the 100 came through.
         let out = curl(&[
             "-x",
             &proxy,
             "-H",
             "Expect: 100-continue",
+            "--expect100-timeout",
+            "30",
             "--data-binary",
             &format!("@{}", file.display()),
+            "-w",
+            "\n%{time_total}",
             &format!("{base}/upload"),
         ]);
-        assert_eq!(out.trim(), r#"{"received":2097152}"#);
+        let (body, took) = out.rsplit_once('\n').unwrap();
+        assert_eq!(body.trim(), r#"{"received":2097152}"#);
+        let took: f64 = took.parse().unwrap();
+        assert!(took < 10.0, "Expect: 100-continue waited {took} s for its 100");
         let out = curl(&[
             "-x",
             &proxy,
