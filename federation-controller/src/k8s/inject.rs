@@ -34,6 +34,13 @@ pub const PORT_ANNOTATION: &str = "isthmus.dev/port";
 /// Inbound ports the redirection leaves alone (comma separated), for
 /// example a port kubelet probes directly.
 pub const EXCLUDE_INBOUND_ANNOTATION: &str = "isthmus.dev/exclude-inbound-ports";
+/// Ports of the app's own outbound calls the redirection leaves alone.
+pub const EXCLUDE_OUTBOUND_ANNOTATION: &str = "isthmus.dev/exclude-outbound-ports";
+/// Destinations (CIDRs) the app reaches directly, not through the sidecar.
+pub const EXCLUDE_CIDRS_ANNOTATION: &str = "isthmus.dev/exclude-outbound-cidrs";
+/// Service ports carried as opaque TCP without detection (server-first
+/// protocols: they would otherwise wait 1 s for it).
+pub const OPAQUE_PORTS_ANNOTATION: &str = "isthmus.dev/opaque-ports";
 /// Set on injected pods: what injected them.
 pub const INJECTED_ANNOTATION: &str = "isthmus.dev/injected";
 pub const SIDECAR: &str = "isthmus-sidecar";
@@ -67,6 +74,65 @@ pub fn native_sidecars(major: &str, minor: &str) -> bool {
 pub enum Decision {
     Skip(&'static str),
     Inject(Box<Pod>),
+    /// The pod's own annotations are wrong: it is refused with the reason
+    /// rather than started with a sidecar that cannot run.
+    Refuse(String),
+}
+
+/// The comma-separated list an annotation holds, each item checked.
+fn annotation_list(
+    annotations: &BTreeMap<String, String>,
+    key: &str,
+    valid: fn(&str) -> bool,
+    what: &str,
+) -> Result<Vec<String>, String> {
+    let Some(v) = annotations.get(key) else {
+        return Ok(vec![]);
+    };
+    let items: Vec<String> = v
+        .split(',')
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    match items.iter().find(|i| !valid(i)) {
+        Some(bad) => Err(format!("annotation {key}: {bad:?} is not {what}")),
+        None => Ok(items),
+    }
+}
+
+fn is_port(s: &str) -> bool {
+    s.parse::<u16>().is_ok_and(|p| p != 0)
+}
+
+fn is_cidr(s: &str) -> bool {
+    let (ip, len) = s.split_once('/').unwrap_or((s, ""));
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(addr) => {
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            len.is_empty() || len.parse::<u8>().is_ok_and(|l| l <= max)
+        }
+        Err(_) => false,
+    }
+}
+
+/// What the pod's annotations ask of its sidecar and redirection.
+struct Asked {
+    exclude_inbound: Vec<String>,
+    exclude_outbound: Vec<String>,
+    exclude_cidrs: Vec<String>,
+    opaque: Vec<String>,
+}
+
+impl Asked {
+    fn read(a: &BTreeMap<String, String>) -> Result<Self, String> {
+        let port = "a port (1-65535)";
+        Ok(Self {
+            exclude_inbound: annotation_list(a, EXCLUDE_INBOUND_ANNOTATION, is_port, port)?,
+            exclude_outbound: annotation_list(a, EXCLUDE_OUTBOUND_ANNOTATION, is_port, port)?,
+            exclude_cidrs: annotation_list(a, EXCLUDE_CIDRS_ANNOTATION, is_cidr, "a CIDR (10.0.0.0/8)")?,
+            opaque: annotation_list(a, OPAQUE_PORTS_ANNOTATION, is_port, port)?,
+        })
+    }
 }
 
 /// The pod with its sidecar, or why it is left alone. (The namespace
@@ -88,11 +154,15 @@ pub fn inject(pod: &Pod, cfg: &Injection) -> Decision {
         return Decision::Skip("the pod uses the host's network: redirecting it would redirect the node");
     }
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let asked = match Asked::read(&annotations) {
+        Ok(a) => a,
+        Err(why) => return Decision::Refuse(why),
+    };
     let mut out = pod.clone();
     let spec = out.spec.as_mut().expect("checked above");
     let sa = spec.service_account_name.clone().unwrap_or_else(|| "default".into());
-    let sidecar = sidecar(cfg, &sa, &annotations);
-    let init = redirect_init(cfg, &annotations);
+    let sidecar = sidecar(cfg, &sa, &annotations, &asked);
+    let init = redirect_init(cfg, &asked);
     let init_containers = spec.init_containers.get_or_insert_with(Vec::new);
     // The redirection first, so nothing the app or other init containers
     // send escapes the sidecar; a native sidecar right after it.
@@ -149,7 +219,7 @@ fn env(name: &str, path: &str) -> EnvVar {
     }
 }
 
-fn sidecar(cfg: &Injection, service_account: &str, annotations: &BTreeMap<String, String>) -> Container {
+fn sidecar(cfg: &Injection, service_account: &str, annotations: &BTreeMap<String, String>, asked: &Asked) -> Container {
     let mut args: Vec<String> = [
         "sidecar",
         "--dir",
@@ -182,6 +252,9 @@ fn sidecar(cfg: &Injection, service_account: &str, annotations: &BTreeMap<String
             "--app".into(),
             format!("127.0.0.1:{port}"),
         ]);
+    }
+    if !asked.opaque.is_empty() {
+        args.extend(["--opaque-port".into(), asked.opaque.join(",")]);
     }
     Container {
         name: SIDECAR.into(),
@@ -243,25 +316,30 @@ fn sidecar(cfg: &Injection, service_account: &str, annotations: &BTreeMap<String
     }
 }
 
-fn redirect_init(cfg: &Injection, annotations: &BTreeMap<String, String>) -> Container {
+fn redirect_init(cfg: &Injection, asked: &Asked) -> Container {
     let mut exclude = vec![ADMIN_PORT.to_string()];
-    if let Some(more) = annotations.get(EXCLUDE_INBOUND_ANNOTATION) {
-        exclude.extend(more.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()));
+    exclude.extend(asked.exclude_inbound.iter().cloned());
+    let mut args: Vec<String> = vec![
+        "redirect".into(),
+        "--outbound-port".into(),
+        OUTBOUND_PORT.to_string(),
+        "--inbound-port".into(),
+        INBOUND_PORT.to_string(),
+        "--uid".into(),
+        SIDECAR_UID.to_string(),
+        "--exclude-inbound-ports".into(),
+        exclude.join(","),
+    ];
+    if !asked.exclude_outbound.is_empty() {
+        args.extend(["--exclude-outbound-ports".into(), asked.exclude_outbound.join(",")]);
+    }
+    if !asked.exclude_cidrs.is_empty() {
+        args.extend(["--exclude-outbound-cidrs".into(), asked.exclude_cidrs.join(",")]);
     }
     Container {
         name: INIT.into(),
         image: Some(cfg.image.clone()),
-        args: Some(vec![
-            "redirect".into(),
-            "--outbound-port".into(),
-            OUTBOUND_PORT.to_string(),
-            "--inbound-port".into(),
-            INBOUND_PORT.to_string(),
-            "--uid".into(),
-            SIDECAR_UID.to_string(),
-            "--exclude-inbound-ports".into(),
-            exclude.join(","),
-        ]),
+        args: Some(args),
         security_context: Some(SecurityContext {
             run_as_user: Some(0),
             run_as_non_root: Some(false),
@@ -353,6 +431,46 @@ mod tests {
         assert!(args.contains("--exclude-inbound-ports 15020,8081,9090"), "{args}");
         let caps = init.security_context.as_ref().unwrap().capabilities.as_ref().unwrap();
         assert!(caps.add.as_ref().unwrap().contains(&"NET_ADMIN".to_string()));
+    }
+
+    fn annotated(pairs: &[(&str, &str)]) -> Pod {
+        let mut p = pod(APP);
+        let a = p.metadata.annotations.as_mut().unwrap();
+        for (k, v) in pairs {
+            a.insert(k.to_string(), v.to_string());
+        }
+        p
+    }
+
+    #[test]
+    fn annotations_reach_the_redirection_and_the_sidecar() {
+        let p = annotated(&[
+            (EXCLUDE_OUTBOUND_ANNOTATION, "5432, 6379"),
+            (EXCLUDE_CIDRS_ANNOTATION, "10.0.0.0/8,fd00::/8"),
+            (OPAQUE_PORTS_ANNOTATION, "25"),
+        ]);
+        let spec = injected(&p, true).spec.unwrap();
+        let inits = spec.init_containers.unwrap();
+        let init = inits[0].args.clone().unwrap().join(" ");
+        assert!(init.contains("--exclude-outbound-ports 5432,6379"), "{init}");
+        assert!(init.contains("--exclude-outbound-cidrs 10.0.0.0/8,fd00::/8"), "{init}");
+        let sc = inits[1].args.clone().unwrap().join(" ");
+        assert!(sc.contains("--opaque-port 25"), "{sc}");
+    }
+
+    #[test]
+    fn a_wrong_annotation_refuses_the_pod_with_the_reason() {
+        for (key, value) in [
+            (EXCLUDE_INBOUND_ANNOTATION, "80,http"),
+            (EXCLUDE_OUTBOUND_ANNOTATION, "70000"),
+            (EXCLUDE_CIDRS_ANNOTATION, "10.0.0.0/33"),
+            (OPAQUE_PORTS_ANNOTATION, "0"),
+        ] {
+            match inject(&annotated(&[(key, value)]), &cfg(true)) {
+                Decision::Refuse(why) => assert!(why.contains(key), "{why}"),
+                d => panic!("{key}={value}: {d:?}"),
+            }
+        }
     }
 
     #[test]

@@ -27,12 +27,10 @@ const MAX_BODY: usize = 4 << 20;
 
 /// The AdmissionReview to answer `review` with (pure: unit-tested).
 pub fn review(body: &[u8], cfg: &Injection) -> (serde_json::Value, &'static str) {
-    let parsed: Result<AdmissionRequest<Pod>, String> = serde_json::from_slice::<AdmissionReview<Pod>>(body)
-        .map_err(|e| e.to_string())
-        .and_then(|r| {
-            r.try_into()
-                .map_err(|e: kube::core::admission::ConvertAdmissionReviewError| e.to_string())
-        });
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    let parsed: Result<AdmissionRequest<Pod>, Error> = serde_json::from_slice::<AdmissionReview<Pod>>(body)
+        .map_err(Error::from)
+        .and_then(|r| r.try_into().map_err(Error::from));
     let req = match parsed {
         Ok(r) => r,
         Err(e) => {
@@ -54,6 +52,11 @@ pub fn review(body: &[u8], cfg: &Injection) -> (serde_json::Value, &'static str)
         Some((_, Decision::Skip(why))) => {
             tracing::debug!(pod = %req.name, why, "not injected");
             "skipped"
+        }
+        Some((_, Decision::Refuse(why))) => {
+            tracing::info!(namespace = %req.namespace.as_deref().unwrap_or_default(), pod = %req.name, %why, "pod refused");
+            resp = resp.deny(why);
+            "refused"
         }
         None => "skipped",
     };

@@ -493,6 +493,23 @@ fn install_manifests_and_sidecar_injection_on_a_real_api_server() {
     ] {
         assert!(applied.iter().any(|a| a == want), "{want} not in {applied:?}");
     }
+    // Every CRD install printed is served: Established, names accepted.
+    let crds: Vec<&str> = applied
+        .iter()
+        .filter_map(|a| a.strip_prefix("CustomResourceDefinition/"))
+        .collect();
+    assert_eq!(crds.len(), 4, "{applied:?}");
+    for crd in crds {
+        eventually(&format!("CRD {crd} established"), Duration::from_secs(30), || {
+            api.run(async |c| {
+                use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+                let d = Api::<CustomResourceDefinition>::all(c).get(crd).await.ok()?;
+                let conds = d.status?.conditions?;
+                let is = |t: &str| conds.iter().any(|x| x.type_ == t && x.status == "True");
+                (is("Established") && is("NamesAccepted")).then_some(())
+            })
+        });
+    }
     // The controller runs as install's service account, with its RBAC.
     let kubeconfig = api.kubeconfig_of(NS, isthmus_controller::k8s::rbac::SERVICE_ACCOUNT);
     let webhook_port = free_port();
@@ -600,6 +617,31 @@ fn install_manifests_and_sidecar_injection_on_a_real_api_server() {
             .unwrap()
     });
     assert_eq!(untouched.spec.unwrap().containers.len(), 1, "not opted in: left alone");
+    // A pod opts in on its own, in a namespace that did not.
+    let mut own = pod("echo-own", "other");
+    own.metadata.labels = Some([("isthmus.dev/inject".to_string(), "enabled".to_string())].into());
+    let stored = api.run(async |c| {
+        Api::<Pod>::namespaced(c, "other")
+            .create(&PostParams::default(), &own)
+            .await
+            .unwrap()
+    });
+    let names: Vec<String> = stored.spec.unwrap().containers.into_iter().map(|c| c.name).collect();
+    assert_eq!(names, ["isthmus-sidecar", "app"], "a pod's own label opts it in");
+    // A pod whose annotations are wrong is refused with the reason.
+    let mut wrong = pod("echo-wrong", "demo");
+    wrong
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert("isthmus.dev/opaque-ports".into(), "smtp".into());
+    let refused = api.run(async |c| {
+        Api::<Pod>::namespaced(c, "demo")
+            .create(&PostParams::default(), &wrong)
+            .await
+            .expect_err("a pod with a wrong annotation is refused")
+    });
+    assert!(refused.to_string().contains("isthmus.dev/opaque-ports"), "{refused}");
 
     // The webhook down: namespaces that did not opt in are not held up;
     // opted-in ones refuse pods rather than run them without a sidecar.

@@ -34,11 +34,12 @@ fn run(program: &str, args: &[&str]) {
 }
 
 impl Netns {
-    fn new() -> Self {
+    /// `tag` tells apart the namespaces of tests running at once.
+    fn new(tag: u8) -> Self {
         let id = std::process::id();
-        let name = format!("isthmus-t{id}");
-        let (host, inner) = (format!("it{id}h"), format!("it{id}n"));
-        let net = format!("10.251.{}", id % 250);
+        let name = format!("isthmus-t{id}-{tag}");
+        let (host, inner) = (format!("it{id}{tag}h"), format!("it{id}{tag}n"));
+        let net = format!("10.{}.{}", 251 + tag, id % 250);
         run("ip", &["netns", "add", &name]);
         let ns = Netns { name, net };
         run("ip", &["link", "add", &host, "type", "veth", "peer", "name", &inner]);
@@ -108,7 +109,7 @@ fn an_unchanged_app_in_its_own_namespace_goes_through_its_sidecar() {
     let python = isthmus_e2e::interop_python(); // also installs nft, curl
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let ns = Netns::new();
+    let ns = Netns::new(0);
     let net = ns.net.clone();
 
     // East on loopback; west's controller and gateway on the host's end of
@@ -212,4 +213,76 @@ fn an_unchanged_app_in_its_own_namespace_goes_through_its_sidecar() {
         "curl {code:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Where `nft` is absent, `isthmus redirect` installs the same redirection
+/// with iptables: applied for real in a namespace of its own, where an
+/// app's connection to an address outside is taken to the outbound port.
+#[test]
+fn without_nft_the_iptables_rules_redirect_the_same() {
+    isthmus_e2e::interop_python(); // installs iptables and curl if missing
+    let ns = Netns::new(1);
+    // A PATH holding iptables-restore but no nft.
+    let tools = tempfile::tempdir().unwrap();
+    for tool in ["iptables-restore", "ip6tables-restore"] {
+        let real = which(tool);
+        std::os::unix::fs::symlink(&real, tools.path().join(tool)).unwrap();
+    }
+    // `ip` by its full path: the PATH given is the child's, lookup included.
+    let out = Command::new(which("ip"))
+        .args(["netns", "exec", &ns.name])
+        .arg(binary())
+        .args(["redirect", "--exclude-outbound-ports", "5432"])
+        .env("PATH", tools.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("(iptables)"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saved = String::from_utf8_lossy(&ns.output(&["iptables-save"]).stdout).into_owned();
+    assert!(
+        saved.contains("ISTHMUS") && saved.contains("--to-ports 15001"),
+        "{saved}"
+    );
+
+    // The outbound port: a listener that says it was reached.
+    let mut listener = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "python3", "-c"])
+        .arg(
+            "import socket\n\
+             s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('0.0.0.0', 15001)); s.listen()\n\
+             while True:\n\
+             \x20   c, _ = s.accept(); c.recv(1024)\n\
+             \x20   c.sendall(b'HTTP/1.0 200 OK\\r\\n\\r\\nredirected'); c.close()\n",
+        )
+        .spawn()
+        .unwrap();
+    // An address nobody serves, from the app (root: not the exempt user).
+    let body = eventually("a redirected connection", Duration::from_secs(10), || {
+        let out = ns.output(&["curl", "-s", "--max-time", "2", &format!("http://{}.77:80/", ns.net)]);
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        (body == "redirected").then_some(body)
+    });
+    assert_eq!(body, "redirected");
+    // An excluded port is not taken: nothing serves it, so it fails.
+    let out = ns.output(&["curl", "-s", "--max-time", "2", &format!("http://{}.77:5432/", ns.net)]);
+    assert!(!out.status.success(), "an excluded port was redirected");
+    let _ = listener.kill();
+    let _ = listener.wait();
+}
+
+fn which(tool: &str) -> std::path::PathBuf {
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{tool} is not installed (tests/interop/setup.sh installs it)"
+    );
+    std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
