@@ -53,6 +53,10 @@ pub struct LossArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     #[serde(skip)]
     duration: Duration,
+    /// Congestion control of both gateways' QUIC (`isthmus gateway
+    /// --congestion`): cubic, bbr or newreno.
+    #[arg(long, default_value = "cubic")]
+    congestion: String,
     #[arg(long)]
     report: Option<PathBuf>,
 }
@@ -243,7 +247,8 @@ pub fn run(args: LossArgs) -> anyhow::Result<()> {
         r,
         "east-gateway",
         &format!(
-            "gateway --dir {e} --tunnel-addr {EAST}.2:0 --quic-addr {EAST}.2:0 --admin-addr {EAST}.2:0 --advertise {udp_front}"
+            "gateway --dir {e} --tunnel-addr {EAST}.2:0 --quic-addr {EAST}.2:0 --admin-addr {EAST}.2:0 --advertise {udp_front} --congestion {}",
+            args.congestion
         ),
     );
     let quic: SocketAddr = east_gw.addr("quic").parse()?;
@@ -257,7 +262,14 @@ pub fn run(args: LossArgs) -> anyhow::Result<()> {
         ),
     );
     let _west_ctl = Pair::controller(r, "west", &w, WEST, "");
-    let _west_gw = Pair::gateway(r, "west", &w, WEST);
+    let _west_gw = Component::start(
+        r,
+        "west-gateway",
+        &format!(
+            "gateway --dir {w} --tunnel-addr {WEST}.2:0 --quic-addr {WEST}.2:0 --admin-addr {WEST}.2:0 --congestion {}",
+            args.congestion
+        ),
+    );
     let west_client = Pair::client_sidecar(r, &w, WEST, "west-client");
     let token = ok(&["token", "create", "--dir", &e]).trim().to_string();
     ok(&["link", "--dir", &w, &token]);
@@ -348,7 +360,7 @@ fn markdown(a: &LossArgs, results: &[CaseResult]) -> String {
         }
     };
     let mut s = format!(
-        "{BEGIN}\nCommit `{}`, {}. `scripts/bench-loss` (`isthmus-bench loss --bulk-mib {} --rate {} --duration {}s`): \
+        "{BEGIN}\nCommit `{}`, {}. `scripts/bench-loss` (`isthmus-bench loss --bulk-mib {} --rate {} --duration {}s --congestion {}`): \
          the cross-cluster path (client sidecar, QUIC between the gateways, server sidecar) against the stunnel pair \
          (TLS over TCP), loss and delay on the tunnel hop only. Bulk: one `GET` of {} MiB on a new connection \
          (\"<\": not done in {} s). Latency: {} req/s over 10 connections, 1 KiB each way.\n\n\
@@ -359,6 +371,7 @@ fn markdown(a: &LossArgs, results: &[CaseResult]) -> String {
         a.bulk_mib,
         a.rate,
         a.duration.as_secs(),
+        a.congestion,
         a.bulk_mib,
         a.bulk_timeout.as_secs(),
         a.rate

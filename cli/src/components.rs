@@ -163,6 +163,10 @@ pub struct GatewayArgs {
     /// honoured (at most 5 min; a missing name is asked again after 5 s).
     #[arg(long = "dns-server", value_name = "ADDR")]
     pub dns_servers: Vec<SocketAddr>,
+    /// Congestion control of the QUIC connections to peer gateways: cubic
+    /// (the default), bbr (model-based: lossy paths) or newreno.
+    #[arg(long, default_value_t = isthmus_gateway::config::Congestion::default())]
+    pub congestion: isthmus_gateway::config::Congestion,
     #[command(flatten)]
     pub common: Common,
 }
@@ -359,6 +363,7 @@ pub async fn gateway(a: GatewayArgs, log: &str) -> Result<(), CliError> {
         drain: a.drain.into(),
         admin_addr: Some(a.admin_addr),
         peer_timeout: a.peer_timeout.into(),
+        congestion: a.congestion,
         dns_servers: a.dns_servers,
     };
     let running = isthmus_gateway::run(cfg, shutdown.clone()).await.map_err(|e| {

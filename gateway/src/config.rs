@@ -21,6 +21,48 @@ pub const PEER_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> = Duration::fro
 /// How long a starting gateway waits for its controller to come up.
 pub const CONTROLLER_WAIT: Duration = Duration::from_secs(30);
 
+/// QUIC congestion control between gateways (see docs/architecture.md,
+/// "WAN settings", for what each measured).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Congestion {
+    /// Loss-based, the default of QUIC stacks and of Linux TCP.
+    #[default]
+    Cubic,
+    /// Model-based: paces at the measured bottleneck rate and does not read
+    /// every loss as congestion (lossy WAN paths).
+    Bbr,
+    /// RFC 9002's reference controller.
+    NewReno,
+}
+
+impl Congestion {
+    pub const ALL: [Congestion; 3] = [Congestion::Cubic, Congestion::Bbr, Congestion::NewReno];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Congestion::Cubic => "cubic",
+            Congestion::Bbr => "bbr",
+            Congestion::NewReno => "newreno",
+        }
+    }
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not one of cubic, bbr, newreno"))
+    }
+}
+
+impl std::fmt::Display for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub dir: std::path::PathBuf,
@@ -43,6 +85,8 @@ pub struct Config {
     /// DNS servers for peer gateways' names; empty: the system's
     /// (`/etc/resolv.conf`).
     pub dns_servers: Vec<SocketAddr>,
+    /// Congestion control of the QUIC connections to peers.
+    pub congestion: Congestion,
 }
 
 impl Config {
@@ -60,6 +104,7 @@ impl Config {
             admin_addr: Some(any),
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             dns_servers: Vec::new(),
+            congestion: Congestion::default(),
         }
     }
 }

@@ -166,7 +166,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Running, Ga
     )?;
     let quic_server = QuicServerConfig::try_from(server_tls)?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
-    let transport = quic::transport(cfg.peer_timeout);
+    let transport = quic::transport(cfg.peer_timeout, cfg.congestion);
     server_config.transport_config(transport.clone());
     // Stateless resets are keyed by a secret of the gateway's own, kept
     // beside the cluster's files so that a restarted gateway's resets are

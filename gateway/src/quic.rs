@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::Congestion;
+
 /// The most PMTU discovery tries: a 1500-byte Ethernet frame's UDP payload
 /// (IPv4). Jumbo datagrams (8952) were tried and dropped: with them a
 /// burst of large WebSocket frames across clusters lost runs of datagrams
@@ -68,8 +70,13 @@ pub fn endpoint_config(secret: &str) -> quinn::EndpointConfig {
     cfg
 }
 
-pub fn transport(peer_timeout: Duration) -> Arc<quinn::TransportConfig> {
+pub fn transport(peer_timeout: Duration, congestion: Congestion) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    match congestion {
+        Congestion::Cubic => t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
+        Congestion::Bbr => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+        Congestion::NewReno => t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default())),
+    };
     t.max_concurrent_bidi_streams(MAX_STREAMS.into());
     t.max_concurrent_uni_streams(0u32.into());
     // Keep-alives (acknowledged by the peer) keep packets coming even when
