@@ -108,3 +108,18 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn congestion_names_round_trip_and_others_are_refused() {
+        for c in Congestion::ALL {
+            assert_eq!(c.to_string().parse::<Congestion>(), Ok(c));
+        }
+        assert_eq!(Congestion::default(), Congestion::Cubic);
+        let e = "bbr2".parse::<Congestion>().unwrap_err();
+        assert!(e.contains("cubic, bbr, newreno"), "{e}");
+    }
+}

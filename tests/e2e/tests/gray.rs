@@ -18,8 +18,8 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use isthmus_e2e::three::{SLOW, Three, check, echo_with, signal, through};
 use isthmus_e2e::Impact;
+use isthmus_e2e::three::{SLOW, Three, check, echo_with, signal, through};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
