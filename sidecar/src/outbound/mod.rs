@@ -196,6 +196,7 @@ async fn forward(
         endpoints: target.addresses.clone(),
         failed_endpoints: Vec::new(),
         failed_clusters: Vec::new(),
+        rounds: 0,
         req_bytes,
     };
     sc.budgets.deposit(&call.key, &target);
@@ -235,8 +236,20 @@ struct Call<'a> {
     endpoints: Vec<String>,
     failed_endpoints: Vec<String>,
     failed_clusters: Vec<String>,
+    /// Rounds over every cluster so far, after the first (`round_pause`).
+    rounds: u32,
     req_bytes: Counter,
 }
+
+/// Pauses before each further round over every cluster, once all have
+/// failed a request that may be sent again: about a second in all, the
+/// time a restarted gateway or sidecar takes to listen again.
+const ROUND_PAUSES: [Duration; 4] = [
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+];
 
 type Sent = Result<Response<Incoming>, ProxyError>;
 
@@ -267,8 +280,25 @@ impl<'a> Call<'a> {
                 return sent;
             }
             let Some(body) = replay.body() else { return sent };
-            let Some(target) = self.next_target(&cluster, next_endpoint, labels) else {
-                return sent;
+            let target = match self.next_target(&cluster, next_endpoint, labels) {
+                Some(t) => t,
+                // Every cluster has failed this request, in a way that
+                // allows sending it again: go round once more after a
+                // pause, while the deadline allows, for a path that is
+                // only restarting (a gateway, a pod) comes back within it.
+                None => match self.round_pause() {
+                    Some(pause) => {
+                        tokio::time::sleep(pause).await;
+                        self.rounds += 1;
+                        self.failed_clusters.clear();
+                        self.failed_endpoints.clear();
+                        let Some(t) = self.next_target(&cluster, true, labels) else {
+                            return sent;
+                        };
+                        t
+                    }
+                    None => return sent,
+                },
             };
             if !self.sc.budgets.withdraw(&self.key, &target) {
                 return sent;
@@ -313,6 +343,17 @@ impl<'a> Call<'a> {
     }
 
     /// Whether the request is out of time.
+    /// How long to wait before going round every cluster again (after
+    /// `rounds` rounds), if another round may start: `ROUND_PAUSES` apart,
+    /// and only if the pause ends before the request's deadline.
+    fn round_pause(&self) -> Option<Duration> {
+        let pause = *ROUND_PAUSES.get(self.rounds as usize)?;
+        let at = Instant::now() + pause;
+        let ended = self.ended.borrow().is_some_and(|e| at >= e + self.timeout);
+        let grpc = self.grpc_deadline.is_some_and(|(d, _)| at >= d);
+        (!ended && !grpc).then_some(pause)
+    }
+
     fn expired(&self) -> bool {
         let now = Instant::now();
         self.ended.borrow().is_some_and(|at| now >= at + self.timeout)
