@@ -47,13 +47,18 @@ impl Congestion {
     }
 }
 
+/// A `--congestion` value that names no controller.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not one of cubic, bbr, newreno")]
+pub struct UnknownCongestion(String);
+
 impl std::str::FromStr for Congestion {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownCongestion;
+    fn from_str(s: &str) -> Result<Self, UnknownCongestion> {
         Self::ALL
             .into_iter()
             .find(|c| c.as_str() == s)
-            .ok_or_else(|| format!("{s:?} is not one of cubic, bbr, newreno"))
+            .ok_or_else(|| UnknownCongestion(s.to_string()))
     }
 }
 
@@ -120,6 +125,6 @@ mod tests {
         }
         assert_eq!(Congestion::default(), Congestion::Cubic);
         let e = "bbr2".parse::<Congestion>().unwrap_err();
-        assert!(e.contains("cubic, bbr, newreno"), "{e}");
+        assert!(e.to_string().contains("cubic, bbr, newreno"), "{e}");
     }
 }

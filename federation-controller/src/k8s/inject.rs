@@ -84,8 +84,8 @@ fn annotation_list(
     annotations: &BTreeMap<String, String>,
     key: &str,
     valid: fn(&str) -> bool,
-    what: &str,
-) -> Result<Vec<String>, String> {
+    what: &'static str,
+) -> Result<Vec<String>, BadAnnotation> {
     let Some(v) = annotations.get(key) else {
         return Ok(vec![]);
     };
@@ -95,7 +95,11 @@ fn annotation_list(
         .filter(|p| !p.is_empty())
         .collect();
     match items.iter().find(|i| !valid(i)) {
-        Some(bad) => Err(format!("annotation {key}: {bad:?} is not {what}")),
+        Some(bad) => Err(BadAnnotation {
+            key: key.to_string(),
+            value: bad.clone(),
+            want: what,
+        }),
         None => Ok(items),
     }
 }
@@ -115,6 +119,16 @@ fn is_cidr(s: &str) -> bool {
     }
 }
 
+/// An `isthmus.dev/` annotation holding something it cannot: the pod is
+/// refused with this as the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("annotation {key}: {value:?} is not {want}")]
+pub struct BadAnnotation {
+    key: String,
+    value: String,
+    want: &'static str,
+}
+
 /// What the pod's annotations ask of its sidecar and redirection.
 struct Asked {
     exclude_inbound: Vec<String>,
@@ -124,7 +138,7 @@ struct Asked {
 }
 
 impl Asked {
-    fn read(a: &BTreeMap<String, String>) -> Result<Self, String> {
+    fn read(a: &BTreeMap<String, String>) -> Result<Self, BadAnnotation> {
         let port = "a port (1-65535)";
         Ok(Self {
             exclude_inbound: annotation_list(a, EXCLUDE_INBOUND_ANNOTATION, is_port, port)?,
@@ -156,7 +170,7 @@ pub fn inject(pod: &Pod, cfg: &Injection) -> Decision {
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
     let asked = match Asked::read(&annotations) {
         Ok(a) => a,
-        Err(why) => return Decision::Refuse(why),
+        Err(why) => return Decision::Refuse(why.to_string()),
     };
     let mut out = pod.clone();
     let spec = out.spec.as_mut().expect("checked above");
