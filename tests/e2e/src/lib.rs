@@ -101,16 +101,20 @@ pub struct Cluster {
 impl Cluster {
     /// `isthmus up --cluster name --net net [--echo] [--client] --ephemeral-ports`.
     pub fn up(root: &Path, name: &str, net: &str, echo: bool, client: bool) -> Self {
+        let flags: Vec<&str> = [(echo, "--echo"), (client, "--client")]
+            .into_iter()
+            .filter_map(|(on, f)| on.then_some(f))
+            .collect();
+        Self::up_with(root, name, net, &flags)
+    }
+
+    /// `isthmus up --cluster name --net net --ephemeral-ports <flags>`.
+    pub fn up_with(root: &Path, name: &str, net: &str, flags: &[&str]) -> Self {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let _ = std::fs::remove_file(dir.join("up.json"));
         let mut args = vec!["up", "--cluster", name, "--net", net, "--ephemeral-ports"];
-        if echo {
-            args.push("--echo");
-        }
-        if client {
-            args.push("--client");
-        }
+        args.extend(flags);
         let mut child = Command::new(binary())
             .args(&args)
             .arg("--dir")
@@ -435,6 +439,9 @@ pub struct Sent {
     pub end: Instant,
     pub status: u16,
     pub cluster: String,
+    /// Why it failed: the sidecar's `x-isthmus-error`, or the client's own
+    /// error (status 0); empty for a success.
+    pub error: String,
 }
 
 /// Requests running throughout a fault: `workers` threads, each sending
@@ -455,15 +462,20 @@ impl Load {
                     let mut next = Instant::now();
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         let start = Instant::now();
-                        let (status, cluster) = match get_via(&proxy, &url) {
-                            Ok(r) => (r.status, r.header("x-isthmus-cluster").unwrap_or_default().to_string()),
-                            Err(_) => (0, String::new()),
+                        let (status, cluster, error) = match get_via(&proxy, &url) {
+                            Ok(r) => (
+                                r.status,
+                                r.header("x-isthmus-cluster").unwrap_or_default().to_string(),
+                                r.header("x-isthmus-error").unwrap_or_default().to_string(),
+                            ),
+                            Err(e) => (0, String::new(), e.to_string()),
                         };
                         out.push(Sent {
                             start,
                             end: Instant::now(),
                             status,
                             cluster,
+                            error,
                         });
                         next += interval;
                         std::thread::sleep(next.saturating_duration_since(Instant::now()));
