@@ -8,13 +8,20 @@
 //! length (gRPC clients send none) streams as it comes, with a copy kept as
 //! it passes, up to the same size: waiting for its end could deadlock a
 //! streaming call whose client waits for the server's first message.
+//!
+//! An answer to a request that could be sent again is read whole too when
+//! it declares a length up to `WHOLE_ANSWER_MAX`, before its head goes to
+//! the caller: if the session dies between the head and the end of the
+//! body (a gateway killed mid-answer), that is a failed attempt to send
+//! again, not a response broken off under the caller. Larger answers and
+//! answers of unknown length (streams, gRPC) pass on as they come.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::Request;
+use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 
@@ -24,6 +31,28 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 /// Largest request body kept to be sent again (and read whole when its
 /// length is declared).
 pub const BUFFER_BODY_MAX: u64 = 16 * 1024;
+
+/// Largest answer read whole before its head is passed on (see above).
+pub const WHOLE_ANSWER_MAX: u64 = 64 * 1024;
+
+/// The length a message's `Content-Length` declares, if any.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+}
+
+/// The answer, its body read whole (trailers kept) if `whole` is asked for
+/// and it declares a length up to `WHOLE_ANSWER_MAX`, else as it streams.
+pub async fn whole_if_small(resp: Response<Incoming>, whole: bool) -> Result<Response<Body>, hyper::Error> {
+    let small = declared_length(resp.headers()).is_some_and(|n| n <= WHOLE_ANSWER_MAX);
+    if !whole || !small || resp.body().is_end_stream() {
+        return Ok(resp.map(|b| b.boxed()));
+    }
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await?;
+    Ok(Response::from_parts(parts, collected.map_err(|n| match n {}).boxed()))
+}
 
 pub fn full(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|n| match n {}).boxed()
@@ -39,10 +68,7 @@ pub async fn buffer_small_body(req: Request<Incoming>) -> Result<(Request<Body>,
     if req.body().is_end_stream() {
         return Ok((req.map(|_| empty()), Replay::Ready(Bytes::new())));
     }
-    let declared = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = declared_length(req.headers());
     let (parts, body) = req.into_parts();
     match declared {
         Some(n) if n <= BUFFER_BODY_MAX => {

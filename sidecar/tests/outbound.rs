@@ -292,6 +292,61 @@ async fn unreachable_endpoint_is_retried_on_another() {
     stop.cancel();
 }
 
+/// An HTTP/1.1 app that answers 200 with `content-length: 100`, sends ten
+/// bytes of the body and hangs up: an answer broken off after its head, as
+/// when a path dies mid-answer. It counts the requests it got.
+async fn breaking_app(hits: Arc<AtomicUsize>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let hits = hits.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                hits.fetch_add(1, Ordering::SeqCst);
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nbroken off")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An endpoint whose answers break off after their head (200 and part of
+/// the body): a GET, which may go again, is answered whole by the other
+/// endpoint every time; the caller never sees a broken answer.
+#[tokio::test]
+async fn an_answer_broken_off_mid_body_is_sent_again() {
+    let stop = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    east(dir.path(), &stop).await;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let _healthy = sidecar(dir.path(), Some(app(200, "healthy", Duration::ZERO).await), &stop).await;
+    let _breaking = sidecar(dir.path(), Some(breaking_app(hits.clone()).await), &stop).await;
+    let client = sidecar(dir.path(), None, &stop).await;
+    until_ok(|| async { get(client.outbound_addr).await.0 != 503 }).await;
+
+    let mut broken = Vec::new();
+    for _ in 0..40 {
+        let (status, head, body) = get_with(client.outbound_addr, "").await;
+        if status != 200 || body != "healthy" {
+            broken.push(format!("{status} {head} {body:?}"));
+        }
+    }
+    assert!(broken.is_empty(), "{broken:?}");
+    assert!(hits.load(Ordering::SeqCst) > 0, "the breaking endpoint was never tried");
+    stop.cancel();
+}
+
 /// An h2c app speaking gRPC's framing: one "ok" message then `grpc-status:
 /// 0` in trailers; or, if `unavailable`, a trailers-only UNAVAILABLE. It
 /// counts the calls it got.

@@ -251,7 +251,7 @@ const ROUND_PAUSES: [Duration; 4] = [
     Duration::from_millis(500),
 ];
 
-type Sent = Result<Response<Incoming>, ProxyError>;
+type Sent = Result<Response<Body>, ProxyError>;
 
 impl<'a> Call<'a> {
     async fn run(
@@ -269,7 +269,7 @@ impl<'a> Call<'a> {
             let (sent, resend, next_endpoint, cluster) = match hedged {
                 Some(h) => self.hedged(t, req, replay, h, labels).await,
                 None => {
-                    let sent = self.attempt(&t.target, req, labels).await;
+                    let sent = self.attempt(&t.target, req, self.may_resend(replay), labels).await;
                     let cluster = t.target.cluster.clone();
                     let (resend, next) = self.settle(t, &sent);
                     (sent, resend, next, cluster)
@@ -402,14 +402,20 @@ impl<'a> Call<'a> {
         }
     }
 
-    /// One attempt, within its time.
-    async fn attempt(&self, target: &Target, req: Request<Body>, labels: &RouteLabels) -> Sent {
+    /// Whether the request could go again if its answer broke off: then a
+    /// small answer is read whole within the attempt (`body::whole_if_small`).
+    fn may_resend(&self, replay: &Replay) -> bool {
+        self.facts.idempotent && self.facts.retry_on.has(retry::RetryOn::RESET) && replay.body().is_some()
+    }
+
+    /// One attempt, within its time; a small answer read whole if `whole`.
+    async fn attempt(&self, target: &Target, req: Request<Body>, whole: bool, labels: &RouteLabels) -> Sent {
         if self.expired() {
             return Err(ProxyError::Timeout(self.timeout));
         }
         let req = self.with_grpc_deadline(req);
         let clock = self.clock();
-        let sending = send(self.sc, target, (&self.host, self.port), req, labels);
+        let sending = answer(self.sc, target, (&self.host, self.port), req, whole, labels);
         tokio::select! {
             r = sending => r,
             e = clock => Err(e),
@@ -417,7 +423,7 @@ impl<'a> Call<'a> {
     }
 
     /// The same attempt as a future of its own (for hedges, which race).
-    fn attempt_owned(&self, target: Target, req: Request<Body>, labels: RouteLabels) -> AttemptFuture {
+    fn attempt_owned(&self, target: Target, req: Request<Body>, whole: bool, labels: RouteLabels) -> AttemptFuture {
         let expired = self.expired().then_some(self.timeout);
         let req = self.with_grpc_deadline(req);
         let clock = self.clock();
@@ -427,7 +433,7 @@ impl<'a> Call<'a> {
                 return Err(ProxyError::Timeout(t));
             }
             tokio::select! {
-                r = send(&sc, &target, (&host, port), req, &labels) => r,
+                r = answer(&sc, &target, (&host, port), req, whole, &labels) => r,
                 e = clock => Err(e),
             }
         })
@@ -497,8 +503,9 @@ impl<'a> Call<'a> {
     ) -> (Sent, bool, bool, String) {
         let mut racing: FuturesUnordered<Racer> = FuturesUnordered::new();
         let mut tries: Vec<Option<Try<'a>>> = Vec::new();
+        let whole = self.may_resend(replay);
         let launch = |call: &Call<'a>, i: usize, t: &Try<'a>, req: Request<Body>, labels: RouteLabels| {
-            let f = call.attempt_owned(t.target.clone(), req, labels);
+            let f = call.attempt_owned(t.target.clone(), req, whole, labels);
             Box::pin(async move { (i, f.await) }) as Racer
         };
         racing.push(launch(self, 0, &first, req, labels.clone()));
@@ -595,6 +602,20 @@ fn attempt(sent: &Sent) -> retry::Attempt {
         Err(ProxyError::ClientBody(_)) => retry::Attempt::ClientFailed,
         Err(_) => retry::Attempt::Unroutable,
     }
+}
+
+/// `send`, and a small answer read whole if `whole`: a body that breaks
+/// off fails the attempt as a lost session would.
+async fn answer(
+    sc: &Arc<Sidecar>,
+    target: &Target,
+    authority: (&str, Option<u16>),
+    req: Request<Body>,
+    whole: bool,
+    labels: &RouteLabels,
+) -> Sent {
+    let resp = send(sc, target, authority, req, labels).await?;
+    body::whole_if_small(resp, whole).await.map_err(ProxyError::Upstream)
 }
 
 /// Send `req` to `target` over a pooled session.

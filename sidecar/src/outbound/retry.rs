@@ -5,9 +5,10 @@
 //! that was not delivered (connect or tunnel refused, the serving sidecar's
 //! app refused the connection) may go anywhere else, whatever its method
 //! (`connect-failure`); an idempotent one also when its session or the app
-//! died before an answer (`reset`) or its attempt timed out (`timeout`); a
-//! gRPC call answered UNAVAILABLE without a body was not taken up by the
-//! server (`unavailable`); and, only if asked for, an idempotent request
+//! died before an answer, or before the end of a small answer read whole
+//! (`reset`), or its attempt timed out (`timeout`); a gRPC call answered
+//! UNAVAILABLE without a body was not taken up by the server
+//! (`unavailable`); and, only if asked for, an idempotent request
 //! answered 502-504 (`gateway-error`) or any 5xx (`5xx`). A POST that may
 //! have been delivered never goes again.
 
