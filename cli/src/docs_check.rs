@@ -92,35 +92,29 @@ fn every_metric_is_documented_and_every_documented_metric_exists() {
     );
 }
 
+/// Each of `labels` appears in backticks in `text`; `what` names them.
+fn all_backticked(text: &str, labels: impl IntoIterator<Item = &'static str>, what: &str) {
+    let missing: Vec<&str> = labels
+        .into_iter()
+        .filter(|l| !text.contains(&format!("`{l}`")))
+        .collect();
+    assert!(missing.is_empty(), "{what} not documented: {missing:?}");
+}
+
 #[test]
 fn every_label_value_of_metrics_is_documented() {
     let metrics = doc("metrics.md");
-    for o in isthmus_sidecar::metrics::TcpOutcome::ALL {
-        assert!(
-            metrics.contains(&format!("`{}`", o.as_str())),
-            "TCP outcome {} not in docs/metrics.md",
-            o.as_str()
-        );
-    }
-    for c in isthmus_core::tunnel::RefuseCode::ALL {
-        assert!(
-            metrics.contains(&format!("`{}`", c.as_str())),
-            "refusal {} not in docs/metrics.md",
-            c.as_str()
-        );
-    }
+    let tcp = isthmus_sidecar::metrics::TcpOutcome::ALL.map(|o| o.as_str());
+    all_backticked(&metrics, tcp, "TCP outcomes in docs/metrics.md");
+    let refusals = isthmus_core::tunnel::RefuseCode::ALL.map(|c| c.as_str());
+    all_backticked(&metrics, refusals, "refusals in docs/metrics.md");
 }
 
 #[test]
 fn every_error_kind_and_exit_code_is_in_the_cli_reference() {
     let cli = doc("cli.md");
-    for k in isthmus_sidecar::ErrorKind::ALL {
-        assert!(
-            cli.contains(&format!("`{}`", k.as_str())),
-            "x-isthmus-error {} not in docs/cli.md",
-            k.as_str()
-        );
-    }
+    let kinds = isthmus_sidecar::ErrorKind::ALL.map(|k| k.as_str());
+    all_backticked(&cli, kinds, "x-isthmus-error kinds in docs/cli.md");
     for code in crate::exit::ALL {
         assert!(
             cli.contains(&format!("\n| {code} |")),
@@ -142,21 +136,11 @@ fn metric_row(metric: &str) -> String {
 fn every_join_and_link_result_is_documented() {
     use isthmus_controller::join::{JoinRefusal, LinkFailure};
     let join = metric_row("isthmus_join_attempts_total");
-    for r in JoinRefusal::examples() {
-        assert!(
-            join.contains(&format!("`{}`", r.label())),
-            "join result {} not documented",
-            r.label()
-        );
-    }
+    let refusals = JoinRefusal::examples().into_iter().map(|r| r.label());
+    all_backticked(&join, refusals, "join results in isthmus_join_attempts_total's row");
     let link = metric_row("isthmus_link_attempts_total");
-    for f in LinkFailure::ALL {
-        assert!(
-            link.contains(&format!("`{}`", f.label())),
-            "link result {} not documented",
-            f.label()
-        );
-    }
+    let failures = LinkFailure::ALL.iter().map(|f| f.label());
+    all_backticked(&link, failures, "link results in isthmus_link_attempts_total's row");
 }
 
 #[test]
