@@ -131,6 +131,7 @@ async fn steps(a: &Args, base: &std::path::Path, clusters: &mut Vec<LocalCluster
         trust_domain: None,
         echo,
         client,
+        netns: None,
         ephemeral_ports: a.ephemeral_ports,
         svid_ttl: isthmus_controller::config::DEFAULT_SVID_TTL.into(),
     };

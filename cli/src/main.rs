@@ -10,6 +10,7 @@ mod echo;
 mod error;
 mod install;
 mod kube;
+mod netns;
 mod redirect;
 mod up;
 

@@ -4,6 +4,8 @@
 //! the controller on .1, the gateway on .2, the echo workload and its sidecar
 //! on .20, a client-only workload's sidecar on .30. Ports are the defaults
 //! of docs/architecture.md, or all ephemeral with `--ephemeral-ports`.
+//! With `--netns NAME` the client workload lives in a network namespace of
+//! its own instead, its traffic redirected to its sidecar (netns.rs).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -14,6 +16,7 @@ use tokio::process::{Child, Command};
 
 use crate::error::CliError;
 use crate::exit;
+use crate::netns::Netns;
 
 #[derive(clap::Args, Clone)]
 pub struct Args {
@@ -35,6 +38,13 @@ pub struct Args {
     /// Also run a client-only workload (demo/client) with its sidecar.
     #[arg(long)]
     pub client: bool,
+    /// Run the client workload (implies --client) in network namespace NAME,
+    /// made now and removed on exit, as a pod: its TCP is redirected to its
+    /// sidecar and mesh names resolve there, so an unchanged app reaches
+    /// them with `ip netns exec NAME curl http://echo.demo.svc.clusterset.local:8080/`.
+    /// Needs root.
+    #[arg(long, value_name = "NAME")]
+    pub netns: Option<String>,
     /// Bind every port to 0 instead of the defaults (for tests).
     #[arg(long)]
     pub ephemeral_ports: bool,
@@ -60,6 +70,10 @@ pub struct UpInfo {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Workload {
+    /// The network namespace the workload runs in, when not the host's:
+    /// its addresses are that namespace's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
     pub app: Option<String>,
     pub inbound: String,
     pub outbound: String,
@@ -71,6 +85,8 @@ pub struct LocalCluster {
     pub info: UpInfo,
     pub dir: PathBuf,
     children: Vec<(String, Child)>,
+    /// The client workload's namespace (`--netns`), removed on drop.
+    netns: Option<Netns>,
 }
 
 fn octets(net: &str) -> Result<String, CliError> {
@@ -89,6 +105,9 @@ fn octets(net: &str) -> Result<String, CliError> {
 impl LocalCluster {
     pub async fn start(a: &Args, log: &str) -> Result<Self, CliError> {
         let net = octets(&a.net)?;
+        if let Some(name) = &a.netns {
+            Netns::check(name)?;
+        }
         let port = |p: u16| if a.ephemeral_ports { 0 } else { p };
         let io = |e: std::io::Error| CliError::new(exit::FAILURE, format!("{}: {e}", a.dir.display()));
         std::fs::create_dir_all(a.dir.join("logs")).map_err(io)?;
@@ -107,6 +126,7 @@ impl LocalCluster {
             },
             dir: a.dir.clone(),
             children: Vec::new(),
+            netns: None,
         };
         let dir = a.dir.display().to_string();
         let mut ctl = vec![
@@ -179,7 +199,14 @@ impl LocalCluster {
                 .await?;
             c.info.echo = Some(workload(Some(app), &r));
         }
-        if a.client {
+        if let Some(name) = &a.netns {
+            let cred = c.credential("client-sidecar", "demo", "client").await?;
+            let r = c.spawn_netns_client(name, Path::new(&cred), log).await?;
+            c.info.client = Some(Workload {
+                netns: Some(name.clone()),
+                ..workload(None, &r)
+            });
+        } else if a.client {
             let r = c
                 .spawn_sidecar(
                     "client-sidecar",
@@ -231,6 +258,43 @@ impl LocalCluster {
         self.spawn(name, args, log).await
     }
 
+    /// The client workload's sidecar in a new network namespace `name`, as
+    /// user 1337, with the redirection rules applied and the controller and
+    /// gateway relayed in (netns.rs). Ports are the defaults there: the
+    /// namespace is the workload's alone.
+    async fn spawn_netns_client(&mut self, name: &str, cred: &Path, log: &str) -> Result<serde_json::Value, CliError> {
+        let ns = self.netns.insert(Netns::create(name, &self.dir, cred)?);
+        ns.relay(&self.info.control).await?;
+        ns.relay(&self.info.gateway_tunnel).await?;
+        let exe = current_exe()?;
+        ns.exec(&[&exe.display().to_string(), "redirect"])?;
+        let ns_dir = ns.dir.display().to_string();
+        let args = [
+            "sidecar",
+            "--dir",
+            &ns_dir,
+            "--credential-file",
+            &format!("{ns_dir}/client.cred"),
+            "--namespace",
+            "demo",
+            "--service-account",
+            "client",
+            "--inbound-addr",
+            "127.0.0.1:15006",
+            "--outbound-addr",
+            "127.0.0.1:15001",
+            "--admin-addr",
+            "127.0.0.1:15020",
+            "--dns-addr",
+            "127.0.0.1:53",
+            "--transparent",
+        ];
+        let wrap = ns.as_sidecar(&exe);
+        let ready = ns.dir.join("client-sidecar.json");
+        let args = args.iter().map(|s| s.to_string()).collect();
+        self.spawn_program("client-sidecar", wrap, args, &ready, log).await
+    }
+
     /// The credential file of component `name` (identity `ns`/`sa`): made
     /// once by the controller, kept 0600 in `<dir>/creds/` and reused.
     async fn credential(&self, name: &str, ns: &str, sa: &str) -> Result<String, CliError> {
@@ -265,9 +329,23 @@ impl LocalCluster {
     }
 
     /// Start `isthmus <args>` and wait for its ready file.
-    async fn spawn(&mut self, name: &str, mut args: Vec<String>, log: &str) -> Result<serde_json::Value, CliError> {
+    async fn spawn(&mut self, name: &str, args: Vec<String>, log: &str) -> Result<serde_json::Value, CliError> {
         let ready = self.dir.join("run").join(format!("{name}.json"));
-        let _ = std::fs::remove_file(&ready);
+        let exe = current_exe()?.display().to_string();
+        self.spawn_program(name, (exe, Vec::new()), args, &ready, log).await
+    }
+
+    /// Start `program <before> <args>` (`isthmus <args>`, or a command that
+    /// runs it) and wait for `ready`, the ready file it is told to write.
+    async fn spawn_program(
+        &mut self,
+        name: &str,
+        (program, before): (String, Vec<String>),
+        mut args: Vec<String>,
+        ready: &Path,
+        log: &str,
+    ) -> Result<serde_json::Value, CliError> {
+        let _ = std::fs::remove_file(ready);
         let log_path = self.dir.join("logs").join(format!("{name}.log"));
         let fail = |m: String| CliError::new(exit::FAILURE, m);
         let log_file = std::fs::File::create(&log_path).map_err(|e| fail(format!("{}: {e}", log_path.display())))?;
@@ -276,8 +354,8 @@ impl LocalCluster {
             ready.display().to_string(),
             "--exit-with-parent".into(),
         ]);
-        let exe = std::env::current_exe().map_err(|e| fail(format!("cannot find the isthmus binary: {e}")))?;
-        let mut child = Command::new(exe)
+        let mut child = Command::new(program)
+            .args(&before)
             .args(&args)
             .env("ISTHMUS_LOG", log)
             .stdin(Stdio::null())
@@ -288,7 +366,7 @@ impl LocalCluster {
             .map_err(|e| fail(format!("cannot start {name}: {e}")))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let ready_info = std::fs::read_to_string(&ready)
+            let ready_info = std::fs::read_to_string(ready)
                 .ok()
                 .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
             if let Some(v) = ready_info {
@@ -355,12 +433,17 @@ impl LocalCluster {
     }
 }
 
+fn current_exe() -> Result<PathBuf, CliError> {
+    std::env::current_exe().map_err(|e| CliError::new(exit::FAILURE, format!("cannot find the isthmus binary: {e}")))
+}
+
 fn str_of(v: &serde_json::Value, k: &str) -> String {
     v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string()
 }
 
 fn workload(app: Option<String>, r: &serde_json::Value) -> Workload {
     Workload {
+        netns: None,
         app,
         inbound: str_of(r, "inbound"),
         outbound: str_of(r, "outbound"),
@@ -389,12 +472,26 @@ pub async fn run(a: Args, log: &str) -> Result<(), CliError> {
             w.id
         );
     }
-    if let Some(w) = &i.client {
-        println!("  client      sidecar outbound {}  ({})", w.outbound, w.id);
-        println!(
-            "              try: curl -x http://{} http://echo.demo.svc.clusterset.local:8080/",
-            w.outbound
-        );
+    match &i.client {
+        Some(w @ Workload { netns: Some(ns), .. }) => {
+            println!(
+                "  client      in network namespace {ns}, its TCP through its sidecar ({})",
+                w.id
+            );
+            println!("              try: ip netns exec {ns} curl http://echo.demo.svc.clusterset.local:8080/");
+            println!(
+                "              its metrics: ip netns exec {ns} curl http://{}/metrics",
+                w.admin
+            );
+        }
+        Some(w) => {
+            println!("  client      sidecar outbound {}  ({})", w.outbound, w.id);
+            println!(
+                "              try: curl -x http://{} http://echo.demo.svc.clusterset.local:8080/",
+                w.outbound
+            );
+        }
+        None => {}
     }
     println!(
         "  metrics     http://{}/metrics (controller), http://{}/metrics (gateway){}",
@@ -403,6 +500,7 @@ pub async fn run(a: Args, log: &str) -> Result<(), CliError> {
         [&i.echo, &i.client]
             .into_iter()
             .flatten()
+            .filter(|w| w.netns.is_none())
             .map(|w| format!(", http://{}/metrics (sidecar)", w.admin))
             .collect::<String>()
     );

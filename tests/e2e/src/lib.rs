@@ -157,6 +157,15 @@ impl Cluster {
         serde_json::from_str(&ok(&["status", "--dir", self.dir_str(), "--json"])).expect("status JSON")
     }
 
+    /// Stop the cluster as Ctrl-C does (SIGTERM), waiting for `up` to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let exited = eventually("isthmus up to stop", Duration::from_secs(30), || c.try_wait().ok()?);
+            assert!(exited.success(), "isthmus up exited with {exited}");
+        }
+    }
+
     /// Kill the whole cluster at once.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use isthmus_e2e::{Component, Pair, binary, eventually, metrics, ok, sample, upper_echo};
+use isthmus_e2e::{Cluster, Component, Pair, binary, eventually, fails, metrics, ok, sample, upper_echo};
 
 /// The namespace, its veth pair and resolv.conf, removed on drop.
 struct Netns {
@@ -70,21 +70,40 @@ impl Netns {
 
     /// Run `cmd` in the namespace as root (the app: redirected).
     fn output(&self, cmd: &[&str]) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(cmd)
-            .env_remove("http_proxy")
-            .env_remove("HTTP_PROXY")
-            .env_remove("all_proxy")
-            .output()
-            .expect("run in the namespace")
+        in_netns(&self.name, cmd)
     }
+}
+
+/// Run `cmd` in namespace `name` as root, with no proxy setting.
+fn in_netns(name: &str, cmd: &[&str]) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", name])
+        .args(cmd)
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("all_proxy")
+        .output()
+        .expect("run in the namespace")
+}
+
+fn assert_root() {
+    assert!(
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")),
+        "this test needs root: it makes a network namespace and nftables rules"
+    );
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(std::process::Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
+        let _ = std::fs::remove_dir_all(format!("/run/isthmus/netns/{}", self.name));
     }
 }
 
@@ -99,13 +118,7 @@ fn open_up(root: &Path, credential: &Path) {
 
 #[test]
 fn an_unchanged_app_in_its_own_namespace_goes_through_its_sidecar() {
-    assert!(
-        std::fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")),
-        "this test needs root: it makes a network namespace and nftables rules"
-    );
+    assert_root();
     let python = isthmus_e2e::interop_python(); // also installs nft, curl
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
@@ -212,6 +225,79 @@ fn an_unchanged_app_in_its_own_namespace_goes_through_its_sidecar() {
         code != Some(7) && !out.status.success(),
         "curl {code:?}: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `isthmus up --netns`, as a user runs it: the client workload in a
+/// namespace `up` makes (rules, DNS, its sidecar as user 1337, the
+/// controller and gateway relayed in), an unchanged curl there reaching
+/// east's echo by name; everything removed when `up` stops. A name that is
+/// no namespace name is refused before anything starts.
+#[test]
+fn isthmus_up_runs_the_client_in_a_namespace_of_its_own() {
+    assert_root();
+    isthmus_e2e::interop_python(); // installs nft, curl
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (code, err) = fails(&[
+        "up",
+        "--cluster",
+        "west",
+        "--net",
+        "127.0.64",
+        "--dir",
+        root.join("bad").to_str().unwrap(),
+        "--netns",
+        "not/a name",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--netns \"not/a name\""), "{err}");
+    assert!(!root.join("bad").join("controller.json").exists(), "nothing starts");
+
+    let name = format!("isthmus-up{}", std::process::id());
+    // If the test fails before `up` stops, `up` is killed and cannot clean
+    // up: remove what it made, as `ip netns del` would.
+    let _leftover = Netns {
+        name: name.clone(),
+        net: String::new(),
+    };
+    let east = Cluster::up(root, "east", "127.0.62", true, false);
+    let mut west = Cluster::up_with(root, "west", "127.0.63", &["--netns", &name]);
+    assert_eq!(west.info["client"]["netns"], name.as_str(), "{}", west.info);
+    let token = ok(&["token", "create", "--dir", east.dir_str()]).trim().to_string();
+    ok(&["link", "--dir", west.dir_str(), &token]);
+    ok(&["export", "--dir", east.dir_str(), "demo/echo"]);
+
+    let url = "http://echo.demo.svc.clusterset.local:8080/hello";
+    let body = eventually("curl by name in up's namespace", Duration::from_secs(30), || {
+        let out = in_netns(&name, &["curl", "-sS", "--max-time", "10", url]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(v["cluster"], "east", "{v}");
+    assert_eq!(v["client_identity"], "spiffe://west.mesh/ns/demo/sa/client", "{v}");
+    // The sidecar counted it: its admin port, inside the namespace.
+    let admin = west.info["client"]["admin"].as_str().unwrap().to_string();
+    let out = in_netns(
+        &name,
+        &["curl", "-sS", "--max-time", "10", &format!("http://{admin}/metrics")],
+    );
+    let m = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        sample(&m, "isthmus_requests_total", &[("destination_service", "demo/echo")]).unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+
+    west.stop();
+    assert!(
+        !Path::new("/run/netns").join(&name).exists(),
+        "namespace {name} left behind"
+    );
+    assert!(
+        !Path::new("/etc/netns").join(&name).exists(),
+        "/etc/netns/{name} left behind"
     );
 }
 
