@@ -21,6 +21,7 @@
 //! routes, no host address to pick.
 
 use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -30,12 +31,18 @@ use crate::error::{CliError, exit};
 
 /// The user the sidecar runs as; `isthmus redirect`'s default exemption.
 pub const SIDECAR_UID: u32 = 1337;
+/// Where the sidecars' copies live, one directory per namespace.
+const RUN_DIR: &str = "/run/isthmus/netns";
+/// Where `ip netns exec` finds a namespace's own /etc files.
+const ETC_DIR: &str = "/etc/netns";
 
 /// A network namespace made for the client workload, removed on drop.
 pub struct Netns {
     pub name: String,
     /// The sidecar's readable copy of the cluster directory's files.
     pub dir: PathBuf,
+    /// The relays' accept loops, stopped on drop.
+    relays: Vec<tokio::task::JoinHandle<()>>,
 }
 
 fn fail(m: String) -> CliError {
@@ -63,16 +70,15 @@ impl Netns {
     /// Whether namespace `name` can be made here: by root, with a name
     /// `ip netns` takes, not in use. Checked before anything starts.
     pub fn check(name: &str) -> Result<(), CliError> {
-        // /proc/self belongs to this process's effective user.
-        let euid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m));
-        if euid.ok() != Some(0) {
+        if !rustix::process::geteuid().is_root() {
             return Err(CliError::new(
-                exit::BAD_INPUT,
+                exit::REFUSED,
                 "--netns needs root: it makes a network namespace and nftables rules".to_string(),
             ));
         }
         let valid = !name.is_empty()
             && name.len() <= 32
+            && !name.starts_with('-')
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !valid {
             return Err(CliError::new(
@@ -80,10 +86,22 @@ impl Netns {
                 format!("--netns {name:?}: use up to 32 letters, digits, '-' or '_'"),
             ));
         }
+        // Someone else's namespace, or its /etc/netns files, are not ours
+        // to replace or remove.
         if Path::new("/run/netns").join(name).exists() {
             return Err(CliError::new(
                 exit::BAD_INPUT,
                 format!("network namespace {name} already exists (remove it with `ip netns del {name}`)"),
+            ));
+        }
+        let etc = Path::new(ETC_DIR).join(name);
+        if etc.exists() {
+            return Err(CliError::new(
+                exit::BAD_INPUT,
+                format!(
+                    "{} already exists: another namespace's files (remove it if it is a leftover)",
+                    etc.display()
+                ),
             ));
         }
         Ok(())
@@ -96,7 +114,8 @@ impl Netns {
         // From here on, drop removes what was made.
         let ns = Netns {
             name: name.to_string(),
-            dir: Path::new("/run/isthmus/netns").join(name),
+            dir: Path::new(RUN_DIR).join(name),
+            relays: Vec::new(),
         };
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
         // Every destination routes to loopback, from 127.0.0.1: a connect
@@ -105,20 +124,36 @@ impl Netns {
         ns.exec(&["ip", "route", "add", "default", "dev", "lo", "src", "127.0.0.1"])?;
         // The sidecar, an unprivileged user, answers DNS on port 53.
         ns.exec(&["sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0"])?;
-        let etc = Path::new("/etc/netns").join(name);
+        // Modes set outright, whatever root's umask: apps of any user in the
+        // namespace read resolv.conf.
+        let etc = Path::new(ETC_DIR).join(name);
         std::fs::create_dir_all(&etc)
+            .and_then(|()| std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o755)))
             .and_then(|()| std::fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n"))
+            .and_then(|()| std::fs::set_permissions(etc.join("resolv.conf"), std::fs::Permissions::from_mode(0o644)))
             .map_err(|e| fail(format!("{}: {e}", etc.display())))?;
         ns.copy_for_sidecar(cluster_dir, credential)?;
         Ok(ns)
     }
 
-    /// The sidecar's files, readable by it alone.
+    /// The sidecar's files, readable by it alone, in a directory of its own
+    /// under root's `/run/isthmus/netns` (0755, so it can reach its own).
     fn copy_for_sidecar(&self, cluster_dir: &Path, credential: &Path) -> Result<(), CliError> {
-        use std::os::unix::fs::PermissionsExt;
         let io = |p: &Path, e: std::io::Error| fail(format!("{}: {e}", p.display()));
+        for p in [Path::new(RUN_DIR).parent().expect("has a parent"), Path::new(RUN_DIR)] {
+            match std::fs::create_dir(p) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(io(p, e)),
+                _ => {}
+            }
+            // Root's own directory, not a link someone else put there.
+            let meta = std::fs::symlink_metadata(p).map_err(|e| io(p, e))?;
+            if !meta.is_dir() || std::os::unix::fs::MetadataExt::uid(&meta) != 0 {
+                return Err(fail(format!("{}: not a directory of root's", p.display())));
+            }
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).map_err(|e| io(p, e))?;
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
-        std::fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
+        std::fs::create_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
         for (from, to) in [
             (
                 cluster_dir.join(isthmus_core::local::CONTROLLER_FILE),
@@ -169,14 +204,20 @@ impl Netns {
     }
 
     /// Relay connections to `addr` inside the namespace to `addr` on the
-    /// host, for as long as this process runs.
-    pub async fn relay(&self, addr: &str) -> Result<(), CliError> {
+    /// host, until this is dropped.
+    pub fn relay(&mut self, addr: &str) -> Result<(), CliError> {
         let listener = self.listen(addr)?;
         let to = addr.to_string();
-        tokio::spawn(async move {
+        self.relays.push(tokio::spawn(async move {
             loop {
-                let Ok((mut inside, _)) = listener.accept().await else {
-                    continue;
+                let (mut inside, _) = match listener.accept().await {
+                    Ok(c) => c,
+                    // Out of descriptors, most often: wait, do not spin.
+                    Err(e) => {
+                        tracing::warn!(error = %e, addr = %to, "namespace relay cannot accept");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
                 };
                 let to = to.clone();
                 tokio::spawn(async move {
@@ -187,7 +228,7 @@ impl Netns {
                     }
                 });
             }
-        });
+        }));
         Ok(())
     }
 
@@ -218,8 +259,15 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        for r in &self.relays {
+            r.abort();
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
+        // Only what was written here: check() refused a directory that was
+        // there before.
+        let etc = Path::new(ETC_DIR).join(&self.name);
+        let _ = std::fs::remove_file(etc.join("resolv.conf"));
+        let _ = std::fs::remove_dir(etc);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

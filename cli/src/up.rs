@@ -259,13 +259,18 @@ impl LocalCluster {
     }
 
     /// The client workload's sidecar in a new network namespace `name`, as
-    /// user 1337, with the redirection rules applied and the controller and
-    /// gateway relayed in (netns.rs). Ports are the defaults there: the
+    /// user 1337, with the redirection rules applied and the controller,
+    /// gateway and echo's sidecar relayed in (netns.rs). Ports are the defaults there: the
     /// namespace is the workload's alone.
     async fn spawn_netns_client(&mut self, name: &str, cred: &Path, log: &str) -> Result<serde_json::Value, CliError> {
         let ns = self.netns.insert(Netns::create(name, &self.dir, cred)?);
-        ns.relay(&self.info.control).await?;
-        ns.relay(&self.info.gateway_tunnel).await?;
+        // What the sidecar dials: the controller, the gateway, and the
+        // sidecars of this cluster's own workloads (echo's, with --echo).
+        ns.relay(&self.info.control)?;
+        ns.relay(&self.info.gateway_tunnel)?;
+        if let Some(echo) = &self.info.echo {
+            ns.relay(&echo.inbound)?;
+        }
         let exe = current_exe()?;
         ns.exec(&[&exe.display().to_string(), "redirect"])?;
         let ns_dir = ns.dir.display().to_string();

@@ -615,7 +615,12 @@ async fn answer(
     labels: &RouteLabels,
 ) -> Sent {
     let resp = send(sc, target, authority, req, labels).await?;
-    body::whole_if_small(resp, whole).await.map_err(ProxyError::Upstream)
+    body::whole_if_small(resp, whole).await.map_err(|e| {
+        // As when the head is lost: the next try must not take the same
+        // dead session from the pool.
+        sc.pool.drop_if_closed(&PoolKey::of(target));
+        ProxyError::Upstream(e)
+    })
 }
 
 /// Send `req` to `target` over a pooled session.

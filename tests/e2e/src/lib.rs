@@ -159,11 +159,13 @@ impl Cluster {
 
     /// Stop the cluster as Ctrl-C does (SIGTERM), waiting for `up` to exit.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
-            let exited = eventually("isthmus up to stop", Duration::from_secs(30), || c.try_wait().ok()?);
-            assert!(exited.success(), "isthmus up exited with {exited}");
-        }
+        let Some(c) = self.child.as_mut() else { return };
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        // The child stays in `self` until it has exited, so a timeout still
+        // leaves it to `Drop` to kill.
+        let exited = eventually("isthmus up to stop", Duration::from_secs(30), || c.try_wait().ok()?);
+        self.child = None;
+        assert!(exited.success(), "isthmus up exited with {exited}");
     }
 
     /// Kill the whole cluster at once.

@@ -230,8 +230,9 @@ fn an_unchanged_app_in_its_own_namespace_goes_through_its_sidecar() {
 
 /// `isthmus up --netns`, as a user runs it: the client workload in a
 /// namespace `up` makes (rules, DNS, its sidecar as user 1337, the
-/// controller and gateway relayed in), an unchanged curl there reaching
-/// east's echo by name; everything removed when `up` stops. A name that is
+/// controller, gateway and echo's sidecar relayed in), an unchanged curl
+/// there reaching west's own echo and east's by name; everything removed
+/// when `up` stops. A name that is
 /// no namespace name is refused before anything starts.
 #[test]
 fn isthmus_up_runs_the_client_in_a_namespace_of_its_own() {
@@ -262,22 +263,39 @@ fn isthmus_up_runs_the_client_in_a_namespace_of_its_own() {
         net: String::new(),
     };
     let east = Cluster::up(root, "east", "127.0.62", true, false);
-    let mut west = Cluster::up_with(root, "west", "127.0.63", &["--netns", &name]);
+    let mut west = Cluster::up_with(root, "west", "127.0.63", &["--echo", "--netns", &name]);
     assert_eq!(west.info["client"]["netns"], name.as_str(), "{}", west.info);
     let token = ok(&["token", "create", "--dir", east.dir_str()]).trim().to_string();
     ok(&["link", "--dir", west.dir_str(), &token]);
     ok(&["export", "--dir", east.dir_str(), "demo/echo"]);
+    // West runs echo too: merge east's endpoints into it (else kept local).
+    ok(&["imports", "--dir", west.dir_str(), "east", "demo/echo"]);
 
-    let url = "http://echo.demo.svc.clusterset.local:8080/hello";
-    let body = eventually("curl by name in up's namespace", Duration::from_secs(30), || {
-        let out = in_netns(&name, &["curl", "-sS", "--max-time", "10", url]);
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    });
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
-    assert_eq!(v["cluster"], "east", "{v}");
-    assert_eq!(v["client_identity"], "spiffe://west.mesh/ns/demo/sa/client", "{v}");
+    // West's own echo (local first), through the relay to its sidecar;
+    // east's, by the name that pins it, through both gateways.
+    let call = |url: &str| {
+        let body = eventually(
+            &format!("curl {url} in up's namespace"),
+            Duration::from_secs(30),
+            || {
+                // -f: an answer of the sidecar's own (503 before the import
+                // has arrived) is a failure to wait out.
+                let out = in_netns(&name, &["curl", "-fsS", "--max-time", "10", url]);
+                out.status
+                    .success()
+                    .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+            },
+        );
+        serde_json::from_str::<serde_json::Value>(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    };
+    for (url, cluster) in [
+        ("http://echo.demo.svc.clusterset.local:8080/hello", "west"),
+        ("http://east.echo.demo.svc.clusterset.local:8080/hello", "east"),
+    ] {
+        let v = call(url);
+        assert_eq!(v["cluster"], cluster, "{url}: {v}");
+        assert_eq!(v["client_identity"], "spiffe://west.mesh/ns/demo/sa/client", "{v}");
+    }
     // The sidecar counted it: its admin port, inside the namespace.
     let admin = west.info["client"]["admin"].as_str().unwrap().to_string();
     let out = in_netns(
@@ -298,6 +316,10 @@ fn isthmus_up_runs_the_client_in_a_namespace_of_its_own() {
     assert!(
         !Path::new("/etc/netns").join(&name).exists(),
         "/etc/netns/{name} left behind"
+    );
+    assert!(
+        !Path::new("/run/isthmus/netns").join(&name).exists(),
+        "the sidecar's copy of its credential left behind"
     );
 }
 
