@@ -20,12 +20,31 @@ use crate::{eventually, repo, runtime};
 /// The admin's bearer token (group system:masters).
 const ADMIN_TOKEN: &str = "isthmus-e2e-admin";
 
-/// A free TCP port on 127.0.0.1 (bound and released: good enough on loopback).
+/// A free TCP port on 127.0.0.1 for a program that binds it itself (etcd,
+/// kube-apiserver). Taken below the kernel's ephemeral range (32768 and
+/// up): a port-0 bind handed out and released there was once taken by
+/// another test's connection before the API server bound it ("address
+/// already in use"). Here no connection or port-0 bind takes it, and this
+/// process never hands out the same one twice.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(2_654_435_761);
+    for _ in 0..10_000 {
+        // A pseudo-random walk over 20000-32767, different per process.
+        let n = NEXT
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(7919)
+            .wrapping_add(seed);
+        let port = 20_000 + (n % 12_768) as u16;
+        let mut given = GIVEN.lock().expect("port list");
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free port in 20000-32767 on 127.0.0.1");
 }
 
 /// Ask `scripts/kube-apiserver` for a binary: the path is its last line.
